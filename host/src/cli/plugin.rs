@@ -1,0 +1,164 @@
+//! `sluice plugin ...`: offline plugin testing.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+
+use crate::plugins::{
+    Action, Decision, FilterVerdict, Message, PluginKind, PluginRuntime, PluginSpec, Principal,
+    Resource, SandboxConfig,
+};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PluginCommand {
+    /// Run a plugin offline on one sample message and report its verdict,
+    /// time and failures (no broker needed).
+    Test {
+        /// The component (.wasm).
+        file: PathBuf,
+        /// router, filter or authorizer.
+        #[arg(long)]
+        kind: PluginKind,
+        /// Topic of the sample message.
+        #[arg(long, default_value = "test.topic")]
+        topic: String,
+        /// Header of the sample message (repeatable).
+        #[arg(long = "header", value_name = "K=V", value_parser = parse_kv)]
+        headers: Vec<(String, String)>,
+        /// Payload text, or @FILE to read it from a file.
+        #[arg(long, default_value = "")]
+        payload: String,
+        /// Configuration passed to init (repeatable).
+        #[arg(long = "config", value_name = "K=V", value_parser = parse_kv)]
+        config: Vec<(String, String)>,
+        /// Candidate queues given to a router (repeatable).
+        #[arg(long = "candidate", value_name = "QUEUE")]
+        candidates: Vec<String>,
+        /// For an authorizer: the client asking.
+        #[arg(long, default_value = "client")]
+        client: String,
+        /// For an authorizer: the action (connect, publish, subscribe, declare, bind, delete, purge, admin).
+        #[arg(long, default_value = "publish")]
+        action: String,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(crate) fn run(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        PluginCommand::Test {
+            file,
+            kind,
+            topic,
+            headers,
+            payload,
+            config,
+            candidates,
+            client,
+            action,
+            json,
+        } => {
+            let wasm = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let payload = match payload.strip_prefix('@') {
+                Some(path) => std::fs::read(path).with_context(|| format!("cannot read {path}"))?,
+                None => payload.into_bytes(),
+            };
+            let runtime = PluginRuntime::new(SandboxConfig::default())?;
+            let name = file
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("plugin")
+                .to_string();
+            let plugin = runtime.load(PluginSpec {
+                tenant: "test".into(),
+                name,
+                kind,
+                wasm,
+                config,
+            })?;
+            let msg = Message {
+                topic: topic.clone(),
+                headers,
+                payload,
+                tenant: "test".into(),
+                client: client.clone(),
+                timestamp_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
+                redelivery_count: 0,
+            };
+            let start = Instant::now();
+            let (verdict, detail) = match kind {
+                PluginKind::Router => {
+                    let targets = plugin.route(&msg, &candidates)?;
+                    ("route", serde_json::json!({ "targets": targets }))
+                }
+                PluginKind::Filter => match plugin.filter(&msg)? {
+                    FilterVerdict::Accept => ("accept", serde_json::json!({})),
+                    FilterVerdict::Drop(reason) => ("drop", serde_json::json!({ "reason": reason })),
+                    FilterVerdict::Replace(r) => (
+                        "replace",
+                        serde_json::json!({
+                            "headers": r.headers,
+                            "payload": String::from_utf8_lossy(&r.payload),
+                        }),
+                    ),
+                },
+                PluginKind::Authorizer => {
+                    let who = Principal {
+                        tenant: "test".into(),
+                        client: client.clone(),
+                        subject: format!("CN={client},O=test"),
+                        sans: vec![],
+                        admin: false,
+                    };
+                    let action = parse_action(&action)?;
+                    match plugin.authorize(&who, action, &Resource::Topic(topic))? {
+                        Decision::Allow => ("allow", serde_json::json!({})),
+                        Decision::Deny(reason) => ("deny", serde_json::json!({ "reason": reason })),
+                    }
+                }
+            };
+            let micros = start.elapsed().as_secs_f64() * 1e6;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "verdict": verdict, "detail": detail, "micros": micros })
+                );
+            } else {
+                println!("verdict: {verdict}");
+                if detail.as_object().is_some_and(|o| !o.is_empty()) {
+                    println!("detail:  {detail}");
+                }
+                println!("time:    {micros:.1} µs");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected K=V, got `{s}`"))
+}
+
+fn parse_action(s: &str) -> anyhow::Result<Action> {
+    Ok(match s {
+        "connect" => Action::Connect,
+        "publish" => Action::Publish,
+        "subscribe" => Action::Subscribe,
+        "declare" => Action::Declare,
+        "bind" => Action::Bind,
+        "delete" => Action::Delete,
+        "purge" => Action::Purge,
+        "admin" => Action::Admin,
+        other => bail!("unknown action `{other}`"),
+    })
+}

@@ -1,0 +1,17 @@
+//! Sluice: a message broker whose routing, filtering and authorization are
+//! sandboxed WebAssembly components.
+//!
+//! This crate is the broker library behind the `sluice` binary. Modules, one
+//! home per concept:
+//!
+//! - [`plugins`]: the wasm plugin runtime (sandbox, compile cache, typed calls,
+//!   failure classification, metrics, hot swap).
+//! - [`cli`]: the `sluice` command line.
+//! - [`bundled`]: the example and test plugins from `plugins/`, built at
+//!   compile time.
+
+#![warn(missing_docs)]
+
+pub mod bundled;
+pub mod cli;
+pub mod plugins;

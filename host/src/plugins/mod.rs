@@ -1,0 +1,178 @@
+//! The plugin runtime: sandboxed WebAssembly components that route, filter
+//! and authorize messages.
+//!
+//! # Model
+//!
+//! A plugin is a component targeting one world of `wit/` (package
+//! `sluice:plugin@0.1.0`): [`PluginKind::Router`], [`PluginKind::Filter`] or
+//! [`PluginKind::Authorizer`]. A [`PluginRuntime`] owns one wasmtime
+//! [`Engine`](wasmtime::Engine) configured for confinement:
+//!
+//! - **No WASI, nothing ambient.** The linker offers only the `host`
+//!   interface; a component importing anything else is refused at load with
+//!   an error naming the import ([`LoadError::ForbiddenImport`]).
+//! - **Deadlines** by epoch interruption: a ticker thread advances the epoch
+//!   every [`SandboxConfig::epoch_tick`] and every call gets
+//!   [`SandboxConfig::call_deadline`].
+//! - **Memory caps** per instance, enforced by a Store limiter, on top of a
+//!   pooling allocator sized by [`SandboxConfig::pool_instances`].
+//! - **Bounded output**: results larger than [`OutputLimits`] are refused.
+//!
+//! [`PluginRuntime::load`] checks and compiles a component (compiled
+//! artifacts are cached on disk), instantiates it once to run `init`, and
+//! returns a [`Plugin`]. A plugin keeps a few warm instances, each in its own
+//! Store, and reuses them call after call. Any trap poisons a Store, so the
+//! instance is discarded and the next call builds a fresh one (running `init`
+//! again). After [`SandboxConfig::trap_threshold`] consecutive traps the
+//! plugin is marked errored and refuses calls until it is reloaded.
+//!
+//! Failures are classified ([`FailureKind`]) and counted per plugin
+//! ([`PluginMetrics`]); guest log lines reach `tracing` under the target
+//! `sluice::plugin` with `tenant` and `plugin` fields.
+//!
+//! A [`PluginRegistry`] maps `(tenant, name)` to the current version of a
+//! plugin; installing a new version swaps it atomically while calls in flight
+//! finish on the old one.
+
+mod bindings;
+mod cache;
+mod failure;
+mod inspect;
+mod metrics;
+mod plugin;
+mod registry;
+mod runtime;
+mod sandbox;
+mod store;
+
+pub use bindings::{
+    Action, Binding, Decision, FilterVerdict, LogLevel, Message, Principal, Replacement, Resource,
+    RouteRequest, WIT_PACKAGE, WIT_VERSION,
+};
+pub use failure::{FailureKind, PluginFailure};
+pub use metrics::{LATENCY_BUCKETS_US, MetricsSnapshot, PluginMetrics};
+pub use plugin::{Plugin, PluginState};
+pub use registry::PluginRegistry;
+pub use runtime::{PluginRuntime, PluginSpec, RuntimeError};
+pub use sandbox::{OutputLimits, SandboxConfig};
+pub use store::PluginId;
+
+use std::fmt;
+use std::str::FromStr;
+
+/// The policy a plugin implements (its WIT world).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PluginKind {
+    /// Chooses target queues (`world router`).
+    Router,
+    /// Accepts, drops or rewrites messages for a queue (`world filter`).
+    Filter,
+    /// Allows or denies actions (`world authorizer`).
+    Authorizer,
+}
+
+impl PluginKind {
+    /// All kinds.
+    pub const ALL: [PluginKind; 3] = [
+        PluginKind::Router,
+        PluginKind::Filter,
+        PluginKind::Authorizer,
+    ];
+
+    /// Lowercase name, as on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PluginKind::Router => "router",
+            PluginKind::Filter => "filter",
+            PluginKind::Authorizer => "authorizer",
+        }
+    }
+
+    /// Functions a component of this kind must export.
+    pub(crate) fn exports(self) -> &'static [&'static str] {
+        match self {
+            PluginKind::Router => &["init", "route", "route-batch"],
+            PluginKind::Filter => &["init", "filter", "filter-batch"],
+            PluginKind::Authorizer => &["init", "authorize"],
+        }
+    }
+}
+
+impl fmt::Display for PluginKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for PluginKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        PluginKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown plugin kind `{s}` (expected router, filter or authorizer)")
+            })
+    }
+}
+
+/// Why a component could not be loaded as a plugin.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    /// The bytes are not a wasm component.
+    #[error("{0}")]
+    NotAComponent(String),
+    /// Cranelift refused the component.
+    #[error("cannot compile the component: {0}")]
+    Compile(String),
+    /// The component imports something other than the sluice host interface.
+    #[error(
+        "plugin imports `{import}`, but a Sluice plugin may import only \
+         `sluice:plugin/host@0.1.0` (no WASI, no other interfaces)"
+    )]
+    ForbiddenImport {
+        /// The offending import name.
+        import: String,
+    },
+    /// The component was built against another version of the contract.
+    #[error(
+        "plugin was built for sluice:plugin@{found} (it imports `{import}`), but this broker \
+         implements sluice:plugin@0.1.0: rebuild it against sluice-plugin 0.1"
+    )]
+    WrongVersion {
+        /// Version the component names.
+        found: String,
+        /// The import that names it.
+        import: String,
+    },
+    /// The component does not export the functions of the requested kind.
+    #[error(
+        "not a {expected} plugin: it does not export {missing}{}; its exports are: {exports}",
+        looks_like.map(|k| format!(" (it looks like a {k} plugin: use --kind {k})")).unwrap_or_default()
+    )]
+    WrongKind {
+        /// The kind asked for.
+        expected: PluginKind,
+        /// Missing export names, comma separated.
+        missing: String,
+        /// The kind whose exports the component does have, if any.
+        looks_like: Option<PluginKind>,
+        /// What the component exports.
+        exports: String,
+    },
+    /// The component's functions have other types than the contract.
+    #[error(
+        "plugin does not match the sluice:plugin@0.1.0 {kind} world (built against another \
+         version of the contract?): {message}"
+    )]
+    Link {
+        /// The kind asked for.
+        kind: PluginKind,
+        /// wasmtime's explanation.
+        message: String,
+    },
+    /// `init` returned an error or trapped.
+    #[error("plugin init failed ({}): {}", .0.kind, .0.message)]
+    Init(PluginFailure),
+}

@@ -1,0 +1,476 @@
+//! A loaded plugin: warm instances, typed calls, failure handling, health.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use wasmtime::Store;
+
+use super::bindings::{authorizer, filter, router};
+use super::failure::classify;
+use super::metrics::{MetricsSnapshot, PluginMetrics};
+use super::runtime::RuntimeInner;
+use super::store::{Limiter, LogBudget, PluginId, StoreState, truncate};
+use super::{
+    Action, Decision, FailureKind, FilterVerdict, LoadError, Message, PluginFailure, PluginKind,
+    Principal, Resource, RouteRequest,
+};
+
+/// Pre-linked component, typed by kind.
+pub(crate) enum KindPre {
+    Router(router::RouterPre<StoreState>),
+    Filter(filter::FilterPre<StoreState>),
+    Authorizer(authorizer::AuthorizerPre<StoreState>),
+}
+
+/// Typed exports of one instance.
+enum Exports {
+    Router(router::Router),
+    Filter(filter::Filter),
+    Authorizer(authorizer::Authorizer),
+}
+
+/// One instance in its own Store, initialized and ready for calls.
+struct Warm {
+    store: Store<StoreState>,
+    exports: Exports,
+}
+
+/// Whether a plugin takes calls.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum PluginState {
+    /// Serving calls.
+    Ready,
+    /// Refusing calls after repeated traps; reload it to recover.
+    Errored {
+        /// The last failure.
+        reason: String,
+    },
+}
+
+/// A loaded plugin. Calls are synchronous and may run on many threads at
+/// once; each concurrent call uses its own instance.
+pub struct Plugin {
+    runtime: Arc<RuntimeInner>,
+    id: PluginId,
+    kind: PluginKind,
+    digest: String,
+    config: Vec<(String, String)>,
+    pre: KindPre,
+    warm: Mutex<Vec<Warm>>,
+    metrics: PluginMetrics,
+    consecutive_traps: AtomicU32,
+    errored: AtomicBool,
+    last_failure: Mutex<Option<PluginFailure>>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("digest", &self.digest)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Plugin {
+    pub(crate) fn new(
+        runtime: Arc<RuntimeInner>,
+        id: PluginId,
+        kind: PluginKind,
+        digest: String,
+        config: Vec<(String, String)>,
+        pre: KindPre,
+    ) -> Result<Self, LoadError> {
+        let plugin = Self {
+            runtime,
+            id,
+            kind,
+            digest,
+            config,
+            pre,
+            warm: Mutex::new(Vec::new()),
+            metrics: PluginMetrics::default(),
+            consecutive_traps: AtomicU32::new(0),
+            errored: AtomicBool::new(false),
+            last_failure: Mutex::new(None),
+        };
+        // Instantiate once now so a broken `init` is reported at load time.
+        let warm = plugin.instantiate().map_err(LoadError::Init)?;
+        plugin.park(warm);
+        Ok(plugin)
+    }
+
+    /// Tenant and name.
+    pub fn id(&self) -> &PluginId {
+        &self.id
+    }
+
+    /// The policy kind.
+    pub fn kind(&self) -> PluginKind {
+        self.kind
+    }
+
+    /// SHA-256 (hex) of the component bytes.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// The configuration given to `init`.
+    pub fn config(&self) -> &[(String, String)] {
+        &self.config
+    }
+
+    /// Current counters.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics.snapshot()
+    }
+
+    /// Ready or errored.
+    pub fn state(&self) -> PluginState {
+        if self.errored.load(Ordering::Acquire) {
+            let reason = self
+                .last_failure
+                .lock()
+                .ok()
+                .and_then(|f| f.as_ref().map(|f| format!("{}: {}", f.kind, f.message)))
+                .unwrap_or_else(|| "repeated traps".to_string());
+            PluginState::Errored { reason }
+        } else {
+            PluginState::Ready
+        }
+    }
+
+    /// The most recent failure, if any.
+    pub fn last_failure(&self) -> Option<PluginFailure> {
+        self.last_failure.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Route one message. `Ok(targets)` may be empty (no route).
+    pub fn route(
+        &self,
+        msg: &Message,
+        candidates: &[String],
+    ) -> Result<Vec<String>, PluginFailure> {
+        self.expect_kind(PluginKind::Router)?;
+        let out = self.call(1, |store, exports| match exports {
+            Exports::Router(r) => r.call_route(store, msg, candidates),
+            _ => unreachable_kind(),
+        })?;
+        let targets = out.map_err(|reason| self.guest_error(reason))?;
+        self.check_targets(&targets)?;
+        Ok(targets)
+    }
+
+    /// Route many messages in one guest call. The outer error is a failure
+    /// of the whole call (a trap poisons every message of the batch); the
+    /// inner results are per message.
+    pub fn route_batch(
+        &self,
+        requests: &[RouteRequest],
+    ) -> Result<Vec<Result<Vec<String>, String>>, PluginFailure> {
+        self.expect_kind(PluginKind::Router)?;
+        let out = self.call(requests.len() as u64, |store, exports| match exports {
+            Exports::Router(r) => r.call_route_batch(store, requests),
+            _ => unreachable_kind(),
+        })?;
+        self.check_batch_len(out.len(), requests.len())?;
+        out.into_iter()
+            .map(|r| match r {
+                Ok(targets) => self.check_targets(&targets).map(|()| Ok(targets)),
+                Err(reason) => {
+                    self.metrics.failure(FailureKind::Guest);
+                    Ok(Err(self.reason(reason)))
+                }
+            })
+            .collect()
+    }
+
+    /// Filter one message.
+    pub fn filter(&self, msg: &Message) -> Result<FilterVerdict, PluginFailure> {
+        self.expect_kind(PluginKind::Filter)?;
+        let out = self.call(1, |store, exports| match exports {
+            Exports::Filter(f) => f.call_filter(store, msg),
+            _ => unreachable_kind(),
+        })?;
+        let verdict = out.map_err(|reason| self.guest_error(reason))?;
+        self.check_verdict(verdict)
+    }
+
+    /// Filter many messages in one guest call (see [`Plugin::route_batch`]).
+    pub fn filter_batch(
+        &self,
+        msgs: &[Message],
+    ) -> Result<Vec<Result<FilterVerdict, String>>, PluginFailure> {
+        self.expect_kind(PluginKind::Filter)?;
+        let out = self.call(msgs.len() as u64, |store, exports| match exports {
+            Exports::Filter(f) => f.call_filter_batch(store, msgs),
+            _ => unreachable_kind(),
+        })?;
+        self.check_batch_len(out.len(), msgs.len())?;
+        out.into_iter()
+            .map(|r| match r {
+                Ok(v) => self.check_verdict(v).map(Ok),
+                Err(reason) => {
+                    self.metrics.failure(FailureKind::Guest);
+                    Ok(Err(self.reason(reason)))
+                }
+            })
+            .collect()
+    }
+
+    /// Ask the authorizer. A failure must be treated as a deny by the caller.
+    pub fn authorize(
+        &self,
+        who: &Principal,
+        action: Action,
+        on: &Resource,
+    ) -> Result<Decision, PluginFailure> {
+        self.expect_kind(PluginKind::Authorizer)?;
+        let decision = self.call(1, |store, exports| match exports {
+            Exports::Authorizer(a) => a.call_authorize(store, who, action, on),
+            _ => unreachable_kind(),
+        })?;
+        Ok(match decision {
+            Decision::Deny(reason) => Decision::Deny(self.reason(reason)),
+            allow => allow,
+        })
+    }
+
+    /// Run `f` on a warm instance under the call deadline, classifying any
+    /// failure. The instance goes back to the pool unless it trapped.
+    fn call<R>(
+        &self,
+        messages: u64,
+        f: impl FnOnce(&mut Store<StoreState>, &Exports) -> wasmtime::Result<R>,
+    ) -> Result<R, PluginFailure> {
+        if self.errored.load(Ordering::Acquire) {
+            self.metrics.failure(FailureKind::Errored);
+            return Err(self.failure(
+                FailureKind::Errored,
+                "plugin is errored after repeated traps; reload it".into(),
+            ));
+        }
+        let mut warm = match self.take_warm() {
+            Some(w) => w,
+            None => self.instantiate().inspect_err(|f| self.record_trap(f))?,
+        };
+        let cfg = &self.runtime.config;
+        warm.store.data_mut().limiter.memory_denied = false;
+        warm.store.data_mut().log.start_call();
+        warm.store.set_epoch_deadline(cfg.ticks(cfg.call_deadline));
+        let start = Instant::now();
+        let result = f(&mut warm.store, &warm.exports);
+        self.metrics.call(messages, start.elapsed());
+        let state = warm.store.data_mut();
+        self.metrics
+            .logs_dropped(std::mem::take(&mut state.log.dropped));
+        match result {
+            Ok(r) => {
+                self.consecutive_traps.store(0, Ordering::Relaxed);
+                self.park(warm);
+                Ok(r)
+            }
+            Err(e) => {
+                let (kind, mut message) = classify(&e, state.limiter.memory_denied);
+                if let Some(panic) = state.log.last_panic.take() {
+                    message = format!("{message}: {panic}");
+                }
+                self.metrics.failure(kind);
+                let failure = self.failure(kind, message);
+                self.record_trap(&failure);
+                // `warm` is dropped here: the trap poisoned its Store.
+                Err(failure)
+            }
+        }
+    }
+
+    /// A new instance in a new Store, with `init` run under the init deadline.
+    fn instantiate(&self) -> Result<Warm, PluginFailure> {
+        let cfg = &self.runtime.config;
+        let state = StoreState {
+            id: self.id.clone(),
+            limiter: Limiter::new(cfg.memory_limit, cfg.table_elements_limit),
+            log: LogBudget::new(cfg.max_log_lines_per_call, cfg.max_log_line_bytes),
+        };
+        let mut store = Store::new(&self.runtime.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(cfg.ticks(cfg.init_deadline));
+        let fail = |store: &mut Store<StoreState>, e: wasmtime::Error| {
+            let (kind, message) = classify(&e, store.data().limiter.memory_denied);
+            self.metrics.failure(kind);
+            self.failure(kind, format!("during init: {message}"))
+        };
+        let exports = match &self.pre {
+            KindPre::Router(p) => p.instantiate(&mut store).map(Exports::Router),
+            KindPre::Filter(p) => p.instantiate(&mut store).map(Exports::Filter),
+            KindPre::Authorizer(p) => p.instantiate(&mut store).map(Exports::Authorizer),
+        };
+        let exports = match exports {
+            Ok(x) => x,
+            Err(e) => {
+                self.metrics.failure(FailureKind::Instantiate);
+                return Err(self.failure(FailureKind::Instantiate, format!("{e:#}")));
+            }
+        };
+        let init = match &exports {
+            Exports::Router(r) => r.call_init(&mut store, &self.config),
+            Exports::Filter(f) => f.call_init(&mut store, &self.config),
+            Exports::Authorizer(a) => a.call_init(&mut store, &self.config),
+        };
+        match init {
+            Ok(Ok(())) => {
+                self.metrics.instantiated();
+                Ok(Warm { store, exports })
+            }
+            Ok(Err(reason)) => {
+                self.metrics.failure(FailureKind::Instantiate);
+                Err(self.failure(FailureKind::Instantiate, self.reason(reason)))
+            }
+            Err(e) => Err(fail(&mut store, e)),
+        }
+    }
+
+    fn take_warm(&self) -> Option<Warm> {
+        self.warm.lock().ok()?.pop()
+    }
+
+    fn park(&self, warm: Warm) {
+        if let Ok(mut pool) = self.warm.lock()
+            && pool.len() < self.runtime.config.warm_instances_per_plugin
+        {
+            pool.push(warm);
+        }
+    }
+
+    fn record_trap(&self, failure: &PluginFailure) {
+        if let Ok(mut last) = self.last_failure.lock() {
+            *last = Some(failure.clone());
+        }
+        let n = self.consecutive_traps.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= self.runtime.config.trap_threshold && !self.errored.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                tenant = &*self.id.tenant,
+                plugin = &*self.id.name,
+                traps = n,
+                last = %failure,
+                "plugin marked errored after repeated traps"
+            );
+        } else {
+            tracing::warn!(tenant = &*self.id.tenant, plugin = &*self.id.name, %failure, "plugin trapped");
+        }
+    }
+
+    fn failure(&self, kind: FailureKind, message: String) -> PluginFailure {
+        PluginFailure {
+            plugin: self.id.name.to_string(),
+            kind,
+            message,
+        }
+    }
+
+    fn reason(&self, reason: String) -> String {
+        let max = self.runtime.config.output.max_reason_bytes;
+        if reason.len() <= max {
+            reason
+        } else {
+            truncate(&reason, max).to_string()
+        }
+    }
+
+    fn guest_error(&self, reason: String) -> PluginFailure {
+        self.metrics.failure(FailureKind::Guest);
+        let reason = self.reason(reason);
+        self.failure(FailureKind::Guest, reason)
+    }
+
+    fn output_error(&self, message: String) -> PluginFailure {
+        self.metrics.failure(FailureKind::Output);
+        self.failure(FailureKind::Output, message)
+    }
+
+    fn expect_kind(&self, kind: PluginKind) -> Result<(), PluginFailure> {
+        if self.kind == kind {
+            Ok(())
+        } else {
+            Err(self.failure(
+                FailureKind::Guest,
+                format!("plugin is a {}, not a {kind}", self.kind),
+            ))
+        }
+    }
+
+    fn check_batch_len(&self, got: usize, want: usize) -> Result<(), PluginFailure> {
+        if got == want {
+            Ok(())
+        } else {
+            Err(self.output_error(format!(
+                "batch call returned {got} results for {want} inputs"
+            )))
+        }
+    }
+
+    fn check_targets(&self, targets: &[String]) -> Result<(), PluginFailure> {
+        let limits = &self.runtime.config.output;
+        if targets.len() > limits.max_targets {
+            return Err(self.output_error(format!(
+                "router returned {} targets (max {})",
+                targets.len(),
+                limits.max_targets
+            )));
+        }
+        if let Some(t) = targets
+            .iter()
+            .find(|t| t.is_empty() || t.len() > limits.max_name_bytes)
+        {
+            return Err(self.output_error(format!(
+                "router returned a queue name of {} bytes (allowed 1..={})",
+                t.len(),
+                limits.max_name_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_verdict(&self, verdict: FilterVerdict) -> Result<FilterVerdict, PluginFailure> {
+        let limits = &self.runtime.config.output;
+        match verdict {
+            FilterVerdict::Replace(r) => {
+                if r.payload.len() > limits.max_payload_bytes {
+                    return Err(self.output_error(format!(
+                        "filter replaced the payload with {} bytes (max {})",
+                        r.payload.len(),
+                        limits.max_payload_bytes
+                    )));
+                }
+                if r.headers.len() > limits.max_headers {
+                    return Err(self.output_error(format!(
+                        "filter returned {} headers (max {})",
+                        r.headers.len(),
+                        limits.max_headers
+                    )));
+                }
+                let bytes: usize = r.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+                if bytes > limits.max_header_bytes {
+                    return Err(self.output_error(format!(
+                        "filter returned {bytes} header bytes (max {})",
+                        limits.max_header_bytes
+                    )));
+                }
+                Ok(FilterVerdict::Replace(r))
+            }
+            FilterVerdict::Drop(reason) => Ok(FilterVerdict::Drop(self.reason(reason))),
+            accept => Ok(accept),
+        }
+    }
+}
+
+/// The typed entry points check the kind first, and a plugin's exports
+/// always match its kind, so a mismatch here is a broken local invariant.
+fn unreachable_kind<R>() -> wasmtime::Result<R> {
+    Err(wasmtime::Error::msg(
+        "internal error: plugin exports do not match its kind",
+    ))
+}

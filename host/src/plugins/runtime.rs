@@ -1,0 +1,206 @@
+//! The engine, its epoch ticker, and loading components into plugins.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::bindings::{authorizer, filter, host, router};
+use super::cache::CompileCache;
+use super::inspect;
+use super::plugin::{KindPre, Plugin};
+use super::sandbox::SandboxConfig;
+use super::store::{PluginId, StoreState};
+use super::{LoadError, PluginKind};
+
+/// Everything needed to load a plugin.
+#[derive(Debug, Clone)]
+pub struct PluginSpec {
+    /// Owning tenant.
+    pub tenant: String,
+    /// Name, unique inside the tenant.
+    pub name: String,
+    /// Which world the component must implement.
+    pub kind: PluginKind,
+    /// The component bytes.
+    pub wasm: Vec<u8>,
+    /// Configuration passed to `init`.
+    pub config: Vec<(String, String)>,
+}
+
+/// The runtime could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// wasmtime refused the engine configuration.
+    #[error("cannot configure the wasm engine: {0}")]
+    Engine(String),
+    /// The compile cache directory is unusable.
+    #[error("cannot use plugin cache directory {path}: {source}")]
+    Cache {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Compiles, checks and instantiates plugins. Cheap to clone.
+#[derive(Clone)]
+pub struct PluginRuntime {
+    inner: Arc<RuntimeInner>,
+}
+
+pub(crate) struct RuntimeInner {
+    pub(crate) engine: Engine,
+    pub(crate) linker: Linker<StoreState>,
+    pub(crate) config: SandboxConfig,
+    cache: Option<CompileCache>,
+    _ticker: Ticker,
+}
+
+impl PluginRuntime {
+    /// Build an engine for `config` and start its epoch ticker.
+    pub fn new(config: SandboxConfig) -> Result<Self, RuntimeError> {
+        let engine = Engine::new(&engine_config(&config))
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        host::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        router::sluice::plugin::types::add_to_linker::<StoreState, HasSelf<StoreState>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let cache =
+            match &config.cache_dir {
+                Some(dir) => Some(CompileCache::open(dir, &engine).map_err(|source| {
+                    RuntimeError::Cache {
+                        path: dir.display().to_string(),
+                        source,
+                    }
+                })?),
+                None => None,
+            };
+        // Without the ticker no deadline would ever fire: refuse to run.
+        let ticker = Ticker::start(engine.clone(), config.epoch_tick)
+            .map_err(|e| RuntimeError::Engine(format!("cannot start the epoch ticker: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(RuntimeInner {
+                engine,
+                linker,
+                config,
+                cache,
+                _ticker: ticker,
+            }),
+        })
+    }
+
+    /// The sandbox settings.
+    pub fn config(&self) -> &SandboxConfig {
+        &self.inner.config
+    }
+
+    /// Check, compile (or fetch from the cache) and initialize a plugin.
+    pub fn load(&self, spec: PluginSpec) -> Result<Plugin, LoadError> {
+        inspect::check_header(&spec.wasm)?;
+        let component = self.compile(&spec.wasm)?;
+        let engine = &self.inner.engine;
+        inspect::check_contract(engine, &component, spec.kind)?;
+        let link = |e: wasmtime::Error| LoadError::Link {
+            kind: spec.kind,
+            message: format!("{e:#}"),
+        };
+        let pre = self
+            .inner
+            .linker
+            .instantiate_pre(&component)
+            .map_err(link)?;
+        let pre = match spec.kind {
+            PluginKind::Router => KindPre::Router(router::RouterPre::new(pre).map_err(link)?),
+            PluginKind::Filter => KindPre::Filter(filter::FilterPre::new(pre).map_err(link)?),
+            PluginKind::Authorizer => {
+                KindPre::Authorizer(authorizer::AuthorizerPre::new(pre).map_err(link)?)
+            }
+        };
+        let id = PluginId {
+            tenant: spec.tenant.into(),
+            name: spec.name.into(),
+        };
+        let digest = hex::encode(Sha256::digest(&spec.wasm));
+        Plugin::new(self.inner.clone(), id, spec.kind, digest, spec.config, pre)
+    }
+
+    fn compile(&self, wasm: &[u8]) -> Result<Component, LoadError> {
+        let engine = &self.inner.engine;
+        if let Some(cache) = &self.inner.cache {
+            if let Some(c) = cache.get(engine, wasm) {
+                return Ok(c);
+            }
+            if let Some(c) = cache.put(engine, wasm) {
+                return Ok(c);
+            }
+        }
+        Component::new(engine, wasm).map_err(|e| LoadError::Compile(format!("{e:#}")))
+    }
+}
+
+fn engine_config(sandbox: &SandboxConfig) -> Config {
+    let mut pool = PoolingAllocationConfig::default();
+    let n = sandbox.pool_instances.max(1);
+    pool.total_component_instances(n)
+        .total_core_instances(n.saturating_mul(4))
+        .total_memories(n.saturating_mul(2))
+        .total_tables(n.saturating_mul(4))
+        .max_memory_size(sandbox.memory_limit)
+        .max_memories_per_component(4)
+        .max_tables_per_component(8)
+        .max_core_instances_per_component(8);
+    let mut config = Config::new();
+    config
+        .epoch_interruption(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+        // Reserve only the cap (plus a guard) per memory so a large pool does
+        // not reserve terabytes of address space.
+        .memory_reservation(sandbox.memory_limit as u64)
+        .memory_guard_size(64 << 10)
+        .memory_may_move(false)
+        .max_wasm_stack(512 << 10);
+    config
+}
+
+/// Advances the engine's epoch at a fixed interval until dropped.
+struct Ticker {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Ticker {
+    fn start(engine: Engine, tick: std::time::Duration) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("sluice-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    engine.increment_epoch();
+                }
+            })?;
+        Ok(Self {
+            stop,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! Per-Store state: the memory limiter and the `host` interface a guest may
+//! call. One Store holds one instance of one plugin; it is dropped after any
+//! trap because a trap poisons the whole Store.
+
+use std::sync::Arc;
+
+use wasmtime::ResourceLimiter;
+
+use super::bindings::{self, LogLevel};
+
+/// Identifies a plugin in logs and failures.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PluginId {
+    /// Owning tenant.
+    pub tenant: Arc<str>,
+    /// Plugin name, unique inside the tenant.
+    pub name: Arc<str>,
+}
+
+/// What a wasmtime Store carries for one plugin instance.
+pub(crate) struct StoreState {
+    pub(crate) id: PluginId,
+    pub(crate) limiter: Limiter,
+    pub(crate) log: LogBudget,
+}
+
+/// Enforces the memory and table caps and remembers whether it refused a
+/// growth, so that the abort that follows in a Rust guest is classified as a
+/// memory failure rather than a panic.
+pub(crate) struct Limiter {
+    memory_limit: usize,
+    table_limit: usize,
+    pub(crate) memory_denied: bool,
+}
+
+impl Limiter {
+    pub(crate) fn new(memory_limit: usize, table_limit: usize) -> Self {
+        Self {
+            memory_limit,
+            table_limit,
+            memory_denied: false,
+        }
+    }
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = desired <= self.memory_limit && maximum.is_none_or(|m| desired <= m);
+        if !allowed {
+            self.memory_denied = true;
+        }
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= self.table_limit && maximum.is_none_or(|m| desired <= m))
+    }
+}
+
+/// Bounds guest logging per call.
+pub(crate) struct LogBudget {
+    pub(crate) max_lines: u32,
+    pub(crate) max_bytes: usize,
+    pub(crate) lines: u32,
+    pub(crate) dropped: u64,
+    /// The last panic message the guest reported (see the SDK's panic hook).
+    pub(crate) last_panic: Option<String>,
+}
+
+impl LogBudget {
+    pub(crate) fn new(max_lines: u32, max_bytes: usize) -> Self {
+        Self {
+            max_lines,
+            max_bytes,
+            lines: 0,
+            dropped: 0,
+            last_panic: None,
+        }
+    }
+
+    /// Reset the per-call counters before a call.
+    pub(crate) fn start_call(&mut self) {
+        self.lines = 0;
+        self.last_panic = None;
+    }
+}
+
+/// Prefix the guest SDK puts before a panic message.
+const PANIC_PREFIX: &str = "panic: ";
+
+impl bindings::host::Host for StoreState {
+    fn log(&mut self, level: LogLevel, text: String) {
+        let budget = &mut self.log;
+        if let Some(msg) = text.strip_prefix(PANIC_PREFIX) {
+            budget.last_panic = Some(truncate(msg, budget.max_bytes).to_string());
+        }
+        if budget.lines >= budget.max_lines {
+            budget.dropped += 1;
+            return;
+        }
+        budget.lines += 1;
+        let text = truncate(&text, budget.max_bytes);
+        let (tenant, plugin) = (&*self.id.tenant, &*self.id.name);
+        match level {
+            LogLevel::Trace => tracing::trace!(target: "sluice::plugin", tenant, plugin, "{text}"),
+            LogLevel::Debug => tracing::debug!(target: "sluice::plugin", tenant, plugin, "{text}"),
+            LogLevel::Info => tracing::info!(target: "sluice::plugin", tenant, plugin, "{text}"),
+            LogLevel::Warn => tracing::warn!(target: "sluice::plugin", tenant, plugin, "{text}"),
+            LogLevel::Error => tracing::error!(target: "sluice::plugin", tenant, plugin, "{text}"),
+        }
+    }
+}
+
+impl bindings::router::sluice::plugin::types::Host for StoreState {}
+
+/// `s` cut to at most `max` bytes on a char boundary.
+pub(crate) fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::truncate;
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("héllo", 3), "hé");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}

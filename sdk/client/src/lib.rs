@@ -1,0 +1,1 @@
+//! Async Rust client for Sluice (work in progress: see the broker-core issue).

@@ -1,0 +1,640 @@
+//! The plugin runtime with the real components built from `plugins/`: each
+//! example plugin's behaviour, each hostile behaviour contained and
+//! classified, refused components, the compile cache, hot swap and batches.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sluice::plugins::{
+    Action, Binding, Decision, FailureKind, FilterVerdict, LoadError, PluginKind, PluginRegistry,
+    PluginState, Principal, Resource, RouteRequest, SandboxConfig,
+};
+use sluice_tests::{load, msg, relaxed, runtime, spec, strings};
+
+fn principal(client: &str) -> Principal {
+    Principal {
+        tenant: "acme".into(),
+        client: client.into(),
+        subject: format!("CN={client},O=acme"),
+        sans: vec![format!("spiffe://sluice/tenant/acme/{client}")],
+        admin: false,
+    }
+}
+
+// ---------------------------------------------------------------- examples
+
+#[test]
+fn topic_router_routes_by_content() {
+    let rt = runtime(relaxed());
+    let router = load(
+        &rt,
+        "topic-router",
+        PluginKind::Router,
+        &[
+            ("add.audit", "header:x-audit=1"),
+            ("add.eu-orders", "topic:orders.eu.>"),
+            ("remove.bulk", "prefix:DEBUG"),
+            ("reject-if", "header:x-block"),
+            ("fallback", "unrouted"),
+        ],
+    );
+    let candidates = strings(&["bulk", "main"]);
+
+    let plain = router
+        .route(&msg("orders.us.new", &[], b"hello"), &candidates)
+        .unwrap();
+    assert_eq!(plain, strings(&["bulk", "main"]));
+
+    let audited = router
+        .route(
+            &msg("orders.eu.new", &[("x-audit", "1")], b"hello"),
+            &candidates,
+        )
+        .unwrap();
+    assert_eq!(audited, strings(&["bulk", "main", "audit", "eu-orders"]));
+
+    let debug = router
+        .route(&msg("orders.us.new", &[], b"DEBUG x"), &candidates)
+        .unwrap();
+    assert_eq!(debug, strings(&["main"]));
+
+    let nothing = router
+        .route(&msg("x", &[], b"DEBUG"), &strings(&["bulk"]))
+        .unwrap();
+    assert_eq!(
+        nothing,
+        strings(&["unrouted"]),
+        "fallback when the result is empty"
+    );
+
+    let refused = router
+        .route(&msg("orders.us.new", &[("x-block", "y")], b""), &candidates)
+        .unwrap_err();
+    assert_eq!(refused.kind, FailureKind::Guest);
+    assert!(
+        refused.message.contains("rejected by topic-router"),
+        "{refused}"
+    );
+
+    // The same decisions through the batch entry point.
+    let batch = router
+        .route_batch(&[
+            RouteRequest {
+                msg: msg("orders.us.new", &[], b"hello"),
+                candidates: candidates.clone(),
+            },
+            RouteRequest {
+                msg: msg("orders.us.new", &[("x-block", "y")], b""),
+                candidates: candidates.clone(),
+            },
+            RouteRequest {
+                msg: msg("orders.eu.a", &[], b"DEBUG"),
+                candidates: candidates.clone(),
+            },
+        ])
+        .unwrap();
+    assert_eq!(batch[0], Ok(strings(&["bulk", "main"])));
+    assert!(
+        batch[1]
+            .as_ref()
+            .unwrap_err()
+            .contains("rejected by topic-router")
+    );
+    assert_eq!(batch[2], Ok(strings(&["main", "eu-orders"])));
+    let m = router.metrics();
+    assert_eq!(m.traps(), 0);
+    assert_eq!(m.guest_errors, 2);
+}
+
+#[test]
+fn topic_router_refuses_a_bad_rule_at_load() {
+    let rt = runtime(relaxed());
+    let err = rt
+        .load(spec(
+            "topic-router",
+            PluginKind::Router,
+            &[("add.q", "colour:blue")],
+        ))
+        .unwrap_err();
+    assert!(
+        matches!(err, LoadError::Init(ref f) if f.kind == FailureKind::Instantiate),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("add.q"),
+        "error names the key: {err}"
+    );
+}
+
+#[test]
+fn header_filter_drops_by_header() {
+    let rt = runtime(relaxed());
+    let filter = load(
+        &rt,
+        "header-filter",
+        PluginKind::Filter,
+        &[
+            ("drop", "level=debug"),
+            ("require", "trace-id"),
+            ("max-payload", "8"),
+        ],
+    );
+    let ok = filter
+        .filter(&msg("t", &[("trace-id", "1"), ("level", "info")], b"small"))
+        .unwrap();
+    assert_eq!(ok, FilterVerdict::Accept);
+    let debug = filter
+        .filter(&msg("t", &[("trace-id", "1"), ("level", "debug")], b"x"))
+        .unwrap();
+    assert!(
+        matches!(debug, FilterVerdict::Drop(ref r) if r.contains("level=debug")),
+        "{debug:?}"
+    );
+    let untraced = filter.filter(&msg("t", &[], b"x")).unwrap();
+    assert!(
+        matches!(untraced, FilterVerdict::Drop(ref r) if r.contains("trace-id")),
+        "{untraced:?}"
+    );
+    let big = filter
+        .filter(&msg("t", &[("trace-id", "1")], b"123456789"))
+        .unwrap();
+    assert!(matches!(big, FilterVerdict::Drop(_)), "{big:?}");
+
+    let batch = filter
+        .filter_batch(&[msg("t", &[("trace-id", "1")], b"a"), msg("t", &[], b"b")])
+        .unwrap();
+    assert_eq!(batch[0], Ok(FilterVerdict::Accept));
+    assert!(matches!(batch[1], Ok(FilterVerdict::Drop(_))));
+}
+
+#[test]
+fn redact_transform_rewrites_json() {
+    let rt = runtime(relaxed());
+    let filter = load(
+        &rt,
+        "redact-transform",
+        PluginKind::Filter,
+        &[
+            ("redact", "card.number"),
+            ("remove", "password"),
+            ("remove-header", "authorization"),
+            ("set-header", "redacted:yes"),
+        ],
+    );
+    let input = br#"{"user":"ann","password":"hunter2","card":{"number":"4111111111111111","exp":"12/29"}}"#;
+    let out = filter
+        .filter(&msg(
+            "pay",
+            &[("authorization", "Bearer x"), ("k", "v")],
+            input,
+        ))
+        .unwrap();
+    let FilterVerdict::Replace(r) = out else {
+        panic!("expected a replacement, got {out:?}")
+    };
+    let json: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+    assert_eq!(json["card"]["number"], "***");
+    assert_eq!(json["card"]["exp"], "12/29");
+    assert_eq!(json["user"], "ann");
+    assert!(json.get("password").is_none());
+    assert!(!r.headers.iter().any(|(k, _)| k == "authorization"));
+    assert!(r.headers.contains(&("redacted".into(), "yes".into())));
+    assert!(r.headers.contains(&("k".into(), "v".into())));
+
+    let not_json = filter.filter(&msg("pay", &[], b"plain text")).unwrap_err();
+    assert_eq!(not_json.kind, FailureKind::Guest);
+    assert!(not_json.message.contains("not JSON"), "{not_json}");
+}
+
+#[test]
+fn acl_authorizer_applies_rules_in_order() {
+    let rt = runtime(relaxed());
+    let acl = load(
+        &rt,
+        "acl-authorizer",
+        PluginKind::Authorizer,
+        &[
+            ("deny", "* delete queue:>"),
+            ("allow", "ingest publish topic:orders.>"),
+            ("allow", "* subscribe queue:orders.*"),
+            ("allow", "* connect broker"),
+        ],
+    );
+    let ingest = principal("ingest");
+    let allow = |who: &Principal, action, on: Resource| acl.authorize(who, action, &on).unwrap();
+    assert_eq!(
+        allow(
+            &ingest,
+            Action::Publish,
+            Resource::Topic("orders.eu.new".into())
+        ),
+        Decision::Allow
+    );
+    assert_eq!(
+        allow(&ingest, Action::Connect, Resource::Broker),
+        Decision::Allow
+    );
+    assert_eq!(
+        allow(
+            &ingest,
+            Action::Subscribe,
+            Resource::Queue("orders.eu".into())
+        ),
+        Decision::Allow
+    );
+    let other = principal("reporting");
+    let d = allow(
+        &other,
+        Action::Publish,
+        Resource::Topic("orders.eu.new".into()),
+    );
+    assert!(
+        matches!(d, Decision::Deny(ref r) if r.contains("default")),
+        "{d:?}"
+    );
+    let d = allow(&ingest, Action::Delete, Resource::Queue("orders.eu".into()));
+    assert!(
+        matches!(d, Decision::Deny(ref r) if r.contains("rule 1")),
+        "{d:?}"
+    );
+    let d = allow(
+        &ingest,
+        Action::Bind,
+        Resource::Binding(Binding {
+            queue: "orders.eu".into(),
+            pattern: "orders.>".into(),
+        }),
+    );
+    assert!(matches!(d, Decision::Deny(_)), "{d:?}");
+}
+
+// ---------------------------------------------------------------- hostile
+
+fn hostile_config() -> SandboxConfig {
+    SandboxConfig {
+        call_deadline: Duration::from_millis(20),
+        init_deadline: Duration::from_millis(200),
+        trap_threshold: 100,
+        pool_instances: 32,
+        ..SandboxConfig::default()
+    }
+}
+
+/// Every hostile behaviour is contained, classified, and the plugin answers
+/// correctly on its next call.
+#[test]
+fn hostile_behaviours_are_contained_and_classified() {
+    let rt = runtime(hostile_config());
+    let hostile = load(&rt, "hostile", PluginKind::Filter, &[]);
+    let cases = [
+        ("loop", FailureKind::Deadline),
+        ("alloc", FailureKind::Memory),
+        ("panic", FailureKind::Panic),
+        ("recurse", FailureKind::StackOverflow),
+        ("big-output", FailureKind::Output),
+        ("error", FailureKind::Guest),
+    ];
+    for (mode, expected) in cases {
+        let failure = hostile
+            .filter(&msg("t", &[("hostile", mode)], b""))
+            .expect_err(mode);
+        assert_eq!(failure.kind, expected, "{mode}: {failure}");
+        assert_eq!(failure.plugin, "hostile");
+        let next = hostile
+            .filter(&msg("t", &[], b""))
+            .unwrap_or_else(|e| panic!("after {mode}: {e}"));
+        assert_eq!(next, FilterVerdict::Accept, "after {mode}");
+    }
+    let panic = hostile
+        .filter(&msg("t", &[("hostile", "panic")], b""))
+        .unwrap_err();
+    assert!(
+        panic.message.contains("hostile panic"),
+        "panic message reported: {panic}"
+    );
+
+    let m = hostile.metrics();
+    assert_eq!(m.traps_deadline, 1);
+    assert_eq!(m.traps_memory, 1);
+    assert_eq!(m.traps_panic, 2);
+    assert_eq!(m.traps_stack_overflow, 1);
+    assert_eq!(m.output_rejected, 1);
+    assert_eq!(m.guest_errors, 1);
+    assert_eq!(
+        m.instantiations,
+        1 + 5,
+        "one fresh instance after each of the 5 traps"
+    );
+    assert_eq!(hostile.state(), PluginState::Ready);
+}
+
+#[test]
+fn log_flood_is_bounded() {
+    let rt = runtime(relaxed());
+    let hostile = load(&rt, "hostile", PluginKind::Filter, &[]);
+    let out = hostile
+        .filter(&msg("t", &[("hostile", "log-flood")], b""))
+        .unwrap();
+    assert_eq!(out, FilterVerdict::Accept);
+    let kept = rt.config().max_log_lines_per_call as u64;
+    assert_eq!(hostile.metrics().logs_dropped, 10_000 - kept);
+}
+
+#[test]
+fn too_many_headers_are_refused() {
+    let rt = runtime(relaxed());
+    let hostile = load(&rt, "hostile", PluginKind::Filter, &[]);
+    let f = hostile
+        .filter(&msg("t", &[("hostile", "many-headers")], b""))
+        .unwrap_err();
+    assert!(
+        matches!(f.kind, FailureKind::Output | FailureKind::Memory),
+        "either bounded by the output check or by the memory cap: {f}"
+    );
+    assert_eq!(
+        hostile.filter(&msg("t", &[], b"")).unwrap(),
+        FilterVerdict::Accept
+    );
+}
+
+#[test]
+fn init_failures_are_reported_at_load() {
+    let rt = runtime(hostile_config());
+    let looping = rt
+        .load(spec("hostile", PluginKind::Filter, &[("init", "loop")]))
+        .unwrap_err();
+    assert!(
+        matches!(looping, LoadError::Init(ref f) if f.kind == FailureKind::Deadline),
+        "{looping}"
+    );
+    assert!(looping.to_string().contains("init"), "{looping}");
+
+    let refusing = rt
+        .load(spec("hostile", PluginKind::Filter, &[("init", "error")]))
+        .unwrap_err();
+    assert!(
+        refusing.to_string().contains("init refused by config"),
+        "{refusing}"
+    );
+
+    let panicking = rt
+        .load(spec("hostile", PluginKind::Filter, &[("init", "panic")]))
+        .unwrap_err();
+    assert!(
+        matches!(panicking, LoadError::Init(ref f) if f.kind == FailureKind::Panic),
+        "{panicking}"
+    );
+}
+
+#[test]
+fn repeated_traps_mark_the_plugin_errored() {
+    let rt = runtime(SandboxConfig {
+        trap_threshold: 3,
+        ..hostile_config()
+    });
+    let hostile = load(&rt, "hostile", PluginKind::Filter, &[]);
+    for _ in 0..3 {
+        let f = hostile
+            .filter(&msg("t", &[("hostile", "panic")], b""))
+            .unwrap_err();
+        assert_eq!(f.kind, FailureKind::Panic);
+    }
+    let PluginState::Errored { reason } = hostile.state() else {
+        panic!("should be errored")
+    };
+    assert!(reason.contains("panic"), "{reason}");
+    let refused = hostile.filter(&msg("t", &[], b"")).unwrap_err();
+    assert_eq!(refused.kind, FailureKind::Errored);
+    assert_eq!(hostile.metrics().refused_errored, 1);
+
+    // Success in between resets the count.
+    let other = load(&rt, "hostile", PluginKind::Filter, &[]);
+    for _ in 0..5 {
+        other
+            .filter(&msg("t", &[("hostile", "panic")], b""))
+            .unwrap_err();
+        other.filter(&msg("t", &[], b"")).unwrap();
+    }
+    assert_eq!(other.state(), PluginState::Ready);
+}
+
+/// While one plugin spins and bombs memory, another keeps answering.
+#[test]
+fn other_plugins_keep_serving_during_abuse() {
+    let rt = runtime(hostile_config());
+    let hostile = Arc::new(load(&rt, "hostile", PluginKind::Filter, &[]));
+    let good = Arc::new(load(
+        &rt,
+        "header-filter",
+        PluginKind::Filter,
+        &[("drop", "x")],
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let abuser = {
+        let (hostile, stop) = (hostile.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let mode = if n % 2 == 0 { "loop" } else { "alloc" };
+                hostile
+                    .filter(&msg("t", &[("hostile", mode)], b""))
+                    .unwrap_err();
+                n += 1;
+            }
+            n
+        })
+    };
+    let mut served = 0;
+    for i in 0..2_000 {
+        let headers: &[(&str, &str)] = if i % 2 == 0 { &[("x", "1")] } else { &[] };
+        let v = good
+            .filter(&msg("t", headers, b""))
+            .expect("good plugin keeps serving");
+        assert_eq!(matches!(v, FilterVerdict::Drop(_)), i % 2 == 0);
+        served += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let abuses = abuser.join().unwrap();
+    assert_eq!(served, 2_000);
+    assert!(abuses >= 1);
+    assert_eq!(good.metrics().traps(), 0);
+    let h = hostile.metrics();
+    assert_eq!(h.traps_deadline + h.traps_memory, abuses as u64);
+}
+
+// ---------------------------------------------------------------- refusals
+
+#[test]
+fn wasi_importing_component_is_refused() {
+    let rt = runtime(relaxed());
+    let err = rt
+        .load(spec("wasi-importer", PluginKind::Filter, &[]))
+        .unwrap_err();
+    assert!(matches!(err, LoadError::ForbiddenImport { .. }), "{err}");
+    assert!(
+        err.to_string().contains("wasi:cli/environment@0.2.0"),
+        "names the import: {err}"
+    );
+}
+
+#[test]
+fn component_for_another_contract_version_is_refused() {
+    let rt = runtime(relaxed());
+    let err = rt
+        .load(spec("future-abi", PluginKind::Filter, &[]))
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("0.2.0") && text.contains("0.1.0"),
+        "names both versions: {text}"
+    );
+}
+
+#[test]
+fn wrong_kind_and_non_components_are_refused() {
+    let rt = runtime(relaxed());
+    let err = rt
+        .load(spec("topic-router", PluginKind::Filter, &[]))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LoadError::WrongKind {
+                looks_like: Some(PluginKind::Router),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("--kind router"), "{err}");
+
+    let mut core = spec("topic-router", PluginKind::Router, &[]);
+    core.wasm = b"\0asm\x01\0\0\0".to_vec();
+    let err = rt.load(core).unwrap_err();
+    assert!(err.to_string().contains("core wasm module"), "{err}");
+
+    let mut junk = spec("topic-router", PluginKind::Router, &[]);
+    junk.wasm = b"#!/bin/sh\necho hi\n".to_vec();
+    assert!(matches!(rt.load(junk), Err(LoadError::NotAComponent(_))));
+}
+
+// ---------------------------------------------------------------- cache, swap, threads
+
+#[test]
+fn compiled_components_are_cached_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = SandboxConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        ..relaxed()
+    };
+    let cached = |dir: &std::path::Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+            .map(|e| e.path())
+            .collect::<Vec<_>>()
+    };
+    {
+        let rt = runtime(config.clone());
+        load(&rt, "header-filter", PluginKind::Filter, &[]);
+    }
+    let files = cached(dir.path());
+    assert_eq!(files.len(), 1, "one artifact per component: {files:?}");
+
+    // A new runtime (same engine settings) uses it.
+    let rt = runtime(config.clone());
+    let f = load(&rt, "header-filter", PluginKind::Filter, &[("drop", "x")]);
+    assert!(matches!(
+        f.filter(&msg("t", &[("x", "1")], b"")).unwrap(),
+        FilterVerdict::Drop(_)
+    ));
+
+    // A damaged artifact is detected and recompiled, never loaded.
+    std::fs::write(&files[0], b"garbage").unwrap();
+    let rt = runtime(config);
+    let f = load(&rt, "header-filter", PluginKind::Filter, &[("drop", "x")]);
+    assert!(matches!(
+        f.filter(&msg("t", &[("x", "1")], b"")).unwrap(),
+        FilterVerdict::Drop(_)
+    ));
+    assert!(
+        std::fs::metadata(&files[0]).unwrap().len() > 1000,
+        "artifact rewritten"
+    );
+}
+
+#[test]
+fn hot_swap_keeps_in_flight_callers_on_the_old_version() {
+    let rt = runtime(relaxed());
+    let registry = PluginRegistry::new();
+    assert!(
+        registry
+            .install(load(
+                &rt,
+                "header-filter",
+                PluginKind::Filter,
+                &[("drop", "a")]
+            ))
+            .is_none()
+    );
+    let old = registry.get("acme", "header-filter").unwrap();
+    let replaced = registry
+        .install(load(
+            &rt,
+            "header-filter",
+            PluginKind::Filter,
+            &[("drop", "b")],
+        ))
+        .expect("replaced the old version");
+    assert!(Arc::ptr_eq(&old, &replaced));
+    let new = registry.get("acme", "header-filter").unwrap();
+    let a = msg("t", &[("a", "1")], b"");
+    let b = msg("t", &[("b", "1")], b"");
+    assert!(matches!(old.filter(&a).unwrap(), FilterVerdict::Drop(_)));
+    assert_eq!(old.filter(&b).unwrap(), FilterVerdict::Accept);
+    assert_eq!(new.filter(&a).unwrap(), FilterVerdict::Accept);
+    assert!(matches!(new.filter(&b).unwrap(), FilterVerdict::Drop(_)));
+    assert_eq!(registry.list(Some("acme")).len(), 1);
+    assert!(registry.list(Some("other")).is_empty());
+    assert!(registry.remove("acme", "header-filter").is_some());
+    assert!(registry.get("acme", "header-filter").is_none());
+}
+
+#[test]
+fn concurrent_calls_use_separate_instances() {
+    let rt = runtime(SandboxConfig {
+        warm_instances_per_plugin: 8,
+        ..relaxed()
+    });
+    let filter = Arc::new(load(
+        &rt,
+        "header-filter",
+        PluginKind::Filter,
+        &[("drop", "x")],
+    ));
+    let threads: Vec<_> = (0..6)
+        .map(|t| {
+            let filter = filter.clone();
+            std::thread::spawn(move || {
+                for i in 0..300 {
+                    let drop = (i + t) % 3 == 0;
+                    let headers: &[(&str, &str)] = if drop { &[("x", "1")] } else { &[] };
+                    let v = filter.filter(&msg("t", headers, b"payload")).unwrap();
+                    assert_eq!(matches!(v, FilterVerdict::Drop(_)), drop);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let m = filter.metrics();
+    assert_eq!(m.calls, 1_800);
+    assert!(
+        m.instantiations <= 7,
+        "instances are reused: {}",
+        m.instantiations
+    );
+}

@@ -1,0 +1,70 @@
+//! Shared helpers for the end-to-end tests in `tests/`.
+
+use std::time::Duration;
+
+use sluice::plugins::{Message, Plugin, PluginKind, PluginRuntime, PluginSpec, SandboxConfig};
+
+/// A sandbox config for functional tests: the default limits, but a generous
+/// call deadline so a loaded CI machine never turns a correct call into a
+/// deadline trap. Tests of the deadline itself set their own.
+pub fn relaxed() -> SandboxConfig {
+    SandboxConfig {
+        call_deadline: Duration::from_secs(2),
+        init_deadline: Duration::from_secs(2),
+        pool_instances: 32,
+        ..SandboxConfig::default()
+    }
+}
+
+/// A runtime with `config`.
+pub fn runtime(config: SandboxConfig) -> PluginRuntime {
+    PluginRuntime::new(config).expect("plugin runtime")
+}
+
+/// The component bytes of a plugin from `plugins/`.
+pub fn wasm(name: &str) -> Vec<u8> {
+    sluice::bundled::wasm(name)
+        .unwrap_or_else(|| panic!("no bundled plugin `{name}`"))
+        .to_vec()
+}
+
+/// A load request for bundled plugin `name` in tenant `acme`.
+pub fn spec(name: &str, kind: PluginKind, config: &[(&str, &str)]) -> PluginSpec {
+    PluginSpec {
+        tenant: "acme".into(),
+        name: name.into(),
+        kind,
+        wasm: wasm(name),
+        config: config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+/// Load bundled plugin `name`, panicking with the load error.
+pub fn load(rt: &PluginRuntime, name: &str, kind: PluginKind, config: &[(&str, &str)]) -> Plugin {
+    rt.load(spec(name, kind, config))
+        .unwrap_or_else(|e| panic!("loading {name}: {e}"))
+}
+
+/// A message on `topic` with `headers` and `payload`.
+pub fn msg(topic: &str, headers: &[(&str, &str)], payload: &[u8]) -> Message {
+    Message {
+        topic: topic.into(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        payload: payload.to_vec(),
+        tenant: "acme".into(),
+        client: "client-1".into(),
+        timestamp_ms: 1_700_000_000_000,
+        redelivery_count: 0,
+    }
+}
+
+/// Strings from string slices.
+pub fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
