@@ -63,7 +63,8 @@ pub(crate) fn run(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
             action,
             json,
         } => {
-            let wasm = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let wasm =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let payload = match payload.strip_prefix('@') {
                 Some(path) => std::fs::read(path).with_context(|| format!("cannot read {path}"))?,
                 None => payload.into_bytes(),
@@ -101,7 +102,9 @@ pub(crate) fn run(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
                 }
                 PluginKind::Filter => match plugin.filter(&msg)? {
                     FilterVerdict::Accept => ("accept", serde_json::json!({})),
-                    FilterVerdict::Drop(reason) => ("drop", serde_json::json!({ "reason": reason })),
+                    FilterVerdict::Drop(reason) => {
+                        ("drop", serde_json::json!({ "reason": reason }))
+                    }
                     FilterVerdict::Replace(r) => (
                         "replace",
                         serde_json::json!({

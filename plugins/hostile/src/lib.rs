@@ -1,0 +1,99 @@
+//! A filter that misbehaves on demand, to prove the sandbox contains it.
+//!
+//! Without a `hostile` header every message is accepted, so after a trap the
+//! re-instantiated plugin visibly answers correctly again.
+//!
+//! Config (for `init`):
+//! - `init=ok|loop|error|panic` (default `ok`): `loop` spins forever inside
+//!   `init`, `error` returns `Err("init refused by config")`, `panic` panics.
+//!
+//! Per message, header `hostile`:
+//! - `loop`: an infinite loop (the deadline must stop it);
+//! - `alloc`: allocates and touches 1 MiB chunks without bound (the memory cap must stop it);
+//! - `panic`: `panic!("hostile panic")`;
+//! - `recurse`: unbounded non-tail recursion (the stack limit must stop it);
+//! - `big-output`: replaces the payload with 12 MiB (over the output bound, under the memory cap);
+//! - `many-headers`: replaces the headers with 20 000 small headers;
+//! - `log-flood`: logs 10 000 lines of 1 KiB, then accepts;
+//! - `error`: returns `Err("hostile error")`;
+//! - `slow`: busy-loops `ms` (header) × 200 000 iterations, then accepts.
+
+use std::hint::black_box;
+
+use sluice_plugin::{Config, Filter, FilterVerdict, Message, Replacement};
+
+struct Hostile;
+
+impl Filter for Hostile {
+    fn init(config: Config) -> Result<Self, String> {
+        match config.get("init").unwrap_or("ok") {
+            "ok" => Ok(Hostile),
+            "loop" => spin(),
+            "error" => Err("init refused by config".into()),
+            "panic" => panic!("hostile init panic"),
+            other => Err(format!("config key `init`: unknown value `{other}`")),
+        }
+    }
+
+    fn filter(&mut self, msg: &Message) -> Result<FilterVerdict, String> {
+        match msg.header("hostile") {
+            None => Ok(FilterVerdict::Accept),
+            Some("loop") => spin(),
+            Some("alloc") => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![0xA5; 1 << 20]);
+                    black_box(&hoard);
+                }
+            }
+            Some("panic") => panic!("hostile panic"),
+            Some("recurse") => Ok(FilterVerdict::Drop(format!("depth {}", recurse(0)))),
+            Some("big-output") => Ok(FilterVerdict::Replace(Replacement {
+                headers: Vec::new(),
+                payload: vec![b'x'; 12 << 20],
+            })),
+            Some("many-headers") => Ok(FilterVerdict::Replace(Replacement {
+                headers: (0..20_000)
+                    .map(|i| (format!("h{i}"), "v".to_string()))
+                    .collect(),
+                payload: msg.payload.clone(),
+            })),
+            Some("log-flood") => {
+                let line = "x".repeat(1024);
+                for _ in 0..10_000 {
+                    sluice_plugin::info(&line);
+                }
+                Ok(FilterVerdict::Accept)
+            }
+            Some("error") => Err("hostile error".into()),
+            Some("slow") => {
+                let ms: u64 = msg.header("ms").and_then(|v| v.parse().ok()).unwrap_or(1);
+                let mut x = 0u64;
+                for i in 0..ms * 200_000 {
+                    x = black_box(x.wrapping_add(i));
+                }
+                black_box(x);
+                Ok(FilterVerdict::Accept)
+            }
+            Some(other) => Err(format!("unknown hostile mode `{other}`")),
+        }
+    }
+}
+
+/// Spin forever; the optimizer cannot remove the loop.
+fn spin<T>() -> T {
+    let mut i = 0u64;
+    loop {
+        i = black_box(i.wrapping_add(1));
+    }
+}
+
+/// Recurse without bound. `black_box` keeps each frame and prevents the
+/// compiler from turning the recursion into a loop.
+#[allow(unconditional_recursion)]
+fn recurse(depth: u64) -> u64 {
+    let next = black_box(depth + 1);
+    black_box(recurse(next)).wrapping_add(depth)
+}
+
+sluice_plugin::export_filter!(Hostile);
