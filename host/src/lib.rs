@@ -6,6 +6,7 @@
 //!
 //! - [`plugins`]: the wasm plugin runtime (sandbox, compile cache, typed calls,
 //!   failure classification, metrics, hot swap).
+//! - [`store`]: durable queues and metadata on sled, with group commit.
 //! - [`cli`]: the `sluice` command line.
 //! - [`bundled`]: the example and test plugins from `plugins/`, built at
 //!   compile time.
@@ -15,3 +16,4 @@
 pub mod bundled;
 pub mod cli;
 pub mod plugins;
+pub mod store;

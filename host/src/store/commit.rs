@@ -1,0 +1,152 @@
+//! Group commit: one thread applies every waiting append as one batch, then
+//! flushes sled and fdatasyncs its data file, then answers every waiter.
+
+use std::fs::File;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::task::{Context, Poll};
+
+use tokio::sync::oneshot;
+
+use super::{Append, StoreError, key};
+
+struct Request {
+    items: Vec<Append>,
+    durable: bool,
+    reply: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// Resolves when an append is committed (durable appends: fsynced).
+pub struct Commit(CommitInner);
+
+enum CommitInner {
+    Waiting(oneshot::Receiver<Result<(), StoreError>>),
+    Failed(Option<StoreError>),
+}
+
+impl Future for Commit {
+    type Output = Result<(), StoreError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            CommitInner::Waiting(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(StoreError::Closed))),
+            CommitInner::Failed(e) => Poll::Ready(Err(e.take().unwrap_or(StoreError::Closed))),
+        }
+    }
+}
+
+impl Commit {
+    /// Block the current (non-async) thread until committed.
+    pub fn wait(self) -> Result<(), StoreError> {
+        match self.0 {
+            CommitInner::Waiting(rx) => rx.blocking_recv().unwrap_or(Err(StoreError::Closed)),
+            CommitInner::Failed(e) => Err(e.unwrap_or(StoreError::Closed)),
+        }
+    }
+}
+
+pub(crate) struct Committer {
+    tx: Option<mpsc::Sender<Request>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Committer {
+    /// Finish what is queued, then stop: the thread's handle on sled must be
+    /// gone before the store can be reopened.
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Committer {
+    pub(crate) fn start(
+        db: sled::Db,
+        messages: sled::Tree,
+        data_file: Arc<File>,
+        max_batch: usize,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Request>();
+        let thread = std::thread::Builder::new()
+            .name("sluice-commit".into())
+            .spawn(move || run(rx, db, messages, data_file, max_batch))?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    pub(crate) fn submit(&self, items: Vec<Append>, durable: bool) -> Commit {
+        let (reply, rx) = oneshot::channel();
+        let sent = match &self.tx {
+            Some(tx) => tx
+                .send(Request {
+                    items,
+                    durable,
+                    reply,
+                })
+                .is_ok(),
+            None => false,
+        };
+        if sent {
+            Commit(CommitInner::Waiting(rx))
+        } else {
+            Commit(CommitInner::Failed(Some(StoreError::Closed)))
+        }
+    }
+}
+
+fn run(
+    rx: mpsc::Receiver<Request>,
+    db: sled::Db,
+    messages: sled::Tree,
+    data_file: Arc<File>,
+    max_batch: usize,
+) {
+    let mut waiting: Vec<Request> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut count = first.items.len();
+        waiting.push(first);
+        while count < max_batch {
+            match rx.try_recv() {
+                Ok(r) => {
+                    count += r.items.len();
+                    waiting.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        let result = commit(&db, &messages, &data_file, &waiting);
+        for r in waiting.drain(..) {
+            let _ = r.reply.send(result.clone());
+        }
+    }
+}
+
+fn commit(
+    db: &sled::Db,
+    messages: &sled::Tree,
+    data_file: &File,
+    requests: &[Request],
+) -> Result<(), StoreError> {
+    let mut batch = sled::Batch::default();
+    for r in requests {
+        for item in &r.items {
+            batch.insert(&key(item.queue, item.id), item.value.as_slice());
+        }
+    }
+    messages.apply_batch(batch).map_err(StoreError::sled)?;
+    if requests.iter().any(|r| r.durable) {
+        db.flush().map_err(StoreError::sled)?;
+        data_file.sync_data().map_err(|e| StoreError::Io {
+            path: "db".into(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
