@@ -6,6 +6,7 @@
 //!
 //! - [`plugins`]: the wasm plugin runtime (sandbox, compile cache, typed calls,
 //!   failure classification, metrics, hot swap).
+//! - [`broker`]: tenants, queues, bindings, routing through plugins, consumers.
 //! - [`store`]: durable queues and metadata on sled, with group commit.
 //! - [`cli`]: the `sluice` command line.
 //! - [`bundled`]: the example and test plugins from `plugins/`, built at
@@ -13,6 +14,7 @@
 
 #![warn(missing_docs)]
 
+pub mod broker;
 pub mod bundled;
 pub mod cli;
 pub mod plugins;

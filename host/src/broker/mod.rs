@@ -1,0 +1,926 @@
+//! The broker: tenants, queues, bindings, routing through plugins, consumers.
+//!
+//! Data flows one way: a session calls the broker, the broker calls the
+//! store. Plugins are called from exactly one place per kind: the router and
+//! filters from [`routing`], the authorizer from [`Broker::authorize`].
+//!
+//! Every name is scoped by tenant. A tenant principal can only name its own
+//! tenant; an admin can name any. An authorizer plugin is consulted only
+//! after that boundary check, so it can never widen access across tenants.
+
+mod bindings;
+mod error;
+mod names;
+mod queue;
+mod routing;
+mod subscription;
+mod tenant;
+
+pub use error::BrokerError;
+pub use names::{check_name, check_tenant, check_topic};
+pub use queue::{Delivery, Overflow, QueueOptions};
+pub use routing::Publish;
+pub use subscription::Subscription;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::plugins::{
+    Action, Decision, MetricsSnapshot, PluginKind, PluginRegistry, PluginRuntime, PluginSpec,
+    PluginState, Principal, Resource, SandboxConfig,
+};
+use crate::store::{Append, MsgId, Store, StoreConfig, StoredMessage};
+use queue::{DeadLetters, MsgRef, Queue};
+use tenant::Tenant;
+
+/// Broker settings.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Storage.
+    pub store: StoreConfig,
+    /// Plugin sandbox.
+    pub sandbox: SandboxConfig,
+    /// Largest accepted message (payload + headers), bytes. Default 1 MiB.
+    pub max_message_bytes: usize,
+    /// Most queues per tenant. Default 10 000.
+    pub max_queues_per_tenant: usize,
+}
+
+impl BrokerConfig {
+    /// Defaults with data in `dir`.
+    pub fn new(dir: impl Into<std::path::PathBuf>) -> Self {
+        let dir = dir.into();
+        Self {
+            sandbox: SandboxConfig {
+                cache_dir: Some(dir.join("plugin-cache")),
+                ..SandboxConfig::default()
+            },
+            store: StoreConfig::new(dir.join("store")),
+            max_message_bytes: 1 << 20,
+            max_queues_per_tenant: 10_000,
+        }
+    }
+}
+
+/// A queue as listed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct QueueInfo {
+    /// Owning tenant.
+    pub tenant: String,
+    /// Name.
+    pub name: String,
+    /// Settings.
+    pub options: QueueOptions,
+    /// Ready messages.
+    pub ready: u64,
+    /// Delivered, not yet acked.
+    pub unacked: u64,
+    /// Bytes held (stored values).
+    pub bytes: u64,
+    /// Attached consumers.
+    pub consumers: u64,
+    /// Messages stored since start.
+    pub published: u64,
+    /// Deliveries since start.
+    pub delivered: u64,
+    /// Acks since start.
+    pub acked: u64,
+    /// Messages dead-lettered from this queue since start.
+    pub dead_lettered: u64,
+    /// Messages dropped (no dead-letter queue) since start.
+    pub dropped: u64,
+    /// Filter plugins, in order.
+    pub filters: Vec<String>,
+}
+
+/// A plugin as listed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PluginInfo {
+    /// Owning tenant.
+    pub tenant: String,
+    /// Name.
+    pub name: String,
+    /// Kind.
+    pub kind: PluginKind,
+    /// Queue a filter is attached to.
+    pub queue: Option<String>,
+    /// SHA-256 of the component.
+    pub digest: String,
+    /// Ready or errored.
+    pub state: PluginState,
+    /// Counters.
+    pub metrics: MetricsSnapshot,
+}
+
+/// What is persisted for a queue (`queue/<tenant>/<name>`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct QueueRecord {
+    id: u64,
+    options: QueueOptions,
+}
+
+/// What is persisted for a plugin (`plugin/<tenant>/<name>`; component in the blob of the same key).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct PluginRecord {
+    kind: PluginKind,
+    queue: Option<String>,
+    config: Vec<(String, String)>,
+}
+
+/// The broker. Cheap to clone.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    config: BrokerConfig,
+    store: Store,
+    runtime: PluginRuntime,
+    plugins: PluginRegistry,
+    tenants: RwLock<HashMap<String, Arc<Tenant>>>,
+    next_consumer: AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap_or_default()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, BrokerError> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map(|(v, _)| v)
+        .map_err(|e| crate::store::StoreError::Corrupt(format!("metadata `{key}`: {e}")).into())
+}
+
+impl Broker {
+    /// Open the store, recover tenants, queues, bindings, plugins and every
+    /// stored message, and start the expiry sweeper (needs a tokio runtime).
+    pub fn open(config: BrokerConfig) -> Result<Self, BrokerError> {
+        let store = Store::open(&config.store)?;
+        let runtime = PluginRuntime::new(config.sandbox.clone())
+            .map_err(|e| BrokerError::Conflict(format!("plugin runtime: {e}")))?;
+        let broker = Broker {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                runtime,
+                plugins: PluginRegistry::new(),
+                tenants: RwLock::new(HashMap::new()),
+                next_consumer: AtomicU64::new(1),
+            }),
+        };
+        broker.recover()?;
+        broker.start_sweeper();
+        Ok(broker)
+    }
+
+    fn recover(&self) -> Result<(), BrokerError> {
+        let store = &self.inner.store;
+        let mut transient = Vec::new();
+        for (key, value) in store.scan_meta("queue/")? {
+            let Some((tenant, name)) = key["queue/".len()..].split_once('/') else {
+                continue;
+            };
+            let rec: QueueRecord = decode(&key, &value)?;
+            if !rec.options.durable {
+                transient.push((key.clone(), rec.id));
+                continue;
+            }
+            let q = Arc::new(Queue::new(tenant, name, rec.id, rec.options));
+            {
+                let mut st = q.lock();
+                for item in store.scan_queue(rec.id) {
+                    let (id, size, expires_at) = item?;
+                    // Recovered messages may have been delivered before the
+                    // restart: mark them redelivered.
+                    st.ready.push_back(MsgRef {
+                        id,
+                        size,
+                        expires_at,
+                        deliveries: 1,
+                    });
+                    st.bytes += u64::from(size);
+                    st.next_id = st.next_id.max(id + 1);
+                }
+            }
+            self.tenant(tenant)
+                .write()
+                .queues
+                .insert(name.to_string(), q);
+        }
+        for (key, id) in transient {
+            store.clear_queue(id)?;
+            store.delete_meta(&key)?;
+        }
+        for (key, _) in store.scan_meta("binding/")? {
+            let mut parts = key["binding/".len()..].splitn(3, '/');
+            let (Some(tenant), Some(queue), Some(pattern)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let t = self.tenant(tenant);
+            let mut t = t.write();
+            if t.queues.contains_key(queue)
+                && let Ok(tokens) = names::parse_pattern(pattern)
+            {
+                t.bindings.insert(&tokens, queue);
+            }
+        }
+        for (key, value) in store.scan_meta("plugin/")? {
+            let Some((tenant, name)) = key["plugin/".len()..].split_once('/') else {
+                continue;
+            };
+            let rec: PluginRecord = decode(&key, &value)?;
+            let Some(wasm) = store.get_blob(&key)? else {
+                continue;
+            };
+            let spec = PluginSpec {
+                tenant: tenant.to_string(),
+                name: name.to_string(),
+                kind: rec.kind,
+                wasm,
+                config: rec.config.clone(),
+            };
+            match self.inner.runtime.load(spec) {
+                Ok(p) => {
+                    self.inner.plugins.install(p);
+                    self.tenant(tenant)
+                        .write()
+                        .attach(name, rec.kind, rec.queue);
+                }
+                Err(e) => {
+                    tracing::error!(tenant, plugin = name, error = %e, "cannot reload plugin at start")
+                }
+            }
+        }
+        store.sync()?;
+        Ok(())
+    }
+
+    fn start_sweeper(&self) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        handle.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { break };
+                let broker = Broker { inner };
+                for q in broker.all_queues() {
+                    let dead = q.expire(now_ms());
+                    broker.dead_letter(&q, dead);
+                }
+            }
+        });
+    }
+
+    fn tenant(&self, name: &str) -> Arc<Tenant> {
+        if let Some(t) = self
+            .inner
+            .tenants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
+            return t.clone();
+        }
+        let mut map = self
+            .inner
+            .tenants
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        map.entry(name.to_string())
+            .or_insert_with(|| Arc::new(Tenant::new(name)))
+            .clone()
+    }
+
+    fn all_queues(&self) -> Vec<Arc<Queue>> {
+        let tenants: Vec<Arc<Tenant>> = self
+            .inner
+            .tenants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        tenants
+            .iter()
+            .flat_map(|t| t.read().queues.values().cloned().collect::<Vec<_>>())
+            .collect()
+    }
+
+    /// The plugin runtime.
+    pub fn runtime(&self) -> &PluginRuntime {
+        &self.inner.runtime
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Settings.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.inner.config
+    }
+
+    /// The tenant a request acts on: the principal's own, or (admins only)
+    /// the one named with `--tenant`.
+    pub fn scope(&self, who: &Principal, requested: Option<&str>) -> Result<String, BrokerError> {
+        match requested {
+            None if who.admin => Err(BrokerError::invalid(
+                "tenant",
+                "admin requests must name a tenant (--tenant)",
+            )),
+            None => Ok(who.tenant.clone()),
+            Some(t) if who.admin => {
+                check_tenant(t)?;
+                Ok(t.to_string())
+            }
+            Some(t) if t == who.tenant => Ok(t.to_string()),
+            Some(_) => Err(BrokerError::Unauthorized(
+                "a tenant client cannot act on another tenant".into(),
+            )),
+        }
+    }
+
+    /// A tenant principal may only act on its own tenant.
+    fn check_boundary(&self, who: &Principal, tenant: &str) -> Result<(), BrokerError> {
+        if who.admin || who.tenant == tenant {
+            Ok(())
+        } else {
+            Err(BrokerError::Unauthorized(format!(
+                "client of tenant `{}` cannot act on tenant `{tenant}`",
+                who.tenant
+            )))
+        }
+    }
+
+    /// Check `action` on `resource` in `tenant`: first the tenant boundary,
+    /// then the tenant's authorizer plugin if one is loaded (a failing
+    /// authorizer denies).
+    pub fn authorize(
+        &self,
+        who: &Principal,
+        tenant: &str,
+        action: Action,
+        resource: &Resource,
+    ) -> Result<(), BrokerError> {
+        self.check_boundary(who, tenant)?;
+        if who.admin {
+            return Ok(());
+        }
+        let Some(name) = self.tenant(tenant).read().authorizer.clone() else {
+            return Ok(());
+        };
+        let Some(plugin) = self.inner.plugins.get(tenant, &name) else {
+            return Ok(());
+        };
+        match plugin.authorize(who, action, resource) {
+            Ok(Decision::Allow) => Ok(()),
+            Ok(Decision::Deny(reason)) => Err(BrokerError::Unauthorized(reason)),
+            Err(f) => Err(BrokerError::Unauthorized(format!(
+                "authorizer failed, denying: {f}"
+            ))),
+        }
+    }
+
+    /// Declare a queue (idempotent when the options are equal).
+    pub fn declare_queue(
+        &self,
+        who: &Principal,
+        tenant: &str,
+        name: &str,
+        options: QueueOptions,
+    ) -> Result<QueueInfo, BrokerError> {
+        check_name("queue name", name)?;
+        if let Some(dl) = &options.dead_letter {
+            check_name("dead-letter queue name", dl)?;
+        }
+        self.authorize(who, tenant, Action::Declare, &Resource::Queue(name.into()))?;
+        let t = self.tenant(tenant);
+        let mut tw = t.write();
+        if let Some(q) = tw.queues.get(name) {
+            if q.options != options {
+                return Err(BrokerError::Conflict(format!(
+                    "queue `{name}` exists with other options"
+                )));
+            }
+            let q = q.clone();
+            drop(tw);
+            return Ok(self.info(&q, &t));
+        }
+        if tw.queues.len() >= self.inner.config.max_queues_per_tenant {
+            return Err(BrokerError::Limit(format!(
+                "tenant `{tenant}` has {} queues (max)",
+                tw.queues.len()
+            )));
+        }
+        let id = self.inner.store.allocate_queue_id()?;
+        let key = format!("queue/{tenant}/{name}");
+        self.inner.store.put_meta(
+            &key,
+            &encode(&QueueRecord {
+                id,
+                options: options.clone(),
+            }),
+        )?;
+        self.inner.store.sync()?;
+        let q = Arc::new(Queue::new(tenant, name, id, options));
+        tw.queues.insert(name.to_string(), q.clone());
+        drop(tw);
+        Ok(self.info(&q, &t))
+    }
+
+    fn queue(&self, tenant: &str, name: &str) -> Result<Arc<Queue>, BrokerError> {
+        self.tenant(tenant)
+            .read()
+            .queues
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::not_found("queue", name))
+    }
+
+    /// Delete a queue, its bindings, filters and messages.
+    pub fn delete_queue(
+        &self,
+        who: &Principal,
+        tenant: &str,
+        name: &str,
+    ) -> Result<(), BrokerError> {
+        self.authorize(who, tenant, Action::Delete, &Resource::Queue(name.into()))?;
+        let t = self.tenant(tenant);
+        let q = {
+            let mut tw = t.write();
+            let q = tw
+                .queues
+                .remove(name)
+                .ok_or_else(|| BrokerError::not_found("queue", name))?;
+            tw.bindings.remove_queue(name);
+            tw.filters.remove(name);
+            q
+        };
+        {
+            let mut st = q.lock();
+            st.deleted = true;
+            st.consumers.clear();
+            st.ready.clear();
+            st.unacked.clear();
+        }
+        let store = &self.inner.store;
+        for (key, _) in store.scan_meta(&format!("binding/{tenant}/{name}/"))? {
+            store.delete_meta(&key)?;
+        }
+        store.delete_meta(&format!("queue/{tenant}/{name}"))?;
+        store.clear_queue(q.id)?;
+        store.sync()?;
+        Ok(())
+    }
+
+    /// Drop every ready message of a queue; returns how many.
+    pub fn purge_queue(
+        &self,
+        who: &Principal,
+        tenant: &str,
+        name: &str,
+    ) -> Result<u64, BrokerError> {
+        self.authorize(who, tenant, Action::Purge, &Resource::Queue(name.into()))?;
+        let q = self.queue(tenant, name)?;
+        let ids = q.purge();
+        self.inner.store.remove(q.id, &ids)?;
+        Ok(ids.len() as u64)
+    }
+
+    /// Bind a queue to a topic pattern.
+    pub fn bind(
+        &self,
+        who: &Principal,
+        tenant: &str,
+        queue: &str,
+        pattern: &str,
+    ) -> Result<(), BrokerError> {
+        let tokens = names::parse_pattern(pattern)?;
+        let binding = crate::plugins::Binding {
+            queue: queue.into(),
+            pattern: pattern.into(),
+        };
+        self.authorize(who, tenant, Action::Bind, &Resource::Binding(binding))?;
+        let t = self.tenant(tenant);
+        let mut tw = t.write();
+        if !tw.queues.contains_key(queue) {
+            return Err(BrokerError::not_found("queue", queue));
+        }
+        if tw.bindings.insert(&tokens, queue) {
+            self.inner
+                .store
+                .put_meta(&format!("binding/{tenant}/{queue}/{pattern}"), b"")?;
+            self.inner.store.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Remove a binding.
+    pub fn unbind(
+        &self,
+        who: &Principal,
+        tenant: &str,
+        queue: &str,
+        pattern: &str,
+    ) -> Result<(), BrokerError> {
+        let tokens = names::parse_pattern(pattern)?;
+        let binding = crate::plugins::Binding {
+            queue: queue.into(),
+            pattern: pattern.into(),
+        };
+        self.authorize(who, tenant, Action::Bind, &Resource::Binding(binding))?;
+        let t = self.tenant(tenant);
+        if !t.write().bindings.remove(&tokens, queue) {
+            return Err(BrokerError::not_found(
+                "binding",
+                format!("{queue} {pattern}"),
+            ));
+        }
+        self.inner
+            .store
+            .delete_meta(&format!("binding/{tenant}/{queue}/{pattern}"))?;
+        self.inner.store.sync()?;
+        Ok(())
+    }
+
+    fn info(&self, q: &Queue, t: &Tenant) -> QueueInfo {
+        let (ready, unacked, bytes, consumers) = {
+            let st = q.lock();
+            (
+                st.ready.len() as u64,
+                st.unacked.len() as u64,
+                st.bytes,
+                st.consumers.len() as u64,
+            )
+        };
+        let c = &q.counters;
+        QueueInfo {
+            tenant: q.tenant.clone(),
+            name: q.name.clone(),
+            options: q.options.clone(),
+            ready,
+            unacked,
+            bytes,
+            consumers,
+            published: c.published.load(Relaxed),
+            delivered: c.delivered.load(Relaxed),
+            acked: c.acked.load(Relaxed),
+            dead_lettered: c.dead_lettered.load(Relaxed),
+            dropped: c.dropped.load(Relaxed),
+            filters: t.read().filters.get(&q.name).cloned().unwrap_or_default(),
+        }
+    }
+
+    /// Queues of a tenant, by name.
+    pub fn list_queues(
+        &self,
+        who: &Principal,
+        tenant: &str,
+    ) -> Result<Vec<QueueInfo>, BrokerError> {
+        self.check_boundary(who, tenant)?;
+        let t = self.tenant(tenant);
+        let mut queues: Vec<Arc<Queue>> = t.read().queues.values().cloned().collect();
+        queues.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(queues.iter().map(|q| self.info(q, &t)).collect())
+    }
+
+    /// Load (or hot-swap) a plugin for a tenant. A router or authorizer
+    /// becomes the tenant's; a filter is attached to `queue`.
+    pub fn load_plugin(
+        &self,
+        who: &Principal,
+        tenant: &str,
+        name: &str,
+        kind: PluginKind,
+        queue: Option<&str>,
+        wasm: Vec<u8>,
+        config: Vec<(String, String)>,
+    ) -> Result<PluginInfo, BrokerError> {
+        check_name("plugin name", name)?;
+        self.authorize(who, tenant, Action::Admin, &Resource::Plugin(name.into()))?;
+        let queue = match (kind, queue) {
+            (PluginKind::Filter, None) => {
+                return Err(BrokerError::invalid(
+                    "plugin",
+                    "a filter must be attached to a queue (--queue)",
+                ));
+            }
+            (PluginKind::Filter, Some(q)) => {
+                self.queue(tenant, q)?;
+                Some(q.to_string())
+            }
+            (_, Some(_)) => {
+                return Err(BrokerError::invalid(
+                    "plugin",
+                    format!("a {kind} is tenant-wide; --queue applies to filters only"),
+                ));
+            }
+            (_, None) => None,
+        };
+        let key = format!("plugin/{tenant}/{name}");
+        let record = PluginRecord {
+            kind,
+            queue: queue.clone(),
+            config: config.clone(),
+        };
+        let plugin = self.inner.runtime.load(PluginSpec {
+            tenant: tenant.into(),
+            name: name.into(),
+            kind,
+            wasm: wasm.clone(),
+            config,
+        })?;
+        self.inner.store.put_blob(&key, &wasm)?;
+        self.inner.store.put_meta(&key, &encode(&record))?;
+        self.inner.store.sync()?;
+        if let Some(old) = self.inner.plugins.install(plugin) {
+            self.tenant(tenant).write().detach(name, old.kind());
+        }
+        self.tenant(tenant).write().attach(name, kind, queue);
+        self.plugin_info(tenant, name)
+    }
+
+    /// Unload a plugin.
+    pub fn unload_plugin(
+        &self,
+        who: &Principal,
+        tenant: &str,
+        name: &str,
+    ) -> Result<(), BrokerError> {
+        self.authorize(who, tenant, Action::Admin, &Resource::Plugin(name.into()))?;
+        let p = self
+            .inner
+            .plugins
+            .remove(tenant, name)
+            .ok_or_else(|| BrokerError::not_found("plugin", name))?;
+        self.tenant(tenant).write().detach(name, p.kind());
+        let key = format!("plugin/{tenant}/{name}");
+        self.inner.store.delete_meta(&key)?;
+        self.inner.store.delete_blob(&key)?;
+        self.inner.store.sync()?;
+        Ok(())
+    }
+
+    fn plugin_info(&self, tenant: &str, name: &str) -> Result<PluginInfo, BrokerError> {
+        let p = self
+            .inner
+            .plugins
+            .get(tenant, name)
+            .ok_or_else(|| BrokerError::not_found("plugin", name))?;
+        let queue = self.tenant(tenant).read().filter_queue(name);
+        Ok(PluginInfo {
+            tenant: tenant.into(),
+            name: name.into(),
+            kind: p.kind(),
+            queue,
+            digest: p.digest().into(),
+            state: p.state(),
+            metrics: p.metrics(),
+        })
+    }
+
+    /// Plugins of a tenant.
+    pub fn list_plugins(
+        &self,
+        who: &Principal,
+        tenant: &str,
+    ) -> Result<Vec<PluginInfo>, BrokerError> {
+        self.check_boundary(who, tenant)?;
+        self.inner
+            .plugins
+            .list(Some(tenant))
+            .iter()
+            .map(|p| self.plugin_info(tenant, &p.id().name))
+            .collect()
+    }
+
+    /// Attach a consumer to a queue with `prefetch` unacked deliveries at most.
+    pub fn subscribe(
+        &self,
+        who: &Principal,
+        tenant: &str,
+        queue: &str,
+        prefetch: u32,
+    ) -> Result<Subscription, BrokerError> {
+        self.authorize(
+            who,
+            tenant,
+            Action::Subscribe,
+            &Resource::Queue(queue.into()),
+        )?;
+        let q = self.queue(tenant, queue)?;
+        let id = self.inner.next_consumer.fetch_add(1, Relaxed);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        q.add_consumer(id, prefetch, tx);
+        let sub = Subscription::new(self.clone(), q.clone(), id, rx);
+        self.dispatch(&q);
+        Ok(sub)
+    }
+
+    /// Give ready messages of `q` to its consumers.
+    pub(crate) fn dispatch(&self, q: &Arc<Queue>) {
+        let (batches, dead) = q.dispatch(now_ms());
+        for (tx, refs) in batches {
+            // A closed channel means the subscription is being dropped; its
+            // drop requeues whatever it holds.
+            let _ = tx.send(refs);
+        }
+        self.dead_letter(q, dead);
+    }
+
+    /// Read a delivered message from the store.
+    pub(crate) fn load_delivery(&self, q: &Queue, r: &MsgRef) -> Result<Delivery, BrokerError> {
+        let bytes = self.inner.store.get(q.id, r.id)?.ok_or_else(|| {
+            crate::store::StoreError::Corrupt(format!(
+                "message {} of queue `{}` is missing",
+                r.id, q.name
+            ))
+        })?;
+        let m = StoredMessage::decode(&bytes)?;
+        Ok(Delivery {
+            tag: r.id,
+            topic: m.topic,
+            headers: m.headers,
+            payload: m.payload,
+            redelivered: r.deliveries > 1,
+            delivery_count: r.deliveries - 1,
+        })
+    }
+
+    /// Move messages to the queue's dead-letter queue (or drop them).
+    pub(crate) fn dead_letter(&self, q: &Arc<Queue>, dead: DeadLetters) {
+        if dead.is_empty() {
+            return;
+        }
+        let ids: Vec<MsgId> = dead.iter().map(|(r, _)| r.id).collect();
+        let target = q
+            .options
+            .dead_letter
+            .as_deref()
+            .and_then(|dl| self.queue(&q.tenant, dl).ok());
+        let Some(dlq) = target else {
+            q.counters.dropped.fetch_add(ids.len() as u64, Relaxed);
+            if let Err(e) = self.inner.store.remove(q.id, &ids) {
+                tracing::error!(queue = %q.name, error = %e, "cannot drop dead messages");
+            }
+            return;
+        };
+        let mut items = Vec::new();
+        for (r, reason) in &dead {
+            match self
+                .inner
+                .store
+                .get(q.id, r.id)
+                .map(|v| v.map(|v| StoredMessage::decode(&v)))
+            {
+                Ok(Some(Ok(mut m))) => {
+                    m.headers.push(("x-death-reason".into(), (*reason).into()));
+                    m.headers.push(("x-death-queue".into(), q.name.clone()));
+                    m.expires_at_ms = dlq.options.ttl_ms.map(|t| now_ms() + t).unwrap_or(0);
+                    items.push(m);
+                }
+                other => {
+                    tracing::error!(queue = %q.name, id = r.id, ?other, "cannot read a dead-lettered message")
+                }
+            }
+        }
+        q.counters
+            .dead_lettered
+            .fetch_add(ids.len() as u64, Relaxed);
+        let broker = self.clone();
+        let (q, dlq) = (q.clone(), dlq.clone());
+        let task = async move {
+            if let Err(e) = broker.store_messages(&dlq, items).await {
+                tracing::error!(queue = %dlq.name, error = %e, "dead-lettering failed; messages stay in the source queue's store");
+                return;
+            }
+            if let Err(e) = broker.inner.store.remove(q.id, &ids) {
+                tracing::error!(queue = %q.name, error = %e, "cannot remove dead-lettered messages");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(task);
+            }
+            Err(_) => tracing::error!("dead-lettering needs a tokio runtime"),
+        }
+    }
+
+    /// Append messages to a queue (durably if it is durable) and make them
+    /// ready. Used for dead letters; publishes go through [`routing`].
+    async fn store_messages(
+        &self,
+        q: &Arc<Queue>,
+        msgs: Vec<StoredMessage>,
+    ) -> Result<(), BrokerError> {
+        let n = msgs.len() as u64;
+        let first = match q.reserve(n) {
+            Ok(f) => f,
+            Err(()) => return Err(BrokerError::QueueFull(q.name.clone())),
+        };
+        let mut refs = Vec::with_capacity(msgs.len());
+        let items: Vec<Append> = msgs
+            .iter()
+            .zip(first..)
+            .map(|(m, id)| {
+                let value = m.encode();
+                refs.push(MsgRef {
+                    id,
+                    size: value.len() as u32,
+                    expires_at: m.expires_at_ms,
+                    deliveries: 0,
+                });
+                Append {
+                    queue: q.id,
+                    id,
+                    value,
+                }
+            })
+            .collect();
+        if let Err(e) = self.inner.store.append(items, q.options.durable).await {
+            q.unreserve(n);
+            return Err(e.into());
+        }
+        let dead = q.enqueue(&refs, n);
+        self.dead_letter(q, dead);
+        self.dispatch(q);
+        Ok(())
+    }
+
+    /// Per-tenant totals (admins see every tenant, tenants only their own).
+    pub fn stats(&self, who: &Principal) -> Vec<TenantStats> {
+        let tenants: Vec<Arc<Tenant>> = self
+            .inner
+            .tenants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut out: Vec<TenantStats> = tenants
+            .iter()
+            .filter(|t| who.admin || t.name == who.tenant)
+            .map(|t| {
+                let queues: Vec<Arc<Queue>> = t.read().queues.values().cloned().collect();
+                let infos: Vec<QueueInfo> = queues.iter().map(|q| self.info(q, t)).collect();
+                TenantStats {
+                    tenant: t.name.clone(),
+                    queues: infos.len() as u64,
+                    ready: infos.iter().map(|i| i.ready).sum(),
+                    unacked: infos.iter().map(|i| i.unacked).sum(),
+                    bytes: infos.iter().map(|i| i.bytes).sum(),
+                    published: infos.iter().map(|i| i.published).sum(),
+                    delivered: infos.iter().map(|i| i.delivered).sum(),
+                    plugins: self.inner.plugins.list(Some(&t.name)).len() as u64,
+                    bindings: t.read().bindings.len() as u64,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        out
+    }
+
+    /// Flush everything to disk (graceful shutdown).
+    pub fn sync(&self) -> Result<(), BrokerError> {
+        Ok(self.inner.store.sync()?)
+    }
+}
+
+/// Usage of one tenant.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TenantStats {
+    /// Tenant name.
+    pub tenant: String,
+    /// Queues.
+    pub queues: u64,
+    /// Ready messages across queues.
+    pub ready: u64,
+    /// Unacked deliveries across queues.
+    pub unacked: u64,
+    /// Stored bytes across queues.
+    pub bytes: u64,
+    /// Messages stored since start.
+    pub published: u64,
+    /// Deliveries since start.
+    pub delivered: u64,
+    /// Loaded plugins.
+    pub plugins: u64,
+    /// Bindings.
+    pub bindings: u64,
+}

@@ -1,0 +1,293 @@
+//! The publish path: bindings, then the tenant's router plugin, then each
+//! target queue's filter plugins, then one group commit, then delivery.
+//! This is the only place router and filter plugins are called.
+
+use std::sync::Arc;
+
+use super::queue::{MsgRef, Queue};
+use super::tenant::Tenant;
+use super::{Broker, BrokerError, now_ms};
+use crate::plugins::{Action, FailureKind, FilterVerdict, Message, Principal, Resource};
+use crate::store::{Append, StoredMessage};
+
+/// A message to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    /// Topic (dot-separated tokens).
+    pub topic: String,
+    /// Headers.
+    pub headers: Vec<(String, String)>,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+/// Where one message goes after routing and filtering.
+#[derive(Default)]
+struct Routed {
+    /// Queues that store it, with the (possibly transformed) message.
+    stores: Vec<(Arc<Queue>, StoredMessage)>,
+    /// Dead-letter queues receiving it because a filter failed.
+    dead: Vec<(Arc<Queue>, StoredMessage)>,
+}
+
+impl Broker {
+    /// Publish messages for `who` into `tenant`. Returns, per message in
+    /// order, the number of queues it was stored in (after fsync for
+    /// durable queues) or why it was refused.
+    pub async fn publish(
+        &self,
+        who: &Principal,
+        tenant: &str,
+        msgs: Vec<Publish>,
+    ) -> Vec<Result<u32, BrokerError>> {
+        let t = self.tenant(tenant);
+        let has_plugins = {
+            let ts = t.read();
+            ts.router.is_some() || !ts.filters.is_empty() || ts.authorizer.is_some()
+        };
+        let routed: Vec<Result<Routed, BrokerError>> = if has_plugins {
+            // Plugin calls are synchronous and may run up to their deadline:
+            // keep them off the async workers.
+            let (broker, who, tenant_name) = (self.clone(), who.clone(), tenant.to_string());
+            match tokio::task::spawn_blocking(move || {
+                let t = broker.tenant(&tenant_name);
+                msgs.iter().map(|m| broker.route(&t, &who, m)).collect()
+            })
+            .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    return vec![Err(BrokerError::Conflict(format!(
+                        "routing task failed: {e}"
+                    )))];
+                }
+            }
+        } else {
+            msgs.iter().map(|m| self.route(&t, who, m)).collect()
+        };
+        self.commit_routed(routed).await
+    }
+
+    /// Validate, authorize, route and filter one message.
+    fn route(&self, t: &Tenant, who: &Principal, msg: &Publish) -> Result<Routed, BrokerError> {
+        super::names::check_topic(&msg.topic)?;
+        let size = msg.payload.len()
+            + msg
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        if size > self.inner.config.max_message_bytes {
+            return Err(BrokerError::Limit(format!(
+                "message of {size} bytes exceeds the maximum of {} bytes",
+                self.inner.config.max_message_bytes
+            )));
+        }
+        self.authorize(
+            who,
+            &t.name,
+            Action::Publish,
+            &Resource::Topic(msg.topic.clone()),
+        )?;
+        let now = now_ms();
+        let (candidates, router, queues_of) = {
+            let ts = t.read();
+            (
+                ts.bindings.matches(&msg.topic),
+                ts.router.clone(),
+                ts.queues.clone(),
+            )
+        };
+        let mut wit = Message {
+            topic: msg.topic.clone(),
+            headers: msg.headers.clone(),
+            payload: msg.payload.clone(),
+            tenant: t.name.clone(),
+            client: who.client.clone(),
+            timestamp_ms: now,
+            redelivery_count: 0,
+        };
+        let targets = match router.and_then(|name| self.inner.plugins.get(&t.name, &name)) {
+            None => candidates,
+            Some(plugin) => {
+                let targets = plugin
+                    .route(&wit, &candidates)
+                    .map_err(|f| BrokerError::router(&f))?;
+                if let Some(unknown) = targets.iter().find(|q| !queues_of.contains_key(*q)) {
+                    return Err(BrokerError::Router(format!(
+                        "router chose unknown queue `{unknown}`"
+                    )));
+                }
+                targets
+            }
+        };
+        if targets.is_empty() {
+            return Err(BrokerError::NoRoute(msg.topic.clone()));
+        }
+        let mut routed = Routed::default();
+        let filters = t.read().filters.clone();
+        for name in &targets {
+            let Some(q) = queues_of.get(name) else {
+                continue;
+            };
+            let (mut headers, mut payload) = (msg.headers.clone(), msg.payload.clone());
+            let mut outcome = Ok(true);
+            for fname in filters.get(name).into_iter().flatten() {
+                let Some(f) = self.inner.plugins.get(&t.name, fname) else {
+                    continue;
+                };
+                wit.headers = headers.clone();
+                wit.payload = payload.clone();
+                match f.filter(&wit) {
+                    Ok(FilterVerdict::Accept) => {}
+                    Ok(FilterVerdict::Drop(reason)) => {
+                        tracing::debug!(tenant = %t.name, queue = %name, filter = %fname, %reason, "filter dropped a message");
+                        q.counters
+                            .dropped
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        outcome = Ok(false);
+                        break;
+                    }
+                    Ok(FilterVerdict::Replace(r)) => {
+                        headers = r.headers;
+                        payload = r.payload;
+                    }
+                    Err(failure) => {
+                        let kind = if failure.kind == FailureKind::Guest {
+                            "error"
+                        } else {
+                            failure.kind.as_str()
+                        };
+                        outcome = Err(format!(
+                            "filter {fname} failed ({kind}): {}",
+                            failure.message
+                        ));
+                        break;
+                    }
+                }
+            }
+            let stored = |headers, payload, q: &Queue| StoredMessage {
+                topic: msg.topic.clone(),
+                headers,
+                payload,
+                publisher: who.client.clone(),
+                timestamp_ms: now,
+                expires_at_ms: q.options.ttl_ms.map(|ttl| now + ttl).unwrap_or(0),
+            };
+            match outcome {
+                Ok(true) => routed.stores.push((q.clone(), stored(headers, payload, q))),
+                Ok(false) => {}
+                Err(reason) => {
+                    let dlq = q
+                        .options
+                        .dead_letter
+                        .as_ref()
+                        .and_then(|d| queues_of.get(d));
+                    match dlq {
+                        Some(dlq) => {
+                            let mut headers = msg.headers.clone();
+                            headers.push(("x-death-reason".into(), reason));
+                            headers.push(("x-death-queue".into(), q.name.clone()));
+                            q.counters
+                                .dead_lettered
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            routed
+                                .dead
+                                .push((dlq.clone(), stored(headers, msg.payload.clone(), dlq)));
+                        }
+                        None => {
+                            tracing::warn!(tenant = %t.name, queue = %name, %reason, "filter failed and the queue has no dead-letter queue: message dropped");
+                            q.counters
+                                .dropped
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(routed)
+    }
+
+    /// Reserve room, append everything in one group commit, then enqueue.
+    async fn commit_routed(
+        &self,
+        routed: Vec<Result<Routed, BrokerError>>,
+    ) -> Vec<Result<u32, BrokerError>> {
+        let mut results: Vec<Result<u32, BrokerError>> = Vec::with_capacity(routed.len());
+        let mut appends = Vec::new();
+        let mut placed: Vec<(Arc<Queue>, MsgRef)> = Vec::new();
+        let mut durable = false;
+        for r in routed {
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
+                }
+            };
+            let all: Vec<&(Arc<Queue>, StoredMessage)> =
+                r.stores.iter().chain(r.dead.iter()).collect();
+            let mut ids = Vec::with_capacity(all.len());
+            let mut full = None;
+            for (q, _) in &all {
+                match q.reserve(1) {
+                    Ok(id) => ids.push(id),
+                    Err(()) => {
+                        full = Some(q.name.clone());
+                        break;
+                    }
+                }
+            }
+            if let Some(name) = full {
+                for (q, _) in all.iter().take(ids.len()) {
+                    q.unreserve(1);
+                }
+                results.push(Err(BrokerError::QueueFull(name)));
+                continue;
+            }
+            for ((q, m), id) in all.into_iter().zip(ids) {
+                let value = m.encode();
+                durable |= q.options.durable;
+                placed.push((
+                    q.clone(),
+                    MsgRef {
+                        id,
+                        size: value.len() as u32,
+                        expires_at: m.expires_at_ms,
+                        deliveries: 0,
+                    },
+                ));
+                appends.push(Append {
+                    queue: q.id,
+                    id,
+                    value,
+                });
+            }
+            results.push(Ok(r.stores.len() as u32));
+        }
+        if appends.is_empty() {
+            return results;
+        }
+        if let Err(e) = self.inner.store.append(appends, durable).await {
+            for (q, _) in &placed {
+                q.unreserve(1);
+            }
+            let e = BrokerError::from(e);
+            return results.into_iter().map(|r| r.and(Err(e.clone()))).collect();
+        }
+        // Enqueue per queue, keeping id order.
+        let mut i = 0;
+        while i < placed.len() {
+            let q = placed[i].0.clone();
+            let mut refs = Vec::new();
+            while i < placed.len() && Arc::ptr_eq(&placed[i].0, &q) {
+                refs.push(placed[i].1);
+                i += 1;
+            }
+            let dead = q.enqueue(&refs, refs.len() as u64);
+            self.dead_letter(&q, dead);
+            self.dispatch(&q);
+        }
+        results
+    }
+}

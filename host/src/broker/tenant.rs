@@ -1,0 +1,87 @@
+//! A tenant's namespace: queues, bindings and which plugins are attached.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use super::bindings::BindingTrie;
+use super::queue::Queue;
+use crate::plugins::PluginKind;
+
+/// One tenant.
+pub(crate) struct Tenant {
+    pub name: String,
+    state: RwLock<TenantState>,
+}
+
+/// Everything a tenant owns, behind one lock.
+#[derive(Default)]
+pub(crate) struct TenantState {
+    pub queues: HashMap<String, Arc<Queue>>,
+    pub bindings: BindingTrie,
+    /// The tenant's router plugin.
+    pub router: Option<String>,
+    /// The tenant's authorizer plugin.
+    pub authorizer: Option<String>,
+    /// Filter plugins per queue, in load order.
+    pub filters: HashMap<String, Vec<String>>,
+}
+
+impl Tenant {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            state: RwLock::new(TenantState::default()),
+        }
+    }
+
+    pub fn read(&self) -> RwLockReadGuard<'_, TenantState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn write(&self) -> RwLockWriteGuard<'_, TenantState> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl TenantState {
+    /// Attach plugin `name` in its role.
+    pub fn attach(&mut self, name: &str, kind: PluginKind, queue: Option<String>) {
+        match kind {
+            PluginKind::Router => self.router = Some(name.to_string()),
+            PluginKind::Authorizer => self.authorizer = Some(name.to_string()),
+            PluginKind::Filter => {
+                if let Some(q) = queue {
+                    let list = self.filters.entry(q).or_default();
+                    if !list.iter().any(|n| n == name) {
+                        list.push(name.to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Detach plugin `name` from whatever role it had.
+    pub fn detach(&mut self, name: &str, kind: PluginKind) {
+        match kind {
+            PluginKind::Router if self.router.as_deref() == Some(name) => self.router = None,
+            PluginKind::Authorizer if self.authorizer.as_deref() == Some(name) => {
+                self.authorizer = None
+            }
+            PluginKind::Filter => {
+                for list in self.filters.values_mut() {
+                    list.retain(|n| n != name);
+                }
+                self.filters.retain(|_, l| !l.is_empty());
+            }
+            _ => {}
+        }
+    }
+
+    /// The queue a filter is attached to.
+    pub fn filter_queue(&self, name: &str) -> Option<String> {
+        self.filters
+            .iter()
+            .find(|(_, l)| l.iter().any(|n| n == name))
+            .map(|(q, _)| q.clone())
+    }
+}

@@ -1,0 +1,381 @@
+//! Length-prefixed framing and the incremental decoder.
+
+use crate::error::DecodeError;
+use crate::frame::Frame;
+
+/// The largest frame any configuration may allow (bincode's byte limit).
+pub const HARD_MAX_FRAME: usize = 64 << 20;
+
+/// Bounds applied when decoding. Both ends should use the same values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame body in bytes. Default 4 MiB (a 1 MiB message plus
+    /// headers fits; a delivery batch is cut to fit). At most [`HARD_MAX_FRAME`].
+    pub max_frame: usize,
+    /// Largest payload. Default 1 MiB.
+    pub max_payload: usize,
+    /// Most headers per message (and config entries per plugin). Default 64.
+    pub max_headers: usize,
+    /// Most header bytes (names + values) per message. Default 16 KiB.
+    pub max_header_bytes: usize,
+    /// Longest name (queue, topic, pattern, tenant, plugin). Default 255.
+    pub max_name: usize,
+    /// Most messages per delivery or confirm batch. Default 1024.
+    pub max_batch: usize,
+    /// Most ranges per ack/nack/reject. Default 4096.
+    pub max_ranges: usize,
+    /// Most entries in a listing. Default 100 000.
+    pub max_list: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame: 4 << 20,
+            max_payload: 1 << 20,
+            max_headers: 64,
+            max_header_bytes: 16 << 10,
+            max_name: 255,
+            max_batch: 1024,
+            max_ranges: 4096,
+            max_list: 100_000,
+        }
+    }
+}
+
+fn config() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<HARD_MAX_FRAME>,
+> {
+    bincode::config::standard().with_limit::<HARD_MAX_FRAME>()
+}
+
+/// Append `frame` (length prefix + body) to `out`.
+pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    // Encoding plain data into a Vec only fails past the byte limit; such a
+    // frame is refused by the peer's decoder anyway.
+    let _ = bincode::encode_into_std_write(frame, out, config());
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+/// Encode one frame into a new buffer.
+pub fn encode_frame(frame: &Frame) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode(frame, &mut out);
+    out
+}
+
+/// Incremental decoder: push bytes as they arrive, pull frames.
+#[derive(Debug)]
+pub struct Decoder {
+    limits: Limits,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Decoder {
+    /// A decoder enforcing `limits`.
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            buf: Vec::new(),
+            pos: 0,
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Add received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.pos > 0 && self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        } else if self.pos > (64 << 10) && self.pos * 2 > self.buf.len() {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes received but not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed. After
+    /// an error the stream is unusable (framing is lost).
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
+        let avail = &self.buf[self.pos..];
+        let Some(prefix) = avail.get(..4) else {
+            return Ok(None);
+        };
+        let len = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+        let max = self.limits.max_frame.min(HARD_MAX_FRAME);
+        if len > max {
+            return Err(DecodeError::TooLarge { len, max });
+        }
+        let Some(body) = avail.get(4..4 + len) else {
+            return Ok(None);
+        };
+        let (frame, used): (Frame, usize) = bincode::decode_from_slice(body, config())
+            .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        if used != len {
+            return Err(DecodeError::Malformed(format!(
+                "{} trailing bytes after the frame",
+                len - used
+            )));
+        }
+        self.pos += 4 + len;
+        frame.validate(&self.limits)?;
+        Ok(Some(frame))
+    }
+
+    /// Call at end of stream: an error if a partial frame is left.
+    pub fn finish(&self) -> Result<(), DecodeError> {
+        match self.buffered() {
+            0 => Ok(()),
+            n => Err(DecodeError::Truncated { buffered: n }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorCode;
+    use crate::frame::*;
+    use proptest::prelude::*;
+
+    fn samples() -> Vec<Frame> {
+        vec![
+            Frame::Hello {
+                min_version: 1,
+                max_version: 1,
+                agent: "test".into(),
+            },
+            Frame::Welcome {
+                version: 1,
+                tenant: "acme".into(),
+                client: "c".into(),
+                admin: false,
+                max_message: 1 << 20,
+            },
+            Frame::Request {
+                id: 7,
+                tenant: Some("acme".into()),
+                body: Request::Declare(QueueDecl {
+                    name: "q".into(),
+                    durable: true,
+                    max_length: Some(10),
+                    overflow: Overflow::DropHead,
+                    ttl_ms: Some(1000),
+                    dead_letter: Some("dlq".into()),
+                    delivery_limit: Some(3),
+                }),
+            },
+            Frame::Request {
+                id: 8,
+                tenant: None,
+                body: Request::Subscribe {
+                    queue: "q".into(),
+                    prefetch: 10,
+                },
+            },
+            Frame::Request {
+                id: 9,
+                tenant: None,
+                body: Request::LoadPlugin {
+                    name: "p".into(),
+                    kind: "filter".into(),
+                    queue: Some("q".into()),
+                    wasm: vec![0, 97, 115, 109],
+                    config: vec![("k".into(), "v".into())],
+                },
+            },
+            Frame::Response {
+                id: 7,
+                body: Ok(Response::Subscribed { sub: 3 }),
+            },
+            Frame::Response {
+                id: 8,
+                body: Err(ErrorBody::new(ErrorCode::NotFound, "queue `x` not found")),
+            },
+            Frame::Response {
+                id: 9,
+                body: Ok(Response::Queues(vec![QueueSummary {
+                    name: "q".into(),
+                    durable: true,
+                    ready: 1,
+                    unacked: 2,
+                    bytes: 3,
+                    consumers: 4,
+                    published: 5,
+                    dead_lettered: 6,
+                    filters: vec!["f".into()],
+                }])),
+            },
+            Frame::Publish {
+                seq: 1,
+                tenant: None,
+                topic: "a.b".into(),
+                headers: vec![("k".into(), "v".into())],
+                payload: b"hello".to_vec(),
+            },
+            Frame::Confirm {
+                first: 1,
+                queues: vec![1, 2, 0],
+            },
+            Frame::Refused {
+                seq: 4,
+                error: ErrorBody::new(ErrorCode::NoRoute, "no route"),
+            },
+            Frame::StreamStart { sub: 3 },
+            Frame::Deliver {
+                sub: 3,
+                deliveries: vec![Delivery {
+                    tag: 1,
+                    topic: "a".into(),
+                    headers: vec![],
+                    payload: vec![1, 2],
+                    redelivered: true,
+                }],
+            },
+            Frame::Ack {
+                sub: 3,
+                ranges: vec![(1, 5)],
+            },
+            Frame::Nack {
+                sub: 3,
+                ranges: vec![(6, 6)],
+            },
+            Frame::Reject {
+                sub: 3,
+                ranges: vec![(7, 9)],
+            },
+            Frame::Cancel { sub: 3 },
+            Frame::Error(ErrorBody::new(ErrorCode::BadFrame, "bad")),
+        ]
+    }
+
+    #[test]
+    fn every_frame_round_trips_even_split_at_every_byte() {
+        let mut wire = Vec::new();
+        for f in samples() {
+            encode(&f, &mut wire);
+        }
+        for split in 0..wire.len() {
+            let mut d = Decoder::new(Limits::default());
+            let mut got = Vec::new();
+            for chunk in [&wire[..split], &wire[split..]] {
+                d.push(chunk);
+                while let Some(f) = d.next_frame().unwrap() {
+                    got.push(f);
+                }
+            }
+            assert_eq!(got, samples());
+            d.finish().unwrap();
+        }
+    }
+
+    #[test]
+    fn oversize_prefix_is_refused_before_reading() {
+        let mut d = Decoder::new(Limits {
+            max_frame: 100,
+            ..Limits::default()
+        });
+        d.push(&1000u32.to_le_bytes());
+        assert_eq!(
+            d.next_frame(),
+            Err(DecodeError::TooLarge {
+                len: 1000,
+                max: 100
+            })
+        );
+        assert_eq!(d.next_frame().unwrap_err().code(), ErrorCode::FrameTooLarge);
+    }
+
+    #[test]
+    fn truncated_and_garbage_inputs() {
+        let wire = encode_frame(&samples()[0]);
+        let mut d = Decoder::new(Limits::default());
+        d.push(&wire[..wire.len() - 1]);
+        assert_eq!(d.next_frame(), Ok(None));
+        assert!(matches!(d.finish(), Err(DecodeError::Truncated { .. })));
+
+        let mut d = Decoder::new(Limits::default());
+        d.push(&[5, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        assert!(matches!(d.next_frame(), Err(DecodeError::Malformed(_))));
+
+        // A vector claiming 2^60 elements inside a small frame.
+        let mut body = vec![8u8]; // variant Publish
+        body.extend_from_slice(&[1, 0, 1, b'a', 0xfd]);
+        body.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        let mut wire = (body.len() as u32).to_le_bytes().to_vec();
+        wire.extend_from_slice(&body);
+        let mut d = Decoder::new(Limits::default());
+        d.push(&wire);
+        assert!(d.next_frame().is_err());
+    }
+
+    #[test]
+    fn collection_limits_apply() {
+        let f = Frame::Publish {
+            seq: 1,
+            tenant: None,
+            topic: "t".into(),
+            headers: (0..65).map(|i| (i.to_string(), String::new())).collect(),
+            payload: vec![],
+        };
+        let mut d = Decoder::new(Limits::default());
+        d.push(&encode_frame(&f));
+        assert_eq!(
+            d.next_frame(),
+            Err(DecodeError::Limit {
+                what: "headers",
+                max: 64
+            })
+        );
+
+        let f = Frame::Publish {
+            seq: 1,
+            tenant: None,
+            topic: "t".repeat(300),
+            headers: vec![],
+            payload: vec![],
+        };
+        let mut d = Decoder::new(Limits::default());
+        d.push(&encode_frame(&f));
+        assert_eq!(d.next_frame().unwrap_err().code(), ErrorCode::LimitExceeded);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let mut d = Decoder::new(Limits::default());
+            d.push(&bytes);
+            for _ in 0..64 {
+                match d.next_frame() {
+                    Ok(Some(_)) => continue,
+                    _ => break,
+                }
+            }
+        }
+
+        #[test]
+        fn publishes_round_trip(seq in any::<u64>(), topic in "[a-z]{1,10}(\\.[a-z]{1,10}){0,3}",
+                                 headers in proptest::collection::vec(("[a-z]{1,8}", "[ -~]{0,16}"), 0..8),
+                                 payload in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let f = Frame::Publish { seq, tenant: None, topic, headers, payload };
+            let mut d = Decoder::new(Limits::default());
+            d.push(&encode_frame(&f));
+            prop_assert_eq!(d.next_frame().unwrap(), Some(f));
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! The frames.
+
+use bincode::{Decode, Encode};
+
+use crate::codec::Limits;
+use crate::error::{DecodeError, ErrorCode};
+
+/// An error with a stable code and a readable message.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ErrorBody {
+    /// Stable code.
+    pub code: ErrorCode,
+    /// Readable explanation.
+    pub message: String,
+}
+
+impl ErrorBody {
+    /// Build an error body.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+impl std::error::Error for ErrorBody {}
+
+/// Behaviour of a full queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub enum Overflow {
+    /// Refuse publishes.
+    RejectPublish,
+    /// Drop the oldest message.
+    DropHead,
+}
+
+/// Queue settings in a declare request.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct QueueDecl {
+    /// Queue name.
+    pub name: String,
+    /// Fsync before confirming (default true).
+    pub durable: bool,
+    /// Most messages held.
+    pub max_length: Option<u64>,
+    /// Behaviour at max-length.
+    pub overflow: Overflow,
+    /// Message TTL, milliseconds.
+    pub ttl_ms: Option<u64>,
+    /// Dead-letter queue.
+    pub dead_letter: Option<String>,
+    /// Deliveries before dead-lettering.
+    pub delivery_limit: Option<u32>,
+}
+
+/// A request on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Request {
+    /// Declare a queue.
+    Declare(QueueDecl),
+    /// Bind a queue to a pattern.
+    Bind {
+        /// Queue.
+        queue: String,
+        /// NATS-style pattern.
+        pattern: String,
+    },
+    /// Remove a binding.
+    Unbind {
+        /// Queue.
+        queue: String,
+        /// Pattern.
+        pattern: String,
+    },
+    /// Delete a queue.
+    Delete {
+        /// Queue.
+        queue: String,
+    },
+    /// Drop a queue's ready messages.
+    Purge {
+        /// Queue.
+        queue: String,
+    },
+    /// List queues.
+    ListQueues,
+    /// Start consuming; the server opens a delivery stream.
+    Subscribe {
+        /// Queue.
+        queue: String,
+        /// Most unacked deliveries.
+        prefetch: u32,
+    },
+    /// Load or replace a plugin.
+    LoadPlugin {
+        /// Name inside the tenant.
+        name: String,
+        /// router, filter or authorizer.
+        kind: String,
+        /// Queue for a filter.
+        queue: Option<String>,
+        /// Component bytes.
+        wasm: Vec<u8>,
+        /// Configuration for init.
+        config: Vec<(String, String)>,
+    },
+    /// List plugins.
+    ListPlugins,
+    /// Unload a plugin.
+    UnloadPlugin {
+        /// Name.
+        name: String,
+    },
+    /// Usage per tenant.
+    Stats,
+}
+
+/// A successful response.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Response {
+    /// Done, nothing to report.
+    Ok,
+    /// A count (purged messages).
+    Count(u64),
+    /// Queues.
+    Queues(Vec<QueueSummary>),
+    /// A subscription started.
+    Subscribed {
+        /// Its id, also sent first on its delivery stream.
+        sub: u64,
+    },
+    /// Plugins.
+    Plugins(Vec<PluginSummary>),
+    /// Usage.
+    Stats(Vec<TenantUsage>),
+}
+
+/// A queue as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct QueueSummary {
+    /// Name.
+    pub name: String,
+    /// Durable.
+    pub durable: bool,
+    /// Ready messages.
+    pub ready: u64,
+    /// Unacked deliveries.
+    pub unacked: u64,
+    /// Stored bytes.
+    pub bytes: u64,
+    /// Consumers.
+    pub consumers: u64,
+    /// Messages stored since start.
+    pub published: u64,
+    /// Dead-lettered since start.
+    pub dead_lettered: u64,
+    /// Filters, in order.
+    pub filters: Vec<String>,
+}
+
+/// A plugin as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct PluginSummary {
+    /// Name.
+    pub name: String,
+    /// Kind.
+    pub kind: String,
+    /// Queue of a filter.
+    pub queue: Option<String>,
+    /// `ready` or `errored: <reason>`.
+    pub state: String,
+    /// Calls.
+    pub calls: u64,
+    /// Guest errors.
+    pub errors: u64,
+    /// Traps.
+    pub traps: u64,
+    /// Mean call time in nanoseconds.
+    pub mean_ns: u64,
+}
+
+/// Usage of one tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct TenantUsage {
+    /// Tenant.
+    pub tenant: String,
+    /// Queues.
+    pub queues: u64,
+    /// Ready messages.
+    pub ready: u64,
+    /// Unacked deliveries.
+    pub unacked: u64,
+    /// Stored bytes.
+    pub bytes: u64,
+    /// Published since start.
+    pub published: u64,
+    /// Delivered since start.
+    pub delivered: u64,
+    /// Plugins.
+    pub plugins: u64,
+}
+
+/// One delivered message.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Delivery {
+    /// Tag for ack/nack/reject.
+    pub tag: u64,
+    /// Topic.
+    pub topic: String,
+    /// Headers.
+    pub headers: Vec<(String, String)>,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// Delivered before.
+    pub redelivered: bool,
+}
+
+/// Everything that crosses the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Frame {
+    /// Client → server, first frame: supported versions.
+    Hello {
+        /// Oldest version.
+        min_version: u16,
+        /// Newest version.
+        max_version: u16,
+        /// Client software, for logs.
+        agent: String,
+    },
+    /// Server → client: the session is open.
+    Welcome {
+        /// Chosen version.
+        version: u16,
+        /// Tenant from the certificate ("" for admins).
+        tenant: String,
+        /// Client name from the certificate.
+        client: String,
+        /// Whether the client is an administrator.
+        admin: bool,
+        /// Largest message the server accepts.
+        max_message: u32,
+    },
+    /// Client → server request.
+    Request {
+        /// Correlates the response.
+        id: u64,
+        /// Tenant to act on (admins only; tenants may name their own).
+        tenant: Option<String>,
+        /// The request.
+        body: Request,
+    },
+    /// Server → client response.
+    Response {
+        /// The request's id.
+        id: u64,
+        /// Result.
+        body: Result<Response, ErrorBody>,
+    },
+    /// Client → server: publish one message.
+    Publish {
+        /// Client sequence number (increasing).
+        seq: u64,
+        /// Tenant (admins only).
+        tenant: Option<String>,
+        /// Topic.
+        topic: String,
+        /// Headers.
+        headers: Vec<(String, String)>,
+        /// Payload.
+        payload: Vec<u8>,
+    },
+    /// Server → client: publishes `first..first+queues.len()` are durable;
+    /// `queues[i]` is how many queues message `first+i` reached.
+    Confirm {
+        /// First sequence number.
+        first: u64,
+        /// Per message, the number of queues it was stored in.
+        queues: Vec<u32>,
+    },
+    /// Server → client: a publish was refused.
+    Refused {
+        /// Its sequence number.
+        seq: u64,
+        /// Why.
+        error: ErrorBody,
+    },
+    /// Server → client, first frame of a delivery stream.
+    StreamStart {
+        /// Subscription id.
+        sub: u64,
+    },
+    /// Server → client: deliveries of a subscription.
+    Deliver {
+        /// Subscription id.
+        sub: u64,
+        /// The messages.
+        deliveries: Vec<Delivery>,
+    },
+    /// Client → server: acknowledge (remove).
+    Ack {
+        /// Subscription id.
+        sub: u64,
+        /// Inclusive tag ranges.
+        ranges: Vec<(u64, u64)>,
+    },
+    /// Client → server: requeue.
+    Nack {
+        /// Subscription id.
+        sub: u64,
+        /// Inclusive tag ranges.
+        ranges: Vec<(u64, u64)>,
+    },
+    /// Client → server: dead-letter.
+    Reject {
+        /// Subscription id.
+        sub: u64,
+        /// Inclusive tag ranges.
+        ranges: Vec<(u64, u64)>,
+    },
+    /// Client → server: stop a subscription (unacked messages are requeued).
+    Cancel {
+        /// Subscription id.
+        sub: u64,
+    },
+    /// Either way: a connection-level error.
+    Error(ErrorBody),
+}
+
+fn check_len(what: &'static str, len: usize, max: usize) -> Result<(), DecodeError> {
+    if len > max {
+        Err(DecodeError::Limit { what, max })
+    } else {
+        Ok(())
+    }
+}
+
+fn check_headers(h: &[(String, String)], limits: &Limits) -> Result<(), DecodeError> {
+    check_len("headers", h.len(), limits.max_headers)?;
+    let bytes: usize = h.iter().map(|(k, v)| k.len() + v.len()).sum();
+    check_len("header bytes", bytes, limits.max_header_bytes)
+}
+
+fn check_name(what: &'static str, s: &str, limits: &Limits) -> Result<(), DecodeError> {
+    check_len(what, s.len(), limits.max_name)
+}
+
+impl Frame {
+    /// Check every collection and name against `limits`.
+    pub fn validate(&self, limits: &Limits) -> Result<(), DecodeError> {
+        match self {
+            Frame::Hello { agent, .. } => check_name("agent", agent, limits),
+            Frame::Welcome { tenant, client, .. } => {
+                check_name("tenant", tenant, limits)?;
+                check_name("client", client, limits)
+            }
+            Frame::Request { tenant, body, .. } => {
+                if let Some(t) = tenant {
+                    check_name("tenant", t, limits)?;
+                }
+                match body {
+                    Request::Declare(d) => {
+                        check_name("queue", &d.name, limits)?;
+                        d.dead_letter
+                            .as_deref()
+                            .map_or(Ok(()), |q| check_name("queue", q, limits))
+                    }
+                    Request::Bind { queue, pattern } | Request::Unbind { queue, pattern } => {
+                        check_name("queue", queue, limits)?;
+                        check_name("pattern", pattern, limits)
+                    }
+                    Request::Delete { queue }
+                    | Request::Purge { queue }
+                    | Request::Subscribe { queue, .. } => check_name("queue", queue, limits),
+                    Request::LoadPlugin {
+                        name,
+                        kind,
+                        queue,
+                        config,
+                        ..
+                    } => {
+                        check_name("plugin", name, limits)?;
+                        check_name("kind", kind, limits)?;
+                        if let Some(q) = queue {
+                            check_name("queue", q, limits)?;
+                        }
+                        check_len("config entries", config.len(), limits.max_headers)?;
+                        check_headers(config, limits)
+                    }
+                    Request::UnloadPlugin { name } => check_name("plugin", name, limits),
+                    Request::ListQueues | Request::ListPlugins | Request::Stats => Ok(()),
+                }
+            }
+            Frame::Response { body, .. } => match body {
+                Ok(Response::Queues(q)) => check_len("queues", q.len(), limits.max_list),
+                Ok(Response::Plugins(p)) => check_len("plugins", p.len(), limits.max_list),
+                Ok(Response::Stats(s)) => check_len("tenants", s.len(), limits.max_list),
+                _ => Ok(()),
+            },
+            Frame::Publish {
+                tenant,
+                topic,
+                headers,
+                payload,
+                ..
+            } => {
+                if let Some(t) = tenant {
+                    check_name("tenant", t, limits)?;
+                }
+                check_name("topic", topic, limits)?;
+                check_headers(headers, limits)?;
+                check_len("payload", payload.len(), limits.max_payload)
+            }
+            Frame::Confirm { queues, .. } => {
+                check_len("confirm batch", queues.len(), limits.max_batch)
+            }
+            Frame::Deliver { deliveries, .. } => {
+                check_len("delivery batch", deliveries.len(), limits.max_batch)?;
+                for d in deliveries {
+                    check_name("topic", &d.topic, limits)?;
+                    check_headers(&d.headers, limits)?;
+                    check_len("payload", d.payload.len(), limits.max_payload)?;
+                }
+                Ok(())
+            }
+            Frame::Ack { ranges, .. }
+            | Frame::Nack { ranges, .. }
+            | Frame::Reject { ranges, .. } => {
+                check_len("ack ranges", ranges.len(), limits.max_ranges)
+            }
+            Frame::Refused { .. }
+            | Frame::StreamStart { .. }
+            | Frame::Cancel { .. }
+            | Frame::Error(_) => Ok(()),
+        }
+    }
+}
