@@ -8,6 +8,7 @@
 //!   failure classification, metrics, hot swap).
 //! - [`broker`]: tenants, queues, bindings, routing through plugins, consumers.
 //! - [`store`]: durable queues and metadata on sled, with group commit.
+//! - [`tls`]: QUIC/TLS setup, identities from certificates, dev certificates.
 //! - [`cli`]: the `sluice` command line.
 //! - [`bundled`]: the example and test plugins from `plugins/`, built at
 //!   compile time.
@@ -19,3 +20,4 @@ pub mod bundled;
 pub mod cli;
 pub mod plugins;
 pub mod store;
+pub mod tls;

@@ -1,0 +1,153 @@
+//! Development certificates: a CA, a server certificate, an admin identity
+//! and one identity folder per tenant (`cert.pem`, `key.pem`, `ca.pem`).
+
+use std::fs;
+use std::path::Path;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+use super::{ADMIN_ORG, TlsError, file_err, valid_name};
+
+fn rc(e: rcgen::Error) -> TlsError {
+    TlsError::Config(format!("certificate generation: {e}"))
+}
+
+fn write(path: &Path, contents: &str, secret: bool) -> Result<(), TlsError> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(|e| file_err(parent, e))?;
+    }
+    fs::write(path, contents).map_err(|e| file_err(path, e))?;
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+            .map_err(|e| file_err(path, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    Ok(())
+}
+
+fn ca_params() -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "Sluice development CA");
+    dn.push(DnType::OrganizationName, "sluice");
+    p.distinguished_name = dn;
+    p
+}
+
+/// Write a client identity folder signed by `ca`.
+fn client(
+    dir: &Path,
+    ca: &Issuer<'_, KeyPair>,
+    ca_pem: &str,
+    tenant: Option<&str>,
+    client: &str,
+    trust_domain: &str,
+) -> Result<(), TlsError> {
+    let uri = match tenant {
+        Some(t) => format!("spiffe://{trust_domain}/tenant/{t}/{client}"),
+        None => format!("spiffe://{trust_domain}/admin/{client}"),
+    };
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![SanType::URI(uri.as_str().try_into().map_err(rc)?)];
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, client);
+    dn.push(DnType::OrganizationName, tenant.unwrap_or(ADMIN_ORG));
+    p.distinguished_name = dn;
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let key = KeyPair::generate().map_err(rc)?;
+    let cert = p.signed_by(&key, ca).map_err(rc)?;
+    write(&dir.join("cert.pem"), &cert.pem(), false)?;
+    write(&dir.join("key.pem"), &key.serialize_pem(), true)?;
+    write(&dir.join("ca.pem"), ca_pem, false)
+}
+
+/// Create a development PKI in `out`: `ca.pem`/`ca.key`, `server/`
+/// (localhost, 127.0.0.1, ::1), `admin/` and one folder per tenant holding
+/// the identity of client `app`. Refuses to replace an existing CA.
+pub fn init_dev_certs(out: &Path, tenants: &[String], trust_domain: &str) -> Result<(), TlsError> {
+    if out.join("ca.pem").exists() {
+        return Err(file_err(
+            &out.join("ca.pem"),
+            "a CA already exists here; refusing to overwrite it",
+        ));
+    }
+    for t in tenants {
+        if !valid_name(t) || t == "server" || t == "admin" {
+            return Err(TlsError::Config(format!(
+                "invalid tenant name `{t}` (expected [a-z0-9][a-z0-9_-]{{0,62}}, not server/admin)"
+            )));
+        }
+    }
+    let ca_key = KeyPair::generate().map_err(rc)?;
+    let params = ca_params();
+    let ca_cert = params.self_signed(&ca_key).map_err(rc)?;
+    let ca_pem = ca_cert.pem();
+    write(&out.join("ca.key"), &ca_key.serialize_pem(), true)?;
+    let ca = Issuer::new(params, ca_key);
+
+    let mut sp = CertificateParams::new(vec!["localhost".to_string()]).map_err(rc)?;
+    sp.subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    sp.subject_alt_names
+        .push(SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()));
+    sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "sluice server");
+    sp.distinguished_name = dn;
+    let skey = KeyPair::generate().map_err(rc)?;
+    let scert = sp.signed_by(&skey, &ca).map_err(rc)?;
+    write(&out.join("server/cert.pem"), &scert.pem(), false)?;
+    write(&out.join("server/key.pem"), &skey.serialize_pem(), true)?;
+
+    client(
+        &out.join("admin"),
+        &ca,
+        &ca_pem,
+        None,
+        "admin",
+        trust_domain,
+    )?;
+    for t in tenants {
+        client(&out.join(t), &ca, &ca_pem, Some(t), "app", trust_domain)?;
+    }
+    // Written last: its presence means the folder is complete.
+    write(&out.join("ca.pem"), &ca_pem, false)
+}
+
+/// Issue a client identity folder `out` for `tenant`/`client` with the CA in
+/// `ca_dir` (`ca.pem` + `ca.key`).
+pub fn issue_client_cert(
+    ca_dir: &Path,
+    tenant: &str,
+    client_name: &str,
+    out: &Path,
+    trust_domain: &str,
+) -> Result<(), TlsError> {
+    for (what, n) in [("tenant", tenant), ("client", client_name)] {
+        if !valid_name(n) {
+            return Err(TlsError::Config(format!(
+                "invalid {what} name `{n}` (expected [a-z0-9][a-z0-9_-]{{0,62}})"
+            )));
+        }
+    }
+    let ca_pem_path = ca_dir.join("ca.pem");
+    let ca_key_path = ca_dir.join("ca.key");
+    let ca_pem = fs::read_to_string(&ca_pem_path).map_err(|e| file_err(&ca_pem_path, e))?;
+    let key_pem = fs::read_to_string(&ca_key_path).map_err(|e| file_err(&ca_key_path, e))?;
+    let key = KeyPair::from_pem(&key_pem).map_err(|e| file_err(&ca_key_path, e))?;
+    let ca = Issuer::from_ca_cert_pem(&ca_pem, key).map_err(|e| file_err(&ca_pem_path, e))?;
+    client(out, &ca, &ca_pem, Some(tenant), client_name, trust_domain)
+}
