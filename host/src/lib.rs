@@ -9,6 +9,7 @@
 //! - [`broker`]: tenants, queues, bindings, routing through plugins, consumers.
 //! - [`store`]: durable queues and metadata on sled, with group commit.
 //! - [`tls`]: QUIC/TLS setup, identities from certificates, dev certificates.
+//! - [`server`] and `session`: the QUIC listener and one session per connection.
 //! - [`cli`]: the `sluice` command line.
 //! - [`bundled`]: the example and test plugins from `plugins/`, built at
 //!   compile time.
@@ -19,5 +20,7 @@ pub mod broker;
 pub mod bundled;
 pub mod cli;
 pub mod plugins;
+pub mod server;
+mod session;
 pub mod store;
 pub mod tls;

@@ -1,0 +1,56 @@
+//! The QUIC listener: accepts connections and runs a session for each.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::broker::Broker;
+use crate::session;
+use crate::tls::IdentityMapping;
+
+/// A listening broker endpoint.
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    broker: Broker,
+    mapping: Arc<IdentityMapping>,
+}
+
+impl Server {
+    /// Bind `addr` with `tls` (from [`crate::tls::server_config`]).
+    pub fn bind(addr: SocketAddr, tls: quinn::ServerConfig, broker: Broker, mapping: IdentityMapping) -> std::io::Result<Self> {
+        let endpoint = quinn::Endpoint::server(tls, addr)?;
+        Ok(Self {
+            endpoint,
+            broker,
+            mapping: Arc::new(mapping),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Accept connections until [`Server::close`] (or the endpoint closes).
+    pub async fn run(&self) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let (broker, mapping) = (self.broker.clone(), self.mapping.clone());
+            tokio::spawn(async move {
+                match incoming.await {
+                    Ok(conn) => session::run(conn, broker, &mapping).await,
+                    // A refused certificate ends here (alert 116 / 48).
+                    Err(e) => tracing::info!(error = %e, "handshake failed"),
+                }
+            });
+        }
+    }
+
+    /// Stop accepting and close every connection with code 0 ("shutdown").
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"server shutting down");
+    }
+
+    /// Wait until every connection is closed.
+    pub async fn wait_idle(&self) {
+        self.endpoint.wait_idle().await;
+    }
+}

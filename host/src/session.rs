@@ -1,0 +1,429 @@
+//! One client connection: the control stream, pipelined publishes with
+//! ordered confirms, and one delivery stream per subscription.
+
+use std::collections::HashMap;
+
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use sluice_proto::{self as proto, Decoder, ErrorBody, ErrorCode, Frame, Limits};
+use tokio::sync::mpsc;
+
+use crate::broker::{Broker, BrokerError, Overflow, Publish, QueueOptions, Subscription};
+use crate::plugins::{Action, PluginKind, PluginState, Principal, Resource};
+use crate::tls::{IdentityMapping, peer_identity};
+
+/// Close codes.
+const CLOSE_IDENTITY: u32 = 1;
+const CLOSE_PROTOCOL: u32 = 2;
+
+/// Map a broker error to its wire form (the one place this happens).
+pub(crate) fn error_body(e: &BrokerError) -> ErrorBody {
+    let code = match e {
+        BrokerError::Unauthorized(_) => ErrorCode::Unauthorized,
+        BrokerError::Invalid { .. } => ErrorCode::Invalid,
+        BrokerError::NotFound { .. } => ErrorCode::NotFound,
+        BrokerError::Conflict(_) => ErrorCode::Conflict,
+        BrokerError::NoRoute(_) => ErrorCode::NoRoute,
+        BrokerError::QueueFull(_) => ErrorCode::QueueFull,
+        BrokerError::Limit(_) => ErrorCode::QuotaExceeded,
+        BrokerError::Router(_) | BrokerError::PluginLoad(_) => ErrorCode::PluginFailed,
+        BrokerError::Store(_) => ErrorCode::Storage,
+        BrokerError::ShuttingDown => ErrorCode::ShuttingDown,
+    };
+    ErrorBody::new(code, e.to_string())
+}
+
+enum SubCmd {
+    Ack(Vec<u64>),
+    Nack(Vec<u64>),
+    Reject(Vec<u64>),
+}
+
+/// Run a session until the connection ends.
+pub(crate) async fn run(conn: quinn::Connection, broker: Broker, mapping: &IdentityMapping) {
+    let who = match peer_identity(&conn, mapping) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::info!(error = %e, "refusing connection");
+            conn.close(CLOSE_IDENTITY.into(), e.to_string().as_bytes());
+            return;
+        }
+    };
+    if let Err(e) = broker.authorize(&who, &who.tenant.clone(), Action::Connect, &Resource::Broker) {
+        conn.close(CLOSE_IDENTITY.into(), e.to_string().as_bytes());
+        return;
+    }
+    let (send, recv) = match conn.accept_bi().await {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<Frame>();
+    tokio::spawn(writer(send, out_rx));
+    let mut session = Session {
+        conn: conn.clone(),
+        broker,
+        who,
+        out: out_tx,
+        subs: HashMap::new(),
+        next_sub: 1,
+        confirms: None,
+        welcomed: false,
+    };
+    if let Err(e) = session.read_loop(recv).await {
+        let _ = session.out.send(Frame::Error(e.clone()));
+        tracing::info!(client = %session.who.client, error = %e, "closing session");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        conn.close(CLOSE_PROTOCOL.into(), e.message.as_bytes());
+    }
+}
+
+/// Coalesce queued frames into few stream writes.
+async fn writer(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<Frame>) {
+    let mut buf = Vec::with_capacity(64 << 10);
+    while let Some(f) = rx.recv().await {
+        proto::encode(&f, &mut buf);
+        while buf.len() < (256 << 10) {
+            match rx.try_recv() {
+                Ok(f) => proto::encode(&f, &mut buf),
+                Err(_) => break,
+            }
+        }
+        if send.write_all(&buf).await.is_err() {
+            return;
+        }
+        buf.clear();
+    }
+    let _ = send.finish();
+}
+
+type ConfirmFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Vec<(u64, Result<u32, BrokerError>)>> + Send>>;
+
+struct Session {
+    conn: quinn::Connection,
+    broker: Broker,
+    who: Principal,
+    out: mpsc::UnboundedSender<Frame>,
+    subs: HashMap<u64, mpsc::UnboundedSender<SubCmd>>,
+    next_sub: u64,
+    confirms: Option<mpsc::UnboundedSender<ConfirmFuture>>,
+    welcomed: bool,
+}
+
+impl Session {
+    async fn read_loop(&mut self, mut recv: quinn::RecvStream) -> Result<(), ErrorBody> {
+        let mut decoder = Decoder::new(Limits::default());
+        let mut buf = vec![0u8; 64 << 10];
+        let (ctx, crx) = mpsc::unbounded_channel::<ConfirmFuture>();
+        tokio::spawn(confirmer(crx, self.out.clone()));
+        self.confirms = Some(ctx);
+        loop {
+            let n = match recv.read(&mut buf).await {
+                Ok(Some(n)) => n,
+                Ok(None) => return decoder.finish().map_err(|e| ErrorBody::new(e.code(), e.to_string())),
+                Err(_) => return Ok(()),
+            };
+            decoder.push(&buf[..n]);
+            let mut publishes: Vec<(u64, Option<String>, Publish)> = Vec::new();
+            loop {
+                let frame = match decoder.next_frame() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.flush_publishes(std::mem::take(&mut publishes));
+                        return Err(ErrorBody::new(e.code(), e.to_string()));
+                    }
+                };
+                if let Frame::Publish { seq, tenant, topic, headers, payload } = frame {
+                    if !self.welcomed {
+                        return Err(ErrorBody::new(ErrorCode::Protocol, "publish before hello"));
+                    }
+                    publishes.push((seq, tenant, Publish { topic, headers, payload }));
+                    continue;
+                }
+                self.flush_publishes(std::mem::take(&mut publishes));
+                self.handle(frame).await?;
+            }
+            self.flush_publishes(publishes);
+        }
+    }
+
+    /// Hand a batch of publishes to the broker; confirms go out in order.
+    fn flush_publishes(&mut self, batch: Vec<(u64, Option<String>, Publish)>) {
+        if batch.is_empty() {
+            return;
+        }
+        // Group consecutive publishes for the same tenant into one broker call.
+        let mut groups: Vec<(Option<String>, Vec<u64>, Vec<Publish>)> = Vec::new();
+        for (seq, tenant, p) in batch {
+            match groups.last_mut() {
+                Some((t, seqs, ps)) if *t == tenant => {
+                    seqs.push(seq);
+                    ps.push(p);
+                }
+                _ => groups.push((tenant, vec![seq], vec![p])),
+            }
+        }
+        for (tenant, seqs, msgs) in groups {
+            let broker = self.broker.clone();
+            let who = self.who.clone();
+            let fut: ConfirmFuture = Box::pin(async move {
+                let results = match broker.scope(&who, tenant.as_deref()) {
+                    Ok(t) => broker.publish(&who, &t, msgs).await,
+                    Err(e) => seqs.iter().map(|_| Err(e.clone())).collect(),
+                };
+                seqs.into_iter().zip(results).collect()
+            });
+            // Start it now so routing overlaps with reading the next batch.
+            let handle = tokio::spawn(fut);
+            let joined: ConfirmFuture = Box::pin(async move { handle.await.unwrap_or_default() });
+            if let Some(c) = &self.confirms {
+                let _ = c.send(joined);
+            }
+        }
+    }
+
+    async fn handle(&mut self, frame: Frame) -> Result<(), ErrorBody> {
+        match frame {
+            Frame::Hello { min_version, max_version, .. } => {
+                let version = proto::negotiate(min_version, max_version)?;
+                self.welcomed = true;
+                let _ = self.out.send(Frame::Welcome {
+                    version,
+                    tenant: self.who.tenant.clone(),
+                    client: self.who.client.clone(),
+                    admin: self.who.admin,
+                    max_message: self.broker.config().max_message_bytes as u32,
+                });
+                Ok(())
+            }
+            _ if !self.welcomed => Err(ErrorBody::new(ErrorCode::Protocol, "the first frame must be hello")),
+            Frame::Request { id, tenant, body } => {
+                let result = self.request(tenant.as_deref(), body).await.map_err(|e| error_body(&e));
+                let _ = self.out.send(Frame::Response { id, body: result });
+                Ok(())
+            }
+            Frame::Ack { sub, ranges } => self.settle(sub, ranges, SubCmd::Ack),
+            Frame::Nack { sub, ranges } => self.settle(sub, ranges, SubCmd::Nack),
+            Frame::Reject { sub, ranges } => self.settle(sub, ranges, SubCmd::Reject),
+            Frame::Cancel { sub } => {
+                self.subs.remove(&sub);
+                Ok(())
+            }
+            other => Err(ErrorBody::new(ErrorCode::Protocol, format!("unexpected frame from a client: {}", frame_name(&other)))),
+        }
+    }
+
+    fn settle(&mut self, sub: u64, ranges: Vec<(u64, u64)>, cmd: fn(Vec<u64>) -> SubCmd) -> Result<(), ErrorBody> {
+        let tags = proto::from_ranges(&ranges, 1 << 20).map_err(|e| ErrorBody::new(e.code(), e.to_string()))?;
+        if let Some(tx) = self.subs.get(&sub) {
+            let _ = tx.send(cmd(tags));
+        }
+        Ok(())
+    }
+
+    async fn request(&mut self, tenant: Option<&str>, body: proto::Request) -> Result<proto::Response, BrokerError> {
+        use proto::{Request as R, Response as S};
+        let b = self.broker.clone();
+        let who = self.who.clone();
+        let t = b.scope(&who, tenant)?;
+        Ok(match body {
+            R::Declare(d) => {
+                let options = QueueOptions {
+                    durable: d.durable,
+                    max_length: d.max_length,
+                    overflow: match d.overflow {
+                        proto::Overflow::RejectPublish => Overflow::RejectPublish,
+                        proto::Overflow::DropHead => Overflow::DropHead,
+                    },
+                    ttl_ms: d.ttl_ms,
+                    dead_letter: d.dead_letter,
+                    delivery_limit: d.delivery_limit,
+                };
+                b.declare_queue(&who, &t, &d.name, options)?;
+                S::Ok
+            }
+            R::Bind { queue, pattern } => {
+                b.bind(&who, &t, &queue, &pattern)?;
+                S::Ok
+            }
+            R::Unbind { queue, pattern } => {
+                b.unbind(&who, &t, &queue, &pattern)?;
+                S::Ok
+            }
+            R::Delete { queue } => {
+                b.delete_queue(&who, &t, &queue)?;
+                S::Ok
+            }
+            R::Purge { queue } => S::Count(b.purge_queue(&who, &t, &queue)?),
+            R::ListQueues => S::Queues(
+                b.list_queues(&who, &t)?
+                    .into_iter()
+                    .map(|q| proto::QueueSummary {
+                        name: q.name,
+                        durable: q.options.durable,
+                        ready: q.ready,
+                        unacked: q.unacked,
+                        bytes: q.bytes,
+                        consumers: q.consumers,
+                        published: q.published,
+                        dead_lettered: q.dead_lettered,
+                        filters: q.filters,
+                    })
+                    .collect(),
+            ),
+            R::Subscribe { queue, prefetch } => {
+                let sub = b.subscribe(&who, &t, &queue, prefetch)?;
+                let id = self.next_sub;
+                self.next_sub += 1;
+                let stream = self.conn.open_uni().await.map_err(|e| BrokerError::Conflict(format!("cannot open a delivery stream: {e}")))?;
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.subs.insert(id, tx);
+                tokio::spawn(deliver(id, sub, stream, rx));
+                S::Subscribed { sub: id }
+            }
+            R::LoadPlugin { name, kind, queue, wasm, config } => {
+                let kind: PluginKind = kind.parse().map_err(|e: String| BrokerError::Invalid { what: "plugin kind", reason: e })?;
+                let t2 = t.clone();
+                tokio::task::spawn_blocking(move || b.load_plugin(&who, &t2, &name, kind, queue.as_deref(), wasm, config))
+                    .await
+                    .map_err(|e| BrokerError::Conflict(format!("plugin load task failed: {e}")))??;
+                S::Ok
+            }
+            R::ListPlugins => S::Plugins(
+                b.list_plugins(&who, &t)?
+                    .into_iter()
+                    .map(|p| proto::PluginSummary {
+                        name: p.name,
+                        kind: p.kind.to_string(),
+                        queue: p.queue,
+                        state: match p.state {
+                            PluginState::Ready => "ready".into(),
+                            PluginState::Errored { reason } => format!("errored: {reason}"),
+                        },
+                        calls: p.metrics.calls,
+                        errors: p.metrics.guest_errors + p.metrics.output_rejected,
+                        traps: p.metrics.traps(),
+                        mean_ns: p.metrics.time_ns.checked_div(p.metrics.calls).unwrap_or(0),
+                    })
+                    .collect(),
+            ),
+            R::UnloadPlugin { name } => {
+                b.unload_plugin(&who, &t, &name)?;
+                S::Ok
+            }
+            R::Stats => S::Stats(
+                b.stats(&who)
+                    .into_iter()
+                    .filter(|s| who.admin || s.tenant == t)
+                    .map(|s| proto::TenantUsage {
+                        tenant: s.tenant,
+                        queues: s.queues,
+                        ready: s.ready,
+                        unacked: s.unacked,
+                        bytes: s.bytes,
+                        published: s.published,
+                        delivered: s.delivered,
+                        plugins: s.plugins,
+                    })
+                    .collect(),
+            ),
+        })
+    }
+}
+
+fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Welcome { .. } => "welcome",
+        Frame::Response { .. } => "response",
+        Frame::Confirm { .. } => "confirm",
+        Frame::Refused { .. } => "refused",
+        Frame::StreamStart { .. } => "stream-start",
+        Frame::Deliver { .. } => "deliver",
+        Frame::Error(_) => "error",
+        _ => "frame",
+    }
+}
+
+/// Await publish batches in order and emit confirms and refusals.
+async fn confirmer(mut rx: mpsc::UnboundedReceiver<ConfirmFuture>, out: mpsc::UnboundedSender<Frame>) {
+    let mut pending = FuturesOrdered::new();
+    loop {
+        tokio::select! {
+            f = rx.recv() => match f {
+                Some(f) => pending.push_back(f),
+                None => break,
+            },
+            Some(results) = pending.next(), if !pending.is_empty() => emit(&out, results),
+        }
+    }
+    while let Some(results) = pending.next().await {
+        emit(&out, results);
+    }
+}
+
+fn emit(out: &mpsc::UnboundedSender<Frame>, results: Vec<(u64, Result<u32, BrokerError>)>) {
+    let mut run: Option<(u64, Vec<u32>)> = None;
+    for (seq, r) in results {
+        match r {
+            Ok(q) => match &mut run {
+                Some((first, qs)) if *first + qs.len() as u64 == seq && qs.len() < 1024 => qs.push(q),
+                _ => {
+                    if let Some((first, queues)) = run.take() {
+                        let _ = out.send(Frame::Confirm { first, queues });
+                    }
+                    run = Some((seq, vec![q]));
+                }
+            },
+            Err(e) => {
+                if let Some((first, queues)) = run.take() {
+                    let _ = out.send(Frame::Confirm { first, queues });
+                }
+                let _ = out.send(Frame::Refused { seq, error: error_body(&e) });
+            }
+        }
+    }
+    if let Some((first, queues)) = run {
+        let _ = out.send(Frame::Confirm { first, queues });
+    }
+}
+
+/// Push a subscription's deliveries on its own stream and apply acks.
+async fn deliver(id: u64, mut sub: Subscription, mut stream: quinn::SendStream, mut cmds: mpsc::UnboundedReceiver<SubCmd>) {
+    let mut buf = Vec::with_capacity(64 << 10);
+    proto::encode(&Frame::StreamStart { sub: id }, &mut buf);
+    if stream.write_all(&buf).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            cmd = cmds.recv() => match cmd {
+                Some(SubCmd::Ack(t)) => sub.ack(&t),
+                Some(SubCmd::Nack(t)) => sub.nack(&t),
+                Some(SubCmd::Reject(t)) => sub.reject(&t),
+                None => break,
+            },
+            batch = sub.next() => {
+                let Some(batch) = batch else { break };
+                buf.clear();
+                for chunk in batch.chunks(256) {
+                    let deliveries = chunk
+                        .iter()
+                        .map(|d| proto::Delivery {
+                            tag: d.tag,
+                            topic: d.topic.clone(),
+                            headers: d.headers.clone(),
+                            payload: d.payload.clone(),
+                            redelivered: d.redelivered,
+                        })
+                        .collect();
+                    proto::encode(&Frame::Deliver { sub: id, deliveries }, &mut buf);
+                }
+                if stream.write_all(&buf).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = stream.finish();
+    // Dropping `sub` requeues whatever it still holds.
+}
