@@ -10,6 +10,7 @@
 //! - [`store`]: durable queues and metadata on sled, with group commit.
 //! - [`tls`]: QUIC/TLS setup, identities from certificates, dev certificates.
 //! - [`server`] and `session`: the QUIC listener and one session per connection.
+//! - [`config`]: `sluice.toml`.
 //! - [`cli`]: the `sluice` command line.
 //! - [`bundled`]: the example and test plugins from `plugins/`, built at
 //!   compile time.
@@ -19,6 +20,7 @@
 pub mod broker;
 pub mod bundled;
 pub mod cli;
+pub mod config;
 pub mod plugins;
 pub mod server;
 mod session;

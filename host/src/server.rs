@@ -16,7 +16,12 @@ pub struct Server {
 
 impl Server {
     /// Bind `addr` with `tls` (from [`crate::tls::server_config`]).
-    pub fn bind(addr: SocketAddr, tls: quinn::ServerConfig, broker: Broker, mapping: IdentityMapping) -> std::io::Result<Self> {
+    pub fn bind(
+        addr: SocketAddr,
+        tls: quinn::ServerConfig,
+        broker: Broker,
+        mapping: IdentityMapping,
+    ) -> std::io::Result<Self> {
         let endpoint = quinn::Endpoint::server(tls, addr)?;
         Ok(Self {
             endpoint,

@@ -49,7 +49,12 @@ pub(crate) async fn run(conn: quinn::Connection, broker: Broker, mapping: &Ident
             return;
         }
     };
-    if let Err(e) = broker.authorize(&who, &who.tenant.clone(), Action::Connect, &Resource::Broker) {
+    if let Err(e) = broker.authorize(
+        &who,
+        &who.tenant.clone(),
+        Action::Connect,
+        &Resource::Broker,
+    ) {
         conn.close(CLOSE_IDENTITY.into(), e.to_string().as_bytes());
         return;
     }
@@ -96,7 +101,9 @@ async fn writer(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<Fra
     let _ = send.finish();
 }
 
-type ConfirmFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Vec<(u64, Result<u32, BrokerError>)>> + Send>>;
+type ConfirmFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Vec<(u64, Result<u32, BrokerError>)>> + Send>,
+>;
 
 struct Session {
     conn: quinn::Connection,
@@ -119,7 +126,11 @@ impl Session {
         loop {
             let n = match recv.read(&mut buf).await {
                 Ok(Some(n)) => n,
-                Ok(None) => return decoder.finish().map_err(|e| ErrorBody::new(e.code(), e.to_string())),
+                Ok(None) => {
+                    return decoder
+                        .finish()
+                        .map_err(|e| ErrorBody::new(e.code(), e.to_string()));
+                }
                 Err(_) => return Ok(()),
             };
             decoder.push(&buf[..n]);
@@ -133,11 +144,26 @@ impl Session {
                         return Err(ErrorBody::new(e.code(), e.to_string()));
                     }
                 };
-                if let Frame::Publish { seq, tenant, topic, headers, payload } = frame {
+                if let Frame::Publish {
+                    seq,
+                    tenant,
+                    topic,
+                    headers,
+                    payload,
+                } = frame
+                {
                     if !self.welcomed {
                         return Err(ErrorBody::new(ErrorCode::Protocol, "publish before hello"));
                     }
-                    publishes.push((seq, tenant, Publish { topic, headers, payload }));
+                    publishes.push((
+                        seq,
+                        tenant,
+                        Publish {
+                            topic,
+                            headers,
+                            payload,
+                        },
+                    ));
                     continue;
                 }
                 self.flush_publishes(std::mem::take(&mut publishes));
@@ -184,7 +210,11 @@ impl Session {
 
     async fn handle(&mut self, frame: Frame) -> Result<(), ErrorBody> {
         match frame {
-            Frame::Hello { min_version, max_version, .. } => {
+            Frame::Hello {
+                min_version,
+                max_version,
+                ..
+            } => {
                 let version = proto::negotiate(min_version, max_version)?;
                 self.welcomed = true;
                 let _ = self.out.send(Frame::Welcome {
@@ -196,9 +226,15 @@ impl Session {
                 });
                 Ok(())
             }
-            _ if !self.welcomed => Err(ErrorBody::new(ErrorCode::Protocol, "the first frame must be hello")),
+            _ if !self.welcomed => Err(ErrorBody::new(
+                ErrorCode::Protocol,
+                "the first frame must be hello",
+            )),
             Frame::Request { id, tenant, body } => {
-                let result = self.request(tenant.as_deref(), body).await.map_err(|e| error_body(&e));
+                let result = self
+                    .request(tenant.as_deref(), body)
+                    .await
+                    .map_err(|e| error_body(&e));
                 let _ = self.out.send(Frame::Response { id, body: result });
                 Ok(())
             }
@@ -209,19 +245,32 @@ impl Session {
                 self.subs.remove(&sub);
                 Ok(())
             }
-            other => Err(ErrorBody::new(ErrorCode::Protocol, format!("unexpected frame from a client: {}", frame_name(&other)))),
+            other => Err(ErrorBody::new(
+                ErrorCode::Protocol,
+                format!("unexpected frame from a client: {}", frame_name(&other)),
+            )),
         }
     }
 
-    fn settle(&mut self, sub: u64, ranges: Vec<(u64, u64)>, cmd: fn(Vec<u64>) -> SubCmd) -> Result<(), ErrorBody> {
-        let tags = proto::from_ranges(&ranges, 1 << 20).map_err(|e| ErrorBody::new(e.code(), e.to_string()))?;
+    fn settle(
+        &mut self,
+        sub: u64,
+        ranges: Vec<(u64, u64)>,
+        cmd: fn(Vec<u64>) -> SubCmd,
+    ) -> Result<(), ErrorBody> {
+        let tags = proto::from_ranges(&ranges, 1 << 20)
+            .map_err(|e| ErrorBody::new(e.code(), e.to_string()))?;
         if let Some(tx) = self.subs.get(&sub) {
             let _ = tx.send(cmd(tags));
         }
         Ok(())
     }
 
-    async fn request(&mut self, tenant: Option<&str>, body: proto::Request) -> Result<proto::Response, BrokerError> {
+    async fn request(
+        &mut self,
+        tenant: Option<&str>,
+        body: proto::Request,
+    ) -> Result<proto::Response, BrokerError> {
         use proto::{Request as R, Response as S};
         let b = self.broker.clone();
         let who = self.who.clone();
@@ -275,18 +324,31 @@ impl Session {
                 let sub = b.subscribe(&who, &t, &queue, prefetch)?;
                 let id = self.next_sub;
                 self.next_sub += 1;
-                let stream = self.conn.open_uni().await.map_err(|e| BrokerError::Conflict(format!("cannot open a delivery stream: {e}")))?;
+                let stream = self.conn.open_uni().await.map_err(|e| {
+                    BrokerError::Conflict(format!("cannot open a delivery stream: {e}"))
+                })?;
                 let (tx, rx) = mpsc::unbounded_channel();
                 self.subs.insert(id, tx);
                 tokio::spawn(deliver(id, sub, stream, rx));
                 S::Subscribed { sub: id }
             }
-            R::LoadPlugin { name, kind, queue, wasm, config } => {
-                let kind: PluginKind = kind.parse().map_err(|e: String| BrokerError::Invalid { what: "plugin kind", reason: e })?;
+            R::LoadPlugin {
+                name,
+                kind,
+                queue,
+                wasm,
+                config,
+            } => {
+                let kind: PluginKind = kind.parse().map_err(|e: String| BrokerError::Invalid {
+                    what: "plugin kind",
+                    reason: e,
+                })?;
                 let t2 = t.clone();
-                tokio::task::spawn_blocking(move || b.load_plugin(&who, &t2, &name, kind, queue.as_deref(), wasm, config))
-                    .await
-                    .map_err(|e| BrokerError::Conflict(format!("plugin load task failed: {e}")))??;
+                tokio::task::spawn_blocking(move || {
+                    b.load_plugin(&who, &t2, &name, kind, queue.as_deref(), wasm, config)
+                })
+                .await
+                .map_err(|e| BrokerError::Conflict(format!("plugin load task failed: {e}")))??;
                 S::Ok
             }
             R::ListPlugins => S::Plugins(
@@ -345,7 +407,10 @@ fn frame_name(f: &Frame) -> &'static str {
 }
 
 /// Await publish batches in order and emit confirms and refusals.
-async fn confirmer(mut rx: mpsc::UnboundedReceiver<ConfirmFuture>, out: mpsc::UnboundedSender<Frame>) {
+async fn confirmer(
+    mut rx: mpsc::UnboundedReceiver<ConfirmFuture>,
+    out: mpsc::UnboundedSender<Frame>,
+) {
     let mut pending = FuturesOrdered::new();
     loop {
         tokio::select! {
@@ -366,7 +431,9 @@ fn emit(out: &mpsc::UnboundedSender<Frame>, results: Vec<(u64, Result<u32, Broke
     for (seq, r) in results {
         match r {
             Ok(q) => match &mut run {
-                Some((first, qs)) if *first + qs.len() as u64 == seq && qs.len() < 1024 => qs.push(q),
+                Some((first, qs)) if *first + qs.len() as u64 == seq && qs.len() < 1024 => {
+                    qs.push(q)
+                }
                 _ => {
                     if let Some((first, queues)) = run.take() {
                         let _ = out.send(Frame::Confirm { first, queues });
@@ -378,7 +445,10 @@ fn emit(out: &mpsc::UnboundedSender<Frame>, results: Vec<(u64, Result<u32, Broke
                 if let Some((first, queues)) = run.take() {
                     let _ = out.send(Frame::Confirm { first, queues });
                 }
-                let _ = out.send(Frame::Refused { seq, error: error_body(&e) });
+                let _ = out.send(Frame::Refused {
+                    seq,
+                    error: error_body(&e),
+                });
             }
         }
     }
@@ -388,7 +458,12 @@ fn emit(out: &mpsc::UnboundedSender<Frame>, results: Vec<(u64, Result<u32, Broke
 }
 
 /// Push a subscription's deliveries on its own stream and apply acks.
-async fn deliver(id: u64, mut sub: Subscription, mut stream: quinn::SendStream, mut cmds: mpsc::UnboundedReceiver<SubCmd>) {
+async fn deliver(
+    id: u64,
+    mut sub: Subscription,
+    mut stream: quinn::SendStream,
+    mut cmds: mpsc::UnboundedReceiver<SubCmd>,
+) {
     let mut buf = Vec::with_capacity(64 << 10);
     proto::encode(&Frame::StreamStart { sub: id }, &mut buf);
     if stream.write_all(&buf).await.is_err() {

@@ -1,7 +1,12 @@
 //! The `sluice` command line. Every error is printed as one readable line on
 //! stderr with a non-zero exit code.
 
+mod demo;
 mod plugin;
+mod remote;
+mod serve;
+
+pub use serve::{Running, start};
 
 use std::process::ExitCode;
 
@@ -11,24 +16,66 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about)]
 struct Cli {
+    #[command(flatten)]
+    conn: remote::Conn,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the broker.
+    Serve(serve::ServeArgs),
+    /// Create development certificates and client identities.
+    #[command(subcommand)]
+    Certs(serve::CertsCommand),
+    /// Run an in-process broker with two tenants and show each policy at work.
+    Demo,
+    /// Manage queues.
+    #[command(subcommand)]
+    Queue(remote::QueueCommand),
+    /// Publish messages.
+    Publish(remote::PublishArgs),
+    /// Consume messages (each is acked unless --nack or --reject).
+    Consume(remote::ConsumeArgs),
     /// Work with policy plugins.
     #[command(subcommand)]
     Plugin(plugin::PluginCommand),
+    /// Per-tenant usage.
+    Stats {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Parse the arguments, run the command, and turn any error into one line.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let result = match cli.command {
-        Command::Plugin(cmd) => plugin::run(cmd),
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
     };
+    let conn = cli.conn;
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::serve(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Certs(cmd) => serve::certs(cmd).map(|()| ExitCode::SUCCESS),
+            Command::Demo => demo::run().await,
+            Command::Queue(cmd) => remote::queue(&conn, cmd).await,
+            Command::Publish(args) => remote::publish(&conn, args).await,
+            Command::Consume(args) => remote::consume(&conn, args).await,
+            Command::Plugin(cmd) => plugin::run(&conn, cmd).await,
+            Command::Stats { json } => remote::stats(&conn, json).await,
+        }
+    });
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -14,6 +14,34 @@ use crate::plugins::{
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum PluginCommand {
+    /// Load (or hot-swap) a plugin into the running broker.
+    Load {
+        /// The component (.wasm).
+        file: PathBuf,
+        /// router, filter or authorizer.
+        #[arg(long)]
+        kind: PluginKind,
+        /// Queue a filter is attached to.
+        #[arg(long)]
+        queue: Option<String>,
+        /// Name inside the tenant [default: the file name].
+        #[arg(long)]
+        name: Option<String>,
+        /// Configuration passed to init (repeatable).
+        #[arg(long = "config", value_name = "K=V", value_parser = parse_kv)]
+        config: Vec<(String, String)>,
+    },
+    /// List the tenant's plugins.
+    List {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unload a plugin.
+    Unload {
+        /// Plugin name.
+        name: String,
+    },
     /// Run a plugin offline on one sample message and report its verdict,
     /// time and failures (no broker needed).
     Test {
@@ -49,8 +77,74 @@ pub(crate) enum PluginCommand {
     },
 }
 
-pub(crate) fn run(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(
+    conn: &super::remote::Conn,
+    cmd: PluginCommand,
+) -> anyhow::Result<ExitCode> {
     match cmd {
+        PluginCommand::Load {
+            file,
+            kind,
+            queue,
+            name,
+            config,
+        } => {
+            let wasm =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let name = name.unwrap_or_else(|| default_name(&file));
+            let client = conn.connect().await?;
+            client
+                .load_plugin(&name, kind.as_str(), queue.as_deref(), wasm, config)
+                .await?;
+            println!(
+                "plugin `{name}` loaded ({kind}{})",
+                queue
+                    .map(|q| format!(" on queue `{q}`"))
+                    .unwrap_or_default()
+            );
+            client.close();
+            Ok(ExitCode::SUCCESS)
+        }
+        PluginCommand::List { json } => {
+            let client = conn.connect().await?;
+            let plugins = client.list_plugins().await?;
+            if json {
+                for p in plugins {
+                    println!(
+                        "{}",
+                        serde_json::json!({"name": p.name, "kind": p.kind, "queue": p.queue, "state": p.state,
+                            "calls": p.calls, "errors": p.errors, "traps": p.traps, "mean_ns": p.mean_ns})
+                    );
+                }
+            } else {
+                println!(
+                    "{:<20} {:<10} {:<16} {:>8} {:>7} {:>6} {:>9}  state",
+                    "plugin", "kind", "queue", "calls", "errors", "traps", "mean µs"
+                );
+                for p in plugins {
+                    println!(
+                        "{:<20} {:<10} {:<16} {:>8} {:>7} {:>6} {:>9.2}  {}",
+                        p.name,
+                        p.kind,
+                        p.queue.unwrap_or_default(),
+                        p.calls,
+                        p.errors,
+                        p.traps,
+                        p.mean_ns as f64 / 1000.0,
+                        p.state
+                    );
+                }
+            }
+            client.close();
+            Ok(ExitCode::SUCCESS)
+        }
+        PluginCommand::Unload { name } => {
+            let client = conn.connect().await?;
+            client.unload_plugin(&name).await?;
+            println!("plugin `{name}` unloaded");
+            client.close();
+            Ok(ExitCode::SUCCESS)
+        }
         PluginCommand::Test {
             file,
             kind,
@@ -70,11 +164,7 @@ pub(crate) fn run(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
                 None => payload.into_bytes(),
             };
             let runtime = PluginRuntime::new(SandboxConfig::default())?;
-            let name = file
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or("plugin")
-                .to_string();
+            let name = default_name(&file);
             let plugin = runtime.load(PluginSpec {
                 tenant: "test".into(),
                 name,
@@ -146,7 +236,15 @@ pub(crate) fn run(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn parse_kv(s: &str) -> Result<(String, String), String> {
+/// A plugin's default name: its file name without `.wasm`, `_` as `-`.
+fn default_name(file: &std::path::Path) -> String {
+    file.file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("plugin")
+        .replace('_', "-")
+}
+
+pub(crate) fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("expected K=V, got `{s}`"))

@@ -155,7 +155,13 @@ type Reply<T> = oneshot::Sender<Result<T, ClientError>>;
 struct State {
     requests: HashMap<u64, Reply<Response>>,
     publishes: HashMap<u64, Reply<u32>>,
-    subs: HashMap<u64, (mpsc::UnboundedSender<Vec<Delivery>>, Option<mpsc::UnboundedReceiver<Vec<Delivery>>>)>,
+    subs: HashMap<
+        u64,
+        (
+            mpsc::UnboundedSender<Vec<Delivery>>,
+            Option<mpsc::UnboundedReceiver<Vec<Delivery>>>,
+        ),
+    >,
     closed: Option<ClientError>,
 }
 
@@ -171,7 +177,13 @@ impl State {
         self.closed.get_or_insert(e);
     }
 
-    fn sub_channel(&mut self, sub: u64) -> &mut (mpsc::UnboundedSender<Vec<Delivery>>, Option<mpsc::UnboundedReceiver<Vec<Delivery>>>) {
+    fn sub_channel(
+        &mut self,
+        sub: u64,
+    ) -> &mut (
+        mpsc::UnboundedSender<Vec<Delivery>>,
+        Option<mpsc::UnboundedReceiver<Vec<Delivery>>>,
+    ) {
         self.subs.entry(sub).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             (tx, Some(rx))
@@ -234,12 +246,21 @@ impl Client {
     }
 
     /// Connect with options.
-    pub async fn connect_with(addr: SocketAddr, identity: &Path, opts: ConnectOptions) -> Result<Client, ClientError> {
+    pub async fn connect_with(
+        addr: SocketAddr,
+        identity: &Path,
+        opts: ConnectOptions,
+    ) -> Result<Client, ClientError> {
         let config = Identity::load(identity)?.quinn_config()?;
-        let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
-            .parse()
-            .map_err(|e| ClientError::Connect(format!("{e}")))?;
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect(e.to_string()))?;
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()
+        .map_err(|e| ClientError::Connect(format!("{e}")))?;
+        let mut endpoint =
+            quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect(e.to_string()))?;
         endpoint.set_default_client_config(config);
         let handshake = async {
             let conn = endpoint
@@ -249,29 +270,62 @@ impl Client {
                 .map_err(|e| ClientError::CertificateRefused(e.to_string()))?;
             // A refused client certificate does not fail connect(): it shows
             // on the first stream operation, so do a hello round trip.
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| ClientError::CertificateRefused(e.to_string()))?;
-            let hello = Frame::Hello { min_version: proto::MIN_VERSION, max_version: proto::MAX_VERSION, agent: format!("sluice-client/{}", env!("CARGO_PKG_VERSION")) };
-            send.write_all(&proto::encode_frame(&hello)).await.map_err(|e| ClientError::CertificateRefused(e.to_string()))?;
+            let (mut send, mut recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| ClientError::CertificateRefused(e.to_string()))?;
+            let hello = Frame::Hello {
+                min_version: proto::MIN_VERSION,
+                max_version: proto::MAX_VERSION,
+                agent: format!("sluice-client/{}", env!("CARGO_PKG_VERSION")),
+            };
+            send.write_all(&proto::encode_frame(&hello))
+                .await
+                .map_err(|e| ClientError::CertificateRefused(e.to_string()))?;
             let mut decoder = Decoder::new(Limits::default());
             let mut buf = vec![0u8; 64 << 10];
             let welcome = loop {
-                if let Some(f) = decoder.next_frame().map_err(|e| ClientError::Protocol(e.to_string()))? {
+                if let Some(f) = decoder
+                    .next_frame()
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?
+                {
                     break f;
                 }
                 match recv.read(&mut buf).await {
                     Ok(Some(n)) => decoder.push(&buf[..n]),
-                    Ok(None) => return Err(ClientError::CertificateRefused("server closed the stream".into())),
+                    Ok(None) => {
+                        return Err(ClientError::CertificateRefused(
+                            "server closed the stream".into(),
+                        ));
+                    }
                     Err(e) => return Err(ClientError::CertificateRefused(e.to_string())),
                 }
             };
             let session = match welcome {
-                Frame::Welcome { tenant, client, admin, max_message, .. } => Session { tenant, client, admin, max_message },
+                Frame::Welcome {
+                    tenant,
+                    client,
+                    admin,
+                    max_message,
+                    ..
+                } => Session {
+                    tenant,
+                    client,
+                    admin,
+                    max_message,
+                },
                 Frame::Error(e) => return Err(ClientError::Server(e)),
-                other => return Err(ClientError::Protocol(format!("expected welcome, got {other:?}"))),
+                other => {
+                    return Err(ClientError::Protocol(format!(
+                        "expected welcome, got {other:?}"
+                    )));
+                }
             };
             Ok::<_, ClientError>((conn, send, recv, decoder, session))
         };
-        let (conn, send, recv, decoder, session) = tokio::time::timeout(opts.timeout, handshake).await.map_err(|_| ClientError::Timeout)??;
+        let (conn, send, recv, decoder, session) = tokio::time::timeout(opts.timeout, handshake)
+            .await
+            .map_err(|_| ClientError::Timeout)??;
         let (out, out_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             conn: conn.clone(),
@@ -285,7 +339,10 @@ impl Client {
         tokio::spawn(writer(send, out_rx));
         tokio::spawn(reader(Arc::downgrade(&inner), recv, decoder));
         tokio::spawn(accept_streams(Arc::downgrade(&inner), conn));
-        Ok(Client { inner, tenant: opts.tenant })
+        Ok(Client {
+            inner,
+            tenant: opts.tenant,
+        })
     }
 
     /// Who the server says we are.
@@ -296,7 +353,10 @@ impl Client {
     /// A handle on the same connection acting on `tenant` (administrators
     /// only; a tenant client may name its own tenant).
     pub fn for_tenant(&self, tenant: Option<String>) -> Client {
-        Client { inner: self.inner.clone(), tenant }
+        Client {
+            inner: self.inner.clone(),
+            tenant,
+        }
     }
 
     fn send(&self, f: Frame) -> Result<(), ClientError> {
@@ -310,14 +370,20 @@ impl Client {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.inner.state().requests.insert(id, tx);
-        self.send(Frame::Request { id, tenant: self.tenant.clone(), body })?;
+        self.send(Frame::Request {
+            id,
+            tenant: self.tenant.clone(),
+            body,
+        })?;
         rx.await.map_err(|_| lost("no response"))?
     }
 
     async fn ok(&self, body: Request) -> Result<(), ClientError> {
         match self.request(body).await? {
             Response::Ok => Ok(()),
-            other => Err(ClientError::Protocol(format!("unexpected response {other:?}"))),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected response {other:?}"
+            ))),
         }
     }
 
@@ -328,24 +394,42 @@ impl Client {
 
     /// Bind a queue to a topic pattern (`*` one token, `>` the rest).
     pub async fn bind(&self, queue: &str, pattern: &str) -> Result<(), ClientError> {
-        self.ok(Request::Bind { queue: queue.into(), pattern: pattern.into() }).await
+        self.ok(Request::Bind {
+            queue: queue.into(),
+            pattern: pattern.into(),
+        })
+        .await
     }
 
     /// Remove a binding.
     pub async fn unbind(&self, queue: &str, pattern: &str) -> Result<(), ClientError> {
-        self.ok(Request::Unbind { queue: queue.into(), pattern: pattern.into() }).await
+        self.ok(Request::Unbind {
+            queue: queue.into(),
+            pattern: pattern.into(),
+        })
+        .await
     }
 
     /// Delete a queue and its messages.
     pub async fn delete(&self, queue: &str) -> Result<(), ClientError> {
-        self.ok(Request::Delete { queue: queue.into() }).await
+        self.ok(Request::Delete {
+            queue: queue.into(),
+        })
+        .await
     }
 
     /// Drop a queue's ready messages; returns how many.
     pub async fn purge(&self, queue: &str) -> Result<u64, ClientError> {
-        match self.request(Request::Purge { queue: queue.into() }).await? {
+        match self
+            .request(Request::Purge {
+                queue: queue.into(),
+            })
+            .await?
+        {
             Response::Count(n) => Ok(n),
-            other => Err(ClientError::Protocol(format!("unexpected response {other:?}"))),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected response {other:?}"
+            ))),
         }
     }
 
@@ -353,20 +437,38 @@ impl Client {
     pub async fn list_queues(&self) -> Result<Vec<QueueSummary>, ClientError> {
         match self.request(Request::ListQueues).await? {
             Response::Queues(q) => Ok(q),
-            other => Err(ClientError::Protocol(format!("unexpected response {other:?}"))),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected response {other:?}"
+            ))),
         }
     }
 
     /// Load or replace a plugin.
-    pub async fn load_plugin(&self, name: &str, kind: &str, queue: Option<&str>, wasm: Vec<u8>, config: Vec<(String, String)>) -> Result<(), ClientError> {
-        self.ok(Request::LoadPlugin { name: name.into(), kind: kind.into(), queue: queue.map(Into::into), wasm, config }).await
+    pub async fn load_plugin(
+        &self,
+        name: &str,
+        kind: &str,
+        queue: Option<&str>,
+        wasm: Vec<u8>,
+        config: Vec<(String, String)>,
+    ) -> Result<(), ClientError> {
+        self.ok(Request::LoadPlugin {
+            name: name.into(),
+            kind: kind.into(),
+            queue: queue.map(Into::into),
+            wasm,
+            config,
+        })
+        .await
     }
 
     /// List plugins.
     pub async fn list_plugins(&self) -> Result<Vec<PluginSummary>, ClientError> {
         match self.request(Request::ListPlugins).await? {
             Response::Plugins(p) => Ok(p),
-            other => Err(ClientError::Protocol(format!("unexpected response {other:?}"))),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected response {other:?}"
+            ))),
         }
     }
 
@@ -379,17 +481,30 @@ impl Client {
     pub async fn stats(&self) -> Result<Vec<TenantUsage>, ClientError> {
         match self.request(Request::Stats).await? {
             Response::Stats(s) => Ok(s),
-            other => Err(ClientError::Protocol(format!("unexpected response {other:?}"))),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected response {other:?}"
+            ))),
         }
     }
 
     /// Publish. The message is sent at once; the returned future resolves
     /// with the number of queues it is durably stored in, or the refusal.
-    pub fn publish(&self, topic: &str, headers: Vec<(String, String)>, payload: Vec<u8>) -> impl std::future::Future<Output = Result<u32, ClientError>> + Send + 'static {
+    pub fn publish(
+        &self,
+        topic: &str,
+        headers: Vec<(String, String)>,
+        payload: Vec<u8>,
+    ) -> impl std::future::Future<Output = Result<u32, ClientError>> + Send + 'static {
         let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.inner.state().publishes.insert(seq, tx);
-        let sent = self.send(Frame::Publish { seq, tenant: self.tenant.clone(), topic: topic.into(), headers, payload });
+        let sent = self.send(Frame::Publish {
+            seq,
+            tenant: self.tenant.clone(),
+            topic: topic.into(),
+            headers,
+            payload,
+        });
         async move {
             sent?;
             rx.await.map_err(|_| lost("no confirm"))?
@@ -398,12 +513,33 @@ impl Client {
 
     /// Consume `queue` with at most `prefetch` unacked deliveries.
     pub async fn subscribe(&self, queue: &str, prefetch: u32) -> Result<Subscription, ClientError> {
-        let sub = match self.request(Request::Subscribe { queue: queue.into(), prefetch }).await? {
+        let sub = match self
+            .request(Request::Subscribe {
+                queue: queue.into(),
+                prefetch,
+            })
+            .await?
+        {
             Response::Subscribed { sub } => sub,
-            other => return Err(ClientError::Protocol(format!("unexpected response {other:?}"))),
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "unexpected response {other:?}"
+                )));
+            }
         };
-        let rx = self.inner.state().sub_channel(sub).1.take().ok_or_else(|| ClientError::Protocol("subscription taken twice".into()))?;
-        Ok(Subscription { client: self.clone(), sub, rx, buf: VecDeque::new() })
+        let rx = self
+            .inner
+            .state()
+            .sub_channel(sub)
+            .1
+            .take()
+            .ok_or_else(|| ClientError::Protocol("subscription taken twice".into()))?;
+        Ok(Subscription {
+            client: self.clone(),
+            sub,
+            rx,
+            buf: VecDeque::new(),
+        })
     }
 
     /// Close the connection.
@@ -439,17 +575,26 @@ impl Subscription {
 
     /// Acknowledge several deliveries in one frame.
     pub fn ack_many(&self, tags: &[u64]) {
-        let _ = self.client.send(Frame::Ack { sub: self.sub, ranges: proto::to_ranges(tags) });
+        let _ = self.client.send(Frame::Ack {
+            sub: self.sub,
+            ranges: proto::to_ranges(tags),
+        });
     }
 
     /// Requeue a delivery (it comes back marked redelivered).
     pub fn nack(&self, tag: u64) {
-        let _ = self.client.send(Frame::Nack { sub: self.sub, ranges: vec![(tag, tag)] });
+        let _ = self.client.send(Frame::Nack {
+            sub: self.sub,
+            ranges: vec![(tag, tag)],
+        });
     }
 
     /// Dead-letter a delivery.
     pub fn reject(&self, tag: u64) {
-        let _ = self.client.send(Frame::Reject { sub: self.sub, ranges: vec![(tag, tag)] });
+        let _ = self.client.send(Frame::Reject {
+            sub: self.sub,
+            ranges: vec![(tag, tag)],
+        });
     }
 }
 

@@ -21,7 +21,9 @@ pub struct Identity {
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ClientError> {
     let bad = |e: String| ClientError::Identity(format!("{}: {e}", path.display()));
     if !path.exists() {
-        return Err(bad("missing (an identity folder holds cert.pem, key.pem and ca.pem)".into()));
+        return Err(bad(
+            "missing (an identity folder holds cert.pem, key.pem and ca.pem)".into(),
+        ));
     }
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| bad(e.to_string()))?
@@ -74,7 +76,8 @@ impl Identity {
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| ClientError::Identity(format!("cert.pem/key.pem: {e}")))?;
         tls.alpn_protocols = vec![sluice_proto::ALPN.to_vec()];
-        let crypto = QuicClientConfig::try_from(tls).map_err(|e| ClientError::Identity(e.to_string()))?;
+        let crypto =
+            QuicClientConfig::try_from(tls).map_err(|e| ClientError::Identity(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(std::time::Duration::from_secs(10)));

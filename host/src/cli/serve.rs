@@ -1,0 +1,226 @@
+//! `sluice serve` and `sluice certs`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use crate::broker::{Broker, BrokerConfig};
+use crate::config::FileConfig;
+use crate::server::Server;
+use crate::tls::{self, IdentityMapping, ServerTlsFiles};
+
+/// Flags of `sluice serve`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServeArgs {
+    /// Configuration file (TOML).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7600].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory [default: ./sluice-data].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Certificate folder from `sluice certs init` [default: <data>/certs, created on first start].
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+/// A running broker, for `serve`, the demo and tests.
+pub struct Running {
+    /// The broker.
+    pub broker: Broker,
+    /// The listener.
+    pub server: std::sync::Arc<Server>,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+/// Open the broker in `data` and listen on `listen` with the certificates in `certs`.
+pub async fn start(
+    listen: SocketAddr,
+    data: &Path,
+    certs: &Path,
+    mut config: BrokerConfig,
+    mapping: IdentityMapping,
+) -> anyhow::Result<Running> {
+    config.store.dir = data.join("store");
+    config.sandbox.cache_dir = Some(data.join("plugin-cache"));
+    let tls = tls::server_config(&ServerTlsFiles::from_dir(certs)).context("TLS setup")?;
+    let broker = Broker::open(config).context("opening the data directory")?;
+    let server = std::sync::Arc::new(
+        Server::bind(listen, tls, broker.clone(), mapping)
+            .with_context(|| format!("cannot listen on {listen}"))?,
+    );
+    let addr = server.local_addr()?;
+    let s = server.clone();
+    tokio::spawn(async move { s.run().await });
+    Ok(Running {
+        broker,
+        server,
+        addr,
+    })
+}
+
+pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7600)));
+    let data = args
+        .data
+        .or(file.data.clone())
+        .unwrap_or_else(|| PathBuf::from("sluice-data"));
+    let certs = args
+        .certs
+        .or(file.certs.clone())
+        .unwrap_or_else(|| data.join("certs"));
+    let mut config = BrokerConfig::new(&data);
+    if let Some(m) = file.max_message_bytes {
+        config.max_message_bytes = m;
+    }
+    if let Some(ms) = file.plugin_deadline_ms {
+        config.sandbox.call_deadline = std::time::Duration::from_millis(ms);
+    }
+    if let Some(mib) = file.plugin_memory_mib {
+        config.sandbox.memory_limit = mib << 20;
+    }
+    if args.check_config {
+        println!(
+            "configuration ok: listen {listen}, data {}, certs {}",
+            data.display(),
+            certs.display()
+        );
+        return Ok(());
+    }
+    if !certs.join("ca.pem").exists() {
+        tls::init_dev_certs(
+            &certs,
+            &["default".to_string()],
+            &file.identity.trust_domain,
+        )?;
+        println!("created development certificates in {}", certs.display());
+        println!("  admin identity:  {}", certs.join("admin").display());
+        println!(
+            "  tenant identity: {} (tenant `default`)",
+            certs.join("default").display()
+        );
+        println!(
+            "  more: sluice certs issue --ca {} --tenant NAME --client NAME --out DIR",
+            certs.display()
+        );
+    }
+    let running = start(listen, &data, &certs, config, file.identity.clone()).await?;
+    println!(
+        "sluice listening on {} (data in {})",
+        running.addr,
+        data.display()
+    );
+    shutdown_signal().await;
+    println!("shutting down");
+    running.server.close();
+    running.broker.sync()?;
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        running.server.wait_idle(),
+    )
+    .await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// `sluice certs ...`
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum CertsCommand {
+    /// Create a development CA, a server certificate, an admin identity and
+    /// one identity folder per tenant.
+    Init {
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Tenant to create an identity for (repeatable).
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
+        /// SPIFFE trust domain.
+        #[arg(long, default_value = "sluice")]
+        trust_domain: String,
+    },
+    /// Issue a client identity with an existing CA folder.
+    Issue {
+        /// Folder holding ca.pem and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Tenant.
+        #[arg(long)]
+        tenant: String,
+        /// Client name.
+        #[arg(long)]
+        client: String,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// SPIFFE trust domain.
+        #[arg(long, default_value = "sluice")]
+        trust_domain: String,
+    },
+}
+
+pub(crate) fn certs(cmd: CertsCommand) -> anyhow::Result<()> {
+    match cmd {
+        CertsCommand::Init {
+            out,
+            tenants,
+            trust_domain,
+        } => {
+            tls::init_dev_certs(&out, &tenants, &trust_domain)?;
+            println!(
+                "wrote {}: ca.pem, ca.key, server/, admin/{}",
+                out.display(),
+                tenants
+                    .iter()
+                    .map(|t| format!(", {t}/"))
+                    .collect::<String>()
+            );
+        }
+        CertsCommand::Issue {
+            ca,
+            tenant,
+            client,
+            out,
+            trust_domain,
+        } => {
+            tls::issue_client_cert(&ca, &tenant, &client, &out, &trust_domain)?;
+            println!("wrote {} (tenant {tenant}, client {client})", out.display());
+        }
+    }
+    Ok(())
+}
