@@ -68,3 +68,71 @@ pub fn msg(topic: &str, headers: &[(&str, &str)], payload: &[u8]) -> Message {
 pub fn strings(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
+
+/// A broker running in this process on an ephemeral loopback port, with
+/// fresh development certificates for tenants `acme` and `globex`, data in a
+/// temporary directory.
+pub struct Harness {
+    /// The running broker.
+    pub running: Option<sluice::cli::Running>,
+    /// Data directory.
+    pub data: tempfile::TempDir,
+    /// Certificate folder (`<data>/certs`).
+    pub certs: std::path::PathBuf,
+    /// Listening address.
+    pub addr: std::net::SocketAddr,
+}
+
+impl Harness {
+    /// Start a broker.
+    pub async fn start() -> Harness {
+        let data = tempfile::tempdir().unwrap();
+        let certs = data.path().join("certs");
+        sluice::tls::init_dev_certs(&certs, &["acme".into(), "globex".into()], "sluice").unwrap();
+        let mut h = Harness {
+            running: None,
+            data,
+            certs,
+            addr: "127.0.0.1:0".parse().unwrap(),
+        };
+        h.restart().await;
+        h
+    }
+
+    /// (Re)start the broker on the same data directory and port.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let config = sluice::broker::BrokerConfig::new(self.data.path());
+        let running = sluice::cli::start(
+            self.addr,
+            self.data.path(),
+            &self.certs,
+            config,
+            Default::default(),
+        )
+        .await
+        .expect("broker starts");
+        self.addr = running.addr;
+        self.running = Some(running);
+    }
+
+    /// Stop the broker (graceful: connections closed, store synced and released).
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.server.close();
+            r.broker.sync().unwrap();
+            let _ = tokio::time::timeout(Duration::from_secs(2), r.server.wait_idle()).await;
+            drop(r);
+            // The store is released when the last broker handle is gone;
+            // sessions drop theirs as their connections close.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// A client with the identity folder `name` (`acme`, `globex`, `admin`).
+    pub async fn client(&self, name: &str) -> sluice_client::Client {
+        sluice_client::Client::connect(self.addr, &self.certs.join(name))
+            .await
+            .expect("client connects")
+    }
+}
