@@ -16,8 +16,6 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about)]
 struct Cli {
-    #[command(flatten)]
-    conn: remote::Conn,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,21 +30,15 @@ enum Command {
     /// Run an in-process broker with two tenants and show each policy at work.
     Demo,
     /// Manage queues.
-    #[command(subcommand)]
-    Queue(remote::QueueCommand),
+    Queue(remote::QueueArgs),
     /// Publish messages.
     Publish(remote::PublishArgs),
     /// Consume messages (each is acked unless --nack or --reject).
     Consume(remote::ConsumeArgs),
     /// Work with policy plugins.
-    #[command(subcommand)]
-    Plugin(plugin::PluginCommand),
+    Plugin(plugin::PluginArgs),
     /// Per-tenant usage.
-    Stats {
-        /// One JSON object per line.
-        #[arg(long)]
-        json: bool,
-    },
+    Stats(remote::StatsArgs),
 }
 
 /// Parse the arguments, run the command, and turn any error into one line.
@@ -63,17 +55,16 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let conn = cli.conn;
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::serve(args).await.map(|()| ExitCode::SUCCESS),
             Command::Certs(cmd) => serve::certs(cmd).map(|()| ExitCode::SUCCESS),
             Command::Demo => demo::run().await,
-            Command::Queue(cmd) => remote::queue(&conn, cmd).await,
-            Command::Publish(args) => remote::publish(&conn, args).await,
-            Command::Consume(args) => remote::consume(&conn, args).await,
-            Command::Plugin(cmd) => plugin::run(&conn, cmd).await,
-            Command::Stats { json } => remote::stats(&conn, json).await,
+            Command::Queue(args) => remote::queue(&args.conn, args.cmd).await,
+            Command::Publish(args) => remote::publish(args).await,
+            Command::Consume(args) => remote::consume(args).await,
+            Command::Plugin(args) => plugin::run(&args.conn, args.cmd).await,
+            Command::Stats(args) => remote::stats(&args.conn, args.json).await,
         }
     });
     match result {

@@ -12,6 +12,15 @@ use crate::plugins::{
     Resource, SandboxConfig,
 };
 
+/// `sluice plugin ...`
+#[derive(Debug, clap::Args)]
+pub(crate) struct PluginArgs {
+    #[command(flatten)]
+    pub(crate) conn: super::remote::Conn,
+    #[command(subcommand)]
+    pub(crate) cmd: PluginCommand,
+}
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum PluginCommand {
     /// Load (or hot-swap) a plugin into the running broker.

@@ -49,6 +49,25 @@ impl Conn {
 }
 
 /// `sluice queue ...`
+#[derive(Debug, clap::Args)]
+pub(crate) struct QueueArgs {
+    #[command(flatten)]
+    pub(crate) conn: Conn,
+    #[command(subcommand)]
+    pub(crate) cmd: QueueCommand,
+}
+
+/// `sluice stats`
+#[derive(Debug, clap::Args)]
+pub(crate) struct StatsArgs {
+    #[command(flatten)]
+    pub(crate) conn: Conn,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// Queue subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum QueueCommand {
     /// Declare a queue (idempotent with the same options).
@@ -193,6 +212,8 @@ pub(crate) async fn queue(conn: &Conn, cmd: QueueCommand) -> anyhow::Result<Exit
 /// `sluice publish`
 #[derive(Debug, clap::Args)]
 pub(crate) struct PublishArgs {
+    #[command(flatten)]
+    conn: Conn,
     /// Topic.
     topic: String,
     /// Body (default: empty, or with --count the message number).
@@ -214,8 +235,8 @@ pub(crate) struct PublishArgs {
     json: bool,
 }
 
-pub(crate) async fn publish(conn: &Conn, args: PublishArgs) -> anyhow::Result<ExitCode> {
-    let client = conn.connect().await?;
+pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.connect().await?;
     const WINDOW: usize = 256;
     let mut pending = FuturesOrdered::new();
     let (mut confirmed, mut failed) = (0u64, 0u64);
@@ -282,6 +303,8 @@ pub(crate) async fn publish(conn: &Conn, args: PublishArgs) -> anyhow::Result<Ex
 /// `sluice consume`
 #[derive(Debug, clap::Args)]
 pub(crate) struct ConsumeArgs {
+    #[command(flatten)]
+    conn: Conn,
     /// Queue.
     queue: String,
     /// Stop after N messages.
@@ -304,8 +327,8 @@ pub(crate) struct ConsumeArgs {
     json: bool,
 }
 
-pub(crate) async fn consume(conn: &Conn, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
-    let client = conn.connect().await?;
+pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.connect().await?;
     let mut sub = client.subscribe(&args.queue, args.prefetch).await?;
     let mut got = 0u64;
     let idle = args.timeout.map(Duration::from_secs_f64);
@@ -360,7 +383,7 @@ pub(crate) async fn consume(conn: &Conn, args: ConsumeArgs) -> anyhow::Result<Ex
     }
 }
 
-/// `sluice stats`
+/// Run `sluice stats`.
 pub(crate) async fn stats(conn: &Conn, json: bool) -> anyhow::Result<ExitCode> {
     let client = conn.connect().await?;
     let stats = client.stats().await?;

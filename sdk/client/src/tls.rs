@@ -80,7 +80,13 @@ impl Identity {
             QuicClientConfig::try_from(tls).map_err(|e| ClientError::Identity(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
+        // Notice a dead server within ~10 s (a killed process sends no close).
+        transport.keep_alive_interval(Some(std::time::Duration::from_secs(3)));
+        transport.max_idle_timeout(Some(
+            std::time::Duration::from_secs(10)
+                .try_into()
+                .map_err(|e| ClientError::Identity(format!("{e}")))?,
+        ));
         config.transport_config(Arc::new(transport));
         Ok(config)
     }
