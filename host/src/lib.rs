@@ -1,17 +1,19 @@
 //! Sluice: a message broker whose routing, filtering and authorization are
 //! sandboxed WebAssembly components.
 //!
-//! This crate is the broker library behind the `sluice` binary. Modules, one
-//! home per concept:
+//! This crate is the broker library behind the `sluice` binary. Data flows
+//! one way: connection ([`server`]) → session → [`broker`] → [`store`].
+//! Modules, one home per concept:
 //!
 //! - [`plugins`]: the wasm plugin runtime (sandbox, compile cache, typed calls,
-//!   failure classification, metrics, hot swap).
-//! - [`broker`]: tenants, queues, bindings, routing through plugins, consumers.
-//! - [`store`]: durable queues and metadata on sled, with group commit.
-//! - [`tls`]: QUIC/TLS setup, identities from certificates, dev certificates.
-//! - [`server`] and `session`: the QUIC listener and one session per connection.
-//! - [`config`]: `sluice.toml`.
-//! - [`cli`]: the `sluice` command line.
+//!   failure classification, metrics, hot swap);
+//! - [`broker`]: tenants, queues, bindings, routing through plugins, consumers;
+//! - [`store`]: durable queues and metadata on sled, with group commit;
+//! - [`tls`]: QUIC/TLS setup, identities from certificates, dev certificates;
+//! - [`server`] (with the private `session`): the QUIC listener and one
+//!   session per connection;
+//! - [`config`]: the `sluice.toml` file;
+//! - [`cli`]: the `sluice` command line;
 //! - [`bundled`]: the example and test plugins from `plugins/`, built at
 //!   compile time.
 

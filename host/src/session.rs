@@ -366,12 +366,19 @@ impl Session {
                     what: "plugin kind",
                     reason: e,
                 })?;
+                let load = crate::broker::PluginLoad {
+                    name,
+                    kind,
+                    queue,
+                    wasm,
+                    config,
+                };
                 let t2 = t.clone();
-                tokio::task::spawn_blocking(move || {
-                    b.load_plugin(&who, &t2, &name, kind, queue.as_deref(), wasm, config)
-                })
-                .await
-                .map_err(|e| BrokerError::Conflict(format!("plugin load task failed: {e}")))??;
+                tokio::task::spawn_blocking(move || b.load_plugin(&who, &t2, load))
+                    .await
+                    .map_err(|e| {
+                        BrokerError::Conflict(format!("plugin load task failed: {e}"))
+                    })??;
                 S::Ok
             }
             R::ListPlugins => S::Plugins(

@@ -20,6 +20,7 @@ pub use error::BrokerError;
 pub use names::{check_name, check_tenant, check_topic};
 pub use queue::{Delivery, Overflow, QueueOptions};
 pub use routing::Publish;
+
 pub use subscription::Subscription;
 
 use std::collections::HashMap;
@@ -93,6 +94,21 @@ pub struct QueueInfo {
     pub dropped: u64,
     /// Filter plugins, in order.
     pub filters: Vec<String>,
+}
+
+/// A request to load a plugin.
+#[derive(Debug, Clone)]
+pub struct PluginLoad {
+    /// Name inside the tenant.
+    pub name: String,
+    /// Policy kind.
+    pub kind: PluginKind,
+    /// Queue a filter is attached to.
+    pub queue: Option<String>,
+    /// Component bytes.
+    pub wasm: Vec<u8>,
+    /// Configuration for `init`.
+    pub config: Vec<(String, String)>,
 }
 
 /// A plugin as listed.
@@ -606,12 +622,16 @@ impl Broker {
         &self,
         who: &Principal,
         tenant: &str,
-        name: &str,
-        kind: PluginKind,
-        queue: Option<&str>,
-        wasm: Vec<u8>,
-        config: Vec<(String, String)>,
+        load: PluginLoad,
     ) -> Result<PluginInfo, BrokerError> {
+        let PluginLoad {
+            name,
+            kind,
+            queue,
+            wasm,
+            config,
+        } = load;
+        let (name, queue) = (name.as_str(), queue.as_deref());
         check_name("plugin name", name)?;
         self.authorize(who, tenant, Action::Admin, &Resource::Plugin(name.into()))?;
         let queue = match (kind, queue) {

@@ -128,6 +128,9 @@ pub(crate) struct Queue {
 /// Messages leaving a queue for the dead-letter path, with the reason.
 pub(crate) type DeadLetters = Vec<(MsgRef, &'static str)>;
 
+/// Deliveries handed out by a dispatch: per consumer channel, its new refs.
+pub(crate) type Batches = Vec<(mpsc::UnboundedSender<Vec<MsgRef>>, Vec<MsgRef>)>;
+
 impl Queue {
     pub fn new(tenant: &str, name: &str, id: QueueId, options: QueueOptions) -> Self {
         Self {
@@ -199,13 +202,7 @@ impl Queue {
     /// Hand ready messages to consumers with credit, round robin. Expired
     /// heads are returned as dead letters. Returns, per consumer channel,
     /// the references it now holds unacked.
-    pub fn dispatch(
-        &self,
-        now_ms: u64,
-    ) -> (
-        Vec<(mpsc::UnboundedSender<Vec<MsgRef>>, Vec<MsgRef>)>,
-        DeadLetters,
-    ) {
+    pub fn dispatch(&self, now_ms: u64) -> (Batches, DeadLetters) {
         let mut st = self.lock();
         let mut dead = Vec::new();
         let n = st.consumers.len();

@@ -44,7 +44,12 @@ enum Command {
 /// Parse the arguments, run the command, and turn any error into one line.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // The demo provokes plugin failures on purpose; its table reports them.
+    init_tracing(if matches!(cli.command, Command::Demo) {
+        "error"
+    } else {
+        "warn"
+    });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -85,9 +90,9 @@ fn one_line(e: &anyhow::Error) -> String {
         .replace('\n', " ")
 }
 
-fn init_tracing() {
+fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

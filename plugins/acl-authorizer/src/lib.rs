@@ -108,6 +108,7 @@ impl Rule {
     }
 }
 
+#[derive(Debug)]
 struct Acl {
     rules: Vec<Rule>,
     default_allow: bool,

@@ -9,7 +9,7 @@
 //!
 //! Per message, header `hostile`:
 //! - `loop`: an infinite loop (the deadline must stop it);
-//! - `alloc`: allocates and touches 1 MiB chunks without bound (the memory cap must stop it);
+//! - `alloc`: allocates 1 MiB chunks without bound, touching every page (the memory cap must stop it);
 //! - `panic`: `panic!("hostile panic")`;
 //! - `recurse`: unbounded non-tail recursion (the stack limit must stop it);
 //! - `big-output`: replaces the payload with 12 MiB (over the output bound, under the memory cap);
@@ -42,8 +42,12 @@ impl Filter for Hostile {
             Some("alloc") => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
-                    hoard.push(vec![0xA5; 1 << 20]);
-                    black_box(&hoard);
+                    // Touch every page so the memory is really used.
+                    let mut chunk = vec![0u8; 1 << 20];
+                    for page in chunk.chunks_mut(4096) {
+                        page[0] = 0xA5;
+                    }
+                    hoard.push(black_box(chunk));
                 }
             }
             Some("panic") => panic!("hostile panic"),

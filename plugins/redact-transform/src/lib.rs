@@ -22,6 +22,7 @@ enum NonJson {
     Error,
 }
 
+#[derive(Debug)]
 struct Redact {
     redact: Vec<Vec<String>>,
     remove: Vec<Vec<String>>,

@@ -151,17 +151,18 @@ pub struct Session {
 
 type Reply<T> = oneshot::Sender<Result<T, ClientError>>;
 
+/// Delivery channel of a subscription; the receiver waits here until
+/// [`Client::subscribe`] takes it (the stream may arrive before the response).
+type SubChannel = (
+    mpsc::UnboundedSender<Vec<Delivery>>,
+    Option<mpsc::UnboundedReceiver<Vec<Delivery>>>,
+);
+
 #[derive(Default)]
 struct State {
     requests: HashMap<u64, Reply<Response>>,
     publishes: HashMap<u64, Reply<u32>>,
-    subs: HashMap<
-        u64,
-        (
-            mpsc::UnboundedSender<Vec<Delivery>>,
-            Option<mpsc::UnboundedReceiver<Vec<Delivery>>>,
-        ),
-    >,
+    subs: HashMap<u64, SubChannel>,
     closed: Option<ClientError>,
 }
 
@@ -177,13 +178,7 @@ impl State {
         self.closed.get_or_insert(e);
     }
 
-    fn sub_channel(
-        &mut self,
-        sub: u64,
-    ) -> &mut (
-        mpsc::UnboundedSender<Vec<Delivery>>,
-        Option<mpsc::UnboundedReceiver<Vec<Delivery>>>,
-    ) {
+    fn sub_channel(&mut self, sub: u64) -> &mut SubChannel {
         self.subs.entry(sub).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             (tx, Some(rx))

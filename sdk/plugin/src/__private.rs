@@ -15,6 +15,7 @@ pub mod router {
         default_bindings_module: "sluice_plugin::__private::router",
         pub_export_macro: true,
         export_macro_name: "__export_router_world",
+        additional_derives: [PartialEq, Eq],
     });
 }
 
