@@ -639,3 +639,26 @@ fn concurrent_calls_use_separate_instances() {
         m.instantiations
     );
 }
+
+/// The configured deadline is the one applied: a spinning call is stopped
+/// no earlier than it.
+#[test]
+fn call_deadline_is_configurable() {
+    for ms in [30u64, 120] {
+        let rt = runtime(SandboxConfig {
+            call_deadline: Duration::from_millis(ms),
+            ..hostile_config()
+        });
+        let hostile = load(&rt, "hostile", PluginKind::Filter, &[]);
+        let start = std::time::Instant::now();
+        let f = hostile
+            .filter(&msg("t", &[("hostile", "loop")], b""))
+            .unwrap_err();
+        assert_eq!(f.kind, FailureKind::Deadline);
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(ms - 1),
+            "stopped after {took:?}, deadline {ms} ms"
+        );
+    }
+}

@@ -51,7 +51,7 @@ pub(crate) async fn run() -> anyhow::Result<ExitCode> {
         listen,
         &data,
         &certs,
-        BrokerConfig::new(&data),
+        demo_config(&data),
         Default::default(),
     )
     .await?;
@@ -60,7 +60,9 @@ pub(crate) async fn run() -> anyhow::Result<ExitCode> {
         "sluice demo: broker on {addr} (QUIC + mTLS), data in {}",
         data.display()
     );
-    println!("tenants `acme` and `globex`, each with its own certificate\n");
+    println!(
+        "tenants `acme` and `globex`, each with its own certificate; plugin deadline 50 ms, memory cap 16 MiB\n"
+    );
     let acme = Client::connect(addr, &certs.join("acme")).await?;
     let globex = Client::connect(addr, &certs.join("globex")).await?;
 
@@ -262,14 +264,7 @@ pub(crate) async fn run() -> anyhow::Result<ExitCode> {
     drop(running.server);
     drop(broker);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let running = super::start(
-        addr,
-        &data,
-        &certs,
-        BrokerConfig::new(&data),
-        Default::default(),
-    )
-    .await?;
+    let running = super::start(addr, &data, &certs, demo_config(&data), Default::default()).await?;
     let acme = Client::connect(running.addr, &certs.join("acme")).await?;
     let mut orders = acme.subscribe("orders", 256).await?;
     let mut recovered = 0;
@@ -300,6 +295,14 @@ pub(crate) async fn run() -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Default settings, but a 50 ms plugin deadline (instead of 10 ms) so the
+/// memory bomb reliably hits its 16 MiB cap first even on a loaded machine.
+fn demo_config(data: &std::path::Path) -> BrokerConfig {
+    let mut config = BrokerConfig::new(data);
+    config.sandbox.call_deadline = Duration::from_millis(50);
+    config
 }
 
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {

@@ -9,7 +9,7 @@
 //!
 //! Per message, header `hostile`:
 //! - `loop`: an infinite loop (the deadline must stop it);
-//! - `alloc`: allocates 1 MiB chunks without bound, touching every page (the memory cap must stop it);
+//! - `alloc`: allocates 1 MiB chunks without bound, touching every wasm page (the memory cap must stop it);
 //! - `panic`: `panic!("hostile panic")`;
 //! - `recurse`: unbounded non-tail recursion (the stack limit must stop it);
 //! - `big-output`: replaces the payload with 12 MiB (over the output bound, under the memory cap);
@@ -42,9 +42,9 @@ impl Filter for Hostile {
             Some("alloc") => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
-                    // Touch every page so the memory is really used.
+                    // Touch every wasm page (64 KiB) so the memory is really used.
                     let mut chunk = vec![0u8; 1 << 20];
-                    for page in chunk.chunks_mut(4096) {
+                    for page in chunk.chunks_mut(64 << 10) {
                         page[0] = 0xA5;
                     }
                     hoard.push(black_box(chunk));
