@@ -48,11 +48,17 @@ fn load(
 }
 
 fn bench(c: &mut Criterion) {
-    let warm_rt = PluginRuntime::new(SandboxConfig::default()).expect("runtime");
+    // The deadline is wall-clock: a generous one keeps a descheduled sample
+    // from being killed; epoch interruption is still on, as in production.
+    let sandbox = SandboxConfig {
+        call_deadline: Duration::from_secs(1),
+        ..SandboxConfig::default()
+    };
+    let warm_rt = PluginRuntime::new(sandbox.clone()).expect("runtime");
     // No warm instances kept: every call instantiates a new Store and runs init.
     let fresh_rt = PluginRuntime::new(SandboxConfig {
         warm_instances_per_plugin: 0,
-        ..SandboxConfig::default()
+        ..sandbox
     })
     .expect("runtime");
     let filter_cfg = [("drop", "level=debug"), ("require", "trace-id")];

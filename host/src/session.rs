@@ -63,7 +63,7 @@ pub(crate) async fn run(conn: quinn::Connection, broker: Broker, mapping: &Ident
         Err(_) => return,
     };
     let (out_tx, out_rx) = mpsc::unbounded_channel::<Frame>();
-    tokio::spawn(writer(send, out_rx));
+    tokio::spawn(sluice_client::frame_writer(send, out_rx));
     let mut session = Session {
         conn: conn.clone(),
         broker,
@@ -80,25 +80,6 @@ pub(crate) async fn run(conn: quinn::Connection, broker: Broker, mapping: &Ident
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         conn.close(CLOSE_PROTOCOL.into(), e.message.as_bytes());
     }
-}
-
-/// Coalesce queued frames into few stream writes.
-async fn writer(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<Frame>) {
-    let mut buf = Vec::with_capacity(64 << 10);
-    while let Some(f) = rx.recv().await {
-        proto::encode(&f, &mut buf);
-        while buf.len() < (256 << 10) {
-            match rx.try_recv() {
-                Ok(f) => proto::encode(&f, &mut buf),
-                Err(_) => break,
-            }
-        }
-        if send.write_all(&buf).await.is_err() {
-            return;
-        }
-        buf.clear();
-    }
-    let _ = send.finish();
 }
 
 type ConfirmFuture = std::pin::Pin<

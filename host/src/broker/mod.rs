@@ -519,6 +519,23 @@ impl Broker {
         Ok(ids.len() as u64)
     }
 
+    /// Parse `pattern` and check that `who` may (un)bind it to `queue`.
+    fn authorize_binding(
+        &self,
+        who: &Principal,
+        tenant: &str,
+        queue: &str,
+        pattern: &str,
+    ) -> Result<Vec<names::Token>, BrokerError> {
+        let tokens = names::parse_pattern(pattern)?;
+        let binding = crate::plugins::Binding {
+            queue: queue.into(),
+            pattern: pattern.into(),
+        };
+        self.authorize(who, tenant, Action::Bind, &Resource::Binding(binding))?;
+        Ok(tokens)
+    }
+
     /// Bind a queue to a topic pattern.
     pub fn bind(
         &self,
@@ -527,12 +544,7 @@ impl Broker {
         queue: &str,
         pattern: &str,
     ) -> Result<(), BrokerError> {
-        let tokens = names::parse_pattern(pattern)?;
-        let binding = crate::plugins::Binding {
-            queue: queue.into(),
-            pattern: pattern.into(),
-        };
-        self.authorize(who, tenant, Action::Bind, &Resource::Binding(binding))?;
+        let tokens = self.authorize_binding(who, tenant, queue, pattern)?;
         let t = self.tenant(tenant);
         let mut tw = t.write();
         if !tw.queues.contains_key(queue) {
@@ -555,12 +567,7 @@ impl Broker {
         queue: &str,
         pattern: &str,
     ) -> Result<(), BrokerError> {
-        let tokens = names::parse_pattern(pattern)?;
-        let binding = crate::plugins::Binding {
-            queue: queue.into(),
-            pattern: pattern.into(),
-        };
-        self.authorize(who, tenant, Action::Bind, &Resource::Binding(binding))?;
+        let tokens = self.authorize_binding(who, tenant, queue, pattern)?;
         let t = self.tenant(tenant);
         if !t.write().bindings.remove(&tokens, queue) {
             return Err(BrokerError::not_found(

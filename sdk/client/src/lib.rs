@@ -331,7 +331,7 @@ impl Client {
             next_seq: AtomicU64::new(1),
             session,
         });
-        tokio::spawn(writer(send, out_rx));
+        tokio::spawn(frame_writer(send, out_rx));
         tokio::spawn(reader(Arc::downgrade(&inner), recv, decoder));
         tokio::spawn(accept_streams(Arc::downgrade(&inner), conn));
         Ok(Client {
@@ -600,7 +600,11 @@ impl Drop for Subscription {
     }
 }
 
-async fn writer(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<Frame>) {
+/// Write frames from `rx` to `send`, coalescing whatever is queued into
+/// one stream write (up to 256 KiB), until `rx` closes; then finish the
+/// stream. Shared by the client and the broker's sessions.
+#[doc(hidden)]
+pub async fn frame_writer(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<Frame>) {
     let mut buf = Vec::with_capacity(64 << 10);
     while let Some(f) = rx.recv().await {
         proto::encode(&f, &mut buf);
