@@ -490,3 +490,70 @@ async fn garbage_and_oversize_frames_get_errors() {
     let c = h.client("acme").await;
     c.declare(QueueSpec::new("still-fine")).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_and_missing_certificates_are_refused() {
+    let mut h = Harness::start().await;
+    sluice::tls::issue_client_cert(
+        &h.certs,
+        "acme",
+        "laptop",
+        &h.certs.join("laptop"),
+        "sluice",
+    )
+    .unwrap();
+    h.client("laptop")
+        .await
+        .declare(QueueSpec::new("q"))
+        .await
+        .unwrap();
+    sluice::tls::revoke_cert(&h.certs, &h.certs.join("laptop/cert.pem")).unwrap();
+    h.restart().await;
+    let err = match sluice_client::Client::connect(h.addr, &h.certs.join("laptop")).await {
+        Ok(_) => panic!("a revoked certificate must be refused"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, ClientError::CertificateRefused(_)), "{err}");
+    // Other clients of the same tenant are unaffected.
+    h.client("acme")
+        .await
+        .declare(QueueSpec::new("q"))
+        .await
+        .unwrap();
+
+    // A client without any certificate is refused too.
+    let roots = {
+        let mut r = rustls::RootCertStore::empty();
+        for c in sluice::tls::load_certs(&h.certs.join("ca.pem")).unwrap() {
+            r.add(c).unwrap();
+        }
+        r
+    };
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"sluice/1".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
+    let outcome = async {
+        let conn = endpoint.connect(h.addr, "localhost").unwrap().await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&sluice_proto::encode_frame(&sluice_proto::Frame::Hello {
+            min_version: 1,
+            max_version: 1,
+            agent: "anon".into(),
+        }))
+        .await?;
+        let mut buf = [0u8; 64];
+        recv.read(&mut buf).await?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    };
+    assert!(
+        tokio::time::timeout(WAIT, outcome).await.unwrap().is_err(),
+        "no certificate, no session"
+    );
+}

@@ -192,6 +192,16 @@ pub(crate) enum CertsCommand {
         #[arg(long, default_value = "sluice")]
         trust_domain: String,
     },
+    /// Revoke a client certificate: adds it to `<ca>/revoked.crl.pem`,
+    /// which `sluice serve` loads at start.
+    Revoke {
+        /// Folder holding ca.pem and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The certificate to revoke (cert.pem of an identity folder).
+        #[arg(long)]
+        cert: PathBuf,
+    },
 }
 
 pub(crate) fn certs(cmd: CertsCommand) -> anyhow::Result<()> {
@@ -220,6 +230,14 @@ pub(crate) fn certs(cmd: CertsCommand) -> anyhow::Result<()> {
         } => {
             tls::issue_client_cert(&ca, &tenant, &client, &out, &trust_domain)?;
             println!("wrote {} (tenant {tenant}, client {client})", out.display());
+        }
+        CertsCommand::Revoke { ca, cert } => {
+            tls::revoke_cert(&ca, &cert)?;
+            println!(
+                "revoked {}; restart the broker to apply {}",
+                cert.display(),
+                ca.join("revoked.crl.pem").display()
+            );
         }
     }
     Ok(())

@@ -151,3 +151,58 @@ pub fn issue_client_cert(
     let ca = Issuer::from_ca_cert_pem(&ca_pem, key).map_err(|e| file_err(&ca_pem_path, e))?;
     client(out, &ca, &ca_pem, Some(tenant), client_name, trust_domain)
 }
+
+/// Revoke the client certificate `cert` with the CA in `ca_dir`: its serial
+/// is added to `ca_dir/revoked.crl.pem` (created if missing), a CRL signed by
+/// the CA that `sluice serve` loads with the other `*.crl.pem` files.
+pub fn revoke_cert(ca_dir: &Path, cert: &Path) -> Result<(), TlsError> {
+    use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
+    use rustls::pki_types::CertificateRevocationListDer;
+    use rustls::pki_types::pem::PemObject;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    let der = super::load_certs(cert)?.remove(0);
+    let (_, parsed) = X509Certificate::from_der(&der).map_err(|e| file_err(cert, e))?;
+    let serial = parsed.raw_serial().to_vec();
+
+    let crl_path = ca_dir.join("revoked.crl.pem");
+    let mut serials: Vec<Vec<u8>> = Vec::new();
+    if crl_path.exists() {
+        let existing = CertificateRevocationListDer::from_pem_file(&crl_path)
+            .map_err(|e| file_err(&crl_path, e))?;
+        let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&existing)
+            .map_err(|e| file_err(&crl_path, e))?;
+        serials.extend(
+            crl.iter_revoked_certificates()
+                .map(|r| r.raw_serial().to_vec()),
+        );
+    }
+    if !serials.contains(&serial) {
+        serials.push(serial);
+    }
+    let ca_pem_path = ca_dir.join("ca.pem");
+    let ca_key_path = ca_dir.join("ca.key");
+    let ca_pem = fs::read_to_string(&ca_pem_path).map_err(|e| file_err(&ca_pem_path, e))?;
+    let key_pem = fs::read_to_string(&ca_key_path).map_err(|e| file_err(&ca_key_path, e))?;
+    let key = KeyPair::from_pem(&key_pem).map_err(|e| file_err(&ca_key_path, e))?;
+    let ca = Issuer::from_ca_cert_pem(&ca_pem, key).map_err(|e| file_err(&ca_pem_path, e))?;
+    let now = rcgen::date_time_ymd(2024, 1, 1);
+    let params = CertificateRevocationListParams {
+        this_update: now,
+        next_update: rcgen::date_time_ymd(2124, 1, 1),
+        crl_number: SerialNumber::from(serials.len() as u64),
+        issuing_distribution_point: None,
+        revoked_certs: serials
+            .iter()
+            .map(|s| RevokedCertParams {
+                serial_number: SerialNumber::from_slice(s),
+                revocation_time: now,
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let crl = params.signed_by(&ca).map_err(rc)?;
+    write(&crl_path, &crl.pem().map_err(rc)?, false)
+}

@@ -18,7 +18,7 @@
 
 mod certs;
 
-pub use certs::{init_dev_certs, issue_client_cert};
+pub use certs::{init_dev_certs, issue_client_cert, revoke_cert};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
