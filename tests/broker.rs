@@ -557,3 +557,30 @@ async fn revoked_and_missing_certificates_are_refused() {
         "no certificate, no session"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn competing_consumers_share_a_queue() {
+    let h = Harness::start().await;
+    let c = h.client("acme").await;
+    c.declare(QueueSpec::new("work")).await.unwrap();
+    c.bind("work", "work").await.unwrap();
+    let (a, b) = (h.client("acme").await, h.client("acme").await);
+    let mut sa = a.subscribe("work", 4).await.unwrap();
+    let mut sb = b.subscribe("work", 4).await.unwrap();
+    for i in 0..200u32 {
+        c.publish("work", vec![], i.to_be_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let (mut na, mut nb) = (0, 0);
+    while seen.len() < 200 {
+        tokio::select! {
+            Some(d) = sa.next() => { assert!(seen.insert(d.payload.clone())); na += 1; sa.ack(d.tag); }
+            Some(d) = sb.next() => { assert!(seen.insert(d.payload.clone())); nb += 1; sb.ack(d.tag); }
+            _ = tokio::time::sleep(WAIT) => panic!("stalled after {} messages", seen.len()),
+        }
+    }
+    assert!(na > 0 && nb > 0, "both consumers got work: {na} / {nb}");
+    nothing(&mut sa).await;
+}

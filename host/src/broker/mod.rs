@@ -32,7 +32,7 @@ use crate::plugins::{
     Action, Decision, MetricsSnapshot, PluginKind, PluginRegistry, PluginRuntime, PluginSpec,
     PluginState, Principal, Resource, SandboxConfig,
 };
-use crate::store::{Append, MsgId, Store, StoreConfig, StoredMessage};
+use crate::store::{Append, MessageStore, MsgId, Store, StoreConfig, StoredMessage};
 use queue::{DeadLetters, MsgRef, Queue};
 use tenant::Tenant;
 
@@ -153,7 +153,7 @@ pub struct Broker {
 
 pub(crate) struct Inner {
     config: BrokerConfig,
-    store: Store,
+    store: Arc<dyn MessageStore>,
     runtime: PluginRuntime,
     plugins: PluginRegistry,
     tenants: RwLock<HashMap<String, Arc<Tenant>>>,
@@ -181,7 +181,16 @@ impl Broker {
     /// Open the store, recover tenants, queues, bindings, plugins and every
     /// stored message, and start the expiry sweeper (needs a tokio runtime).
     pub fn open(config: BrokerConfig) -> Result<Self, BrokerError> {
-        let store = Store::open(&config.store)?;
+        let store = Arc::new(Store::open(&config.store)?);
+        Self::open_with_store(config, store)
+    }
+
+    /// Like [`Broker::open`], on any [`MessageStore`] (e.g. one that injects
+    /// faults). `config.store` is not used.
+    pub fn open_with_store(
+        config: BrokerConfig,
+        store: Arc<dyn MessageStore>,
+    ) -> Result<Self, BrokerError> {
         let runtime = PluginRuntime::new(config.sandbox.clone())
             .map_err(|e| BrokerError::Conflict(format!("plugin runtime: {e}")))?;
         let broker = Broker {
@@ -343,8 +352,8 @@ impl Broker {
     }
 
     /// The store.
-    pub fn store(&self) -> &Store {
-        &self.inner.store
+    pub fn store(&self) -> &dyn MessageStore {
+        &*self.inner.store
     }
 
     /// Settings.

@@ -39,6 +39,11 @@ impl Future for Commit {
 }
 
 impl Commit {
+    /// A commit that already failed (for stores that refuse up front).
+    pub fn failed(err: StoreError) -> Self {
+        Commit(CommitInner::Failed(Some(err)))
+    }
+
     /// Block the current (non-async) thread until committed.
     pub fn wait(self) -> Result<(), StoreError> {
         match self.0 {

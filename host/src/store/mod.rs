@@ -147,15 +147,58 @@ impl Store {
         &self.dir
     }
 
+    /// Bytes sled uses on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// What the broker needs from storage. [`Store`] implements it on sled;
+/// a wrapper can inject faults (disk full, I/O errors) for tests.
+pub trait MessageStore: Send + Sync {
+    /// Append messages. With `durable`, the returned [`Commit`] resolves
+    /// after the batch (and everything committed with it) is fsynced;
+    /// without, as soon as it is written.
+    fn append(&self, items: Vec<Append>, durable: bool) -> Commit;
+    /// Remove messages (acks, expiries, drops). Not synced before returning.
+    fn remove(&self, queue: QueueId, ids: &[MsgId]) -> Result<(), StoreError>;
+    /// Read one message's stored value.
+    fn get(&self, queue: QueueId, id: MsgId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every message of `queue` in id order: (id, stored size, expiry ms or 0).
+    fn scan_queue(
+        &self,
+        queue: QueueId,
+    ) -> Box<dyn Iterator<Item = Result<(MsgId, u32, u64), StoreError>> + '_>;
+    /// Delete every message of `queue`; returns how many.
+    fn clear_queue(&self, queue: QueueId) -> Result<u64, StoreError>;
+    /// A new unique queue id, never reused.
+    fn allocate_queue_id(&self) -> Result<QueueId, StoreError>;
+    /// Set a metadata value (durable after [`MessageStore::sync`]).
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Delete a metadata value.
+    fn delete_meta(&self, key: &str) -> Result<(), StoreError>;
+    /// Every metadata entry whose key starts with `prefix`.
+    fn scan_meta(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Store a large value (a plugin component).
+    fn put_blob(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Read a large value.
+    fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Delete a large value.
+    fn delete_blob(&self, key: &str) -> Result<(), StoreError>;
+    /// Make everything written so far durable.
+    fn sync(&self) -> Result<(), StoreError>;
+}
+
+impl MessageStore for Store {
     /// Append messages. With `durable`, the returned [`Commit`] resolves
     /// after the batch (and everything committed with it) is fsynced;
     /// without, as soon as it is written to sled.
-    pub fn append(&self, items: Vec<Append>, durable: bool) -> Commit {
+    fn append(&self, items: Vec<Append>, durable: bool) -> Commit {
         self.committer.submit(items, durable)
     }
 
     /// Remove messages (acks, expiries, drops). Not synced before returning.
-    pub fn remove(&self, queue: QueueId, ids: &[MsgId]) -> Result<(), StoreError> {
+    fn remove(&self, queue: QueueId, ids: &[MsgId]) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -167,16 +210,19 @@ impl Store {
     }
 
     /// Read one message's stored value.
-    pub fn get(&self, queue: QueueId, id: MsgId) -> Result<Option<sled::IVec>, StoreError> {
-        self.messages.get(key(queue, id)).map_err(StoreError::sled)
+    fn get(&self, queue: QueueId, id: MsgId) -> Result<Option<Vec<u8>>, StoreError> {
+        self.messages
+            .get(key(queue, id))
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(StoreError::sled)
     }
 
     /// Every message of `queue` in id order: (id, stored value size, expiry ms or 0).
-    pub fn scan_queue(
+    fn scan_queue(
         &self,
         queue: QueueId,
-    ) -> impl Iterator<Item = Result<(MsgId, u32, u64), StoreError>> + '_ {
-        self.messages.scan_prefix(queue.to_be_bytes()).map(|r| {
+    ) -> Box<dyn Iterator<Item = Result<(MsgId, u32, u64), StoreError>> + '_> {
+        Box::new(self.messages.scan_prefix(queue.to_be_bytes()).map(|r| {
             let (k, v) = r.map_err(StoreError::sled)?;
             let id = k
                 .get(8..16)
@@ -185,12 +231,12 @@ impl Store {
                 .ok_or_else(|| StoreError::Corrupt(format!("message key of {} bytes", k.len())))?;
             let expiry = decode_expiry(&v)?;
             Ok((id, u32::try_from(v.len()).unwrap_or(u32::MAX), expiry))
-        })
+        }))
     }
 
     /// Delete every message of `queue` (queue delete or purge). Returns how
     /// many were removed.
-    pub fn clear_queue(&self, queue: QueueId) -> Result<u64, StoreError> {
+    fn clear_queue(&self, queue: QueueId) -> Result<u64, StoreError> {
         let mut n = 0;
         let mut batch = sled::Batch::default();
         for k in self.messages.scan_prefix(queue.to_be_bytes()).keys() {
@@ -202,12 +248,12 @@ impl Store {
     }
 
     /// A new unique queue id (persisted by sled; never reused).
-    pub fn allocate_queue_id(&self) -> Result<QueueId, StoreError> {
+    fn allocate_queue_id(&self) -> Result<QueueId, StoreError> {
         self.db.generate_id().map_err(StoreError::sled)
     }
 
     /// Set a metadata value. Call [`Store::sync`] to make it durable.
-    pub fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.meta
             .insert(key, value)
             .map(|_| ())
@@ -215,12 +261,12 @@ impl Store {
     }
 
     /// Delete a metadata value.
-    pub fn delete_meta(&self, key: &str) -> Result<(), StoreError> {
+    fn delete_meta(&self, key: &str) -> Result<(), StoreError> {
         self.meta.remove(key).map(|_| ()).map_err(StoreError::sled)
     }
 
     /// Every metadata entry whose key starts with `prefix`.
-    pub fn scan_meta(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    fn scan_meta(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.meta
             .scan_prefix(prefix)
             .map(|r| {
@@ -233,7 +279,7 @@ impl Store {
     }
 
     /// Store a large value (a plugin component).
-    pub fn put_blob(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+    fn put_blob(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.blobs
             .insert(key, value)
             .map(|_| ())
@@ -241,7 +287,7 @@ impl Store {
     }
 
     /// Read a large value.
-    pub fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.blobs
             .get(key)
             .map(|v| v.map(|v| v.to_vec()))
@@ -249,21 +295,16 @@ impl Store {
     }
 
     /// Delete a large value.
-    pub fn delete_blob(&self, key: &str) -> Result<(), StoreError> {
+    fn delete_blob(&self, key: &str) -> Result<(), StoreError> {
         self.blobs.remove(key).map(|_| ()).map_err(StoreError::sled)
     }
 
     /// Make everything written so far durable (flush + fdatasync).
-    pub fn sync(&self) -> Result<(), StoreError> {
+    fn sync(&self) -> Result<(), StoreError> {
         self.db.flush().map_err(StoreError::sled)?;
         self.data_file
             .sync_data()
             .map_err(|e| StoreError::io(&self.dir.join("db"), e))
-    }
-
-    /// Bytes sled uses on disk.
-    pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
     }
 }
 
