@@ -17,6 +17,8 @@ pub struct FileConfig {
     pub data: Option<PathBuf>,
     /// Certificate folder as written by `sluice certs init` (default <data>/certs).
     pub certs: Option<PathBuf>,
+    /// Prometheus metrics address (default: none).
+    pub metrics: Option<SocketAddr>,
     /// Certificate → identity mapping.
     #[serde(default)]
     pub identity: IdentityMapping,

@@ -12,6 +12,7 @@
 //! - [`tls`]: QUIC/TLS setup, identities from certificates, dev certificates;
 //! - [`server`] (with the private `session`): the QUIC listener and one
 //!   session per connection;
+//! - [`metrics`]: the Prometheus endpoint;
 //! - [`config`]: the `sluice.toml` file;
 //! - [`cli`]: the `sluice` command line;
 //! - [`bundled`]: the example and test plugins from `plugins/`, built at
@@ -23,6 +24,7 @@ pub mod broker;
 pub mod bundled;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod plugins;
 pub mod server;
 mod session;

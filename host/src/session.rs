@@ -58,6 +58,7 @@ pub(crate) async fn run(conn: quinn::Connection, broker: Broker, mapping: &Ident
         conn.close(CLOSE_IDENTITY.into(), e.to_string().as_bytes());
         return;
     }
+    let _counted = broker.connection_guard();
     let (send, recv) = match conn.accept_bi().await {
         Ok(s) => s,
         Err(_) => return,

@@ -241,3 +241,218 @@ fn plugin_test_runs_offline() {
     assert_eq!(v["detail"]["targets"], serde_json::json!(["main", "audit"]));
     let _ = Path::new(BIN);
 }
+
+#[test]
+fn metrics_config_check_and_graceful_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sluice.example.toml");
+    let o = sluice(
+        &[
+            "serve",
+            "--config",
+            example.to_str().unwrap(),
+            "--check-config",
+        ],
+        &[],
+    );
+    assert!(
+        o.status.success(),
+        "the example config is valid: {}",
+        stderr(&o)
+    );
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "listen = 7\n").unwrap();
+    let o = sluice(
+        &["serve", "--config", bad.to_str().unwrap(), "--check-config"],
+        &[],
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("listen"),
+        "names the key: {}",
+        stderr(&o)
+    );
+    assert_eq!(stderr(&o).trim().lines().count(), 1);
+
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let data = dir.path().join("data");
+    let mut server = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &addr,
+            "--metrics",
+            &metrics.to_string(),
+            "--data",
+        ])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let id = data.join("certs/default");
+    let env = [
+        ("SLUICE_SERVER", addr.as_str()),
+        ("SLUICE_IDENTITY", id.to_str().unwrap()),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = sluice(&["queue", "declare", "m"], &env);
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "broker did not come up: {}",
+            stderr(&o)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(sluice(&["queue", "bind", "m", "m"], &env).status.success());
+    assert!(
+        sluice(&["publish", "m", "--count", "5"], &env)
+            .status
+            .success()
+    );
+
+    let scrape = || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(metrics).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    };
+    let text = scrape();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("sluice_queue_ready{tenant=\"default\",queue=\"m\"} 5"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE sluice_plugin_call_seconds histogram"),
+        "{text}"
+    );
+
+    // SIGTERM: stop accepting, sync, exit 0; the next start is clean.
+    let st = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = server.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "serve did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "graceful shutdown exits 0: {status:?}");
+    let mut server = Command::new(BIN)
+        .args(["serve", "--listen", &addr, "--data"])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let o = loop {
+        let o = sluice(&["consume", "m", "--count", "5", "--timeout", "5"], &env);
+        if o.status.success()
+            || Instant::now() > deadline
+            || !stderr(&o).contains("certificate refused")
+        {
+            break o;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(o.status.success(), "{}", stderr(&o));
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+/// From nothing to a custom plugin answering: `plugin new`, the documented
+/// one-line build, `plugin test`.
+#[test]
+fn plugin_new_builds_and_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let crate_dir = dir.path().join("my-filter");
+    let o = sluice(
+        &[
+            "plugin",
+            "new",
+            crate_dir.to_str().unwrap(),
+            "--kind",
+            "filter",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("cargo build --release"),
+        "{}",
+        stdout(&o)
+    );
+    let again = sluice(
+        &[
+            "plugin",
+            "new",
+            crate_dir.to_str().unwrap(),
+            "--kind",
+            "filter",
+        ],
+        &[],
+    );
+    assert!(stderr(&again).contains("already exists"));
+
+    // Share one target folder between runs so only the first build pays.
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugin-new-test");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let start = Instant::now();
+    let build = Command::new(cargo)
+        .args(["build", "--release", "--quiet"])
+        .current_dir(&crate_dir)
+        .env("CARGO_TARGET_DIR", &target)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .output()
+        .unwrap();
+    assert!(
+        build.status.success(),
+        "{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    println!("plugin new → built in {:?}", start.elapsed());
+    let wasm = target.join("wasm32-unknown-unknown/release/my_filter.wasm");
+    for (header, verdict) in [("drop=1", "drop"), ("keep=1", "accept")] {
+        let o = sluice(
+            &[
+                "plugin",
+                "test",
+                wasm.to_str().unwrap(),
+                "--kind",
+                "filter",
+                "--header",
+                header,
+                "--json",
+            ],
+            &[],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+        assert_eq!(v["verdict"], verdict);
+        assert!(v["memory_kib"].as_u64().unwrap() > 0);
+    }
+}

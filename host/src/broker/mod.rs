@@ -158,6 +158,7 @@ pub(crate) struct Inner {
     plugins: PluginRegistry,
     tenants: RwLock<HashMap<String, Arc<Tenant>>>,
     next_consumer: AtomicU64,
+    connections: AtomicU64,
 }
 
 fn now_ms() -> u64 {
@@ -201,6 +202,7 @@ impl Broker {
                 plugins: PluginRegistry::new(),
                 tenants: RwLock::new(HashMap::new()),
                 next_consumer: AtomicU64::new(1),
+                connections: AtomicU64::new(0),
             }),
         };
         broker.recover()?;
@@ -932,9 +934,55 @@ impl Broker {
         out
     }
 
+    /// Every queue and plugin of every tenant (for metrics).
+    pub fn snapshot(&self) -> (Vec<QueueInfo>, Vec<PluginInfo>) {
+        let tenants: Vec<Arc<Tenant>> = self
+            .inner
+            .tenants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut queues = Vec::new();
+        for t in &tenants {
+            let qs: Vec<Arc<Queue>> = t.read().queues.values().cloned().collect();
+            queues.extend(qs.iter().map(|q| self.info(q, t)));
+        }
+        queues.sort_by(|a, b| (&a.tenant, &a.name).cmp(&(&b.tenant, &b.name)));
+        let plugins = self
+            .inner
+            .plugins
+            .list(None)
+            .iter()
+            .filter_map(|p| self.plugin_info(&p.id().tenant, &p.id().name).ok())
+            .collect();
+        (queues, plugins)
+    }
+
+    /// Open client connections.
+    pub fn connections(&self) -> u64 {
+        self.inner.connections.load(Relaxed)
+    }
+
+    /// Count a connection for as long as the returned guard lives.
+    pub(crate) fn connection_guard(&self) -> ConnectionGuard {
+        self.inner.connections.fetch_add(1, Relaxed);
+        ConnectionGuard(self.clone())
+    }
+
     /// Flush everything to disk (graceful shutdown).
     pub fn sync(&self) -> Result<(), BrokerError> {
         Ok(self.inner.store.sync()?)
+    }
+}
+
+/// Keeps a connection counted (see [`Broker::connections`]).
+pub(crate) struct ConnectionGuard(Broker);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.inner.connections.fetch_sub(1, Relaxed);
     }
 }
 

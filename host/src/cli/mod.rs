@@ -4,6 +4,7 @@
 mod demo;
 mod plugin;
 mod remote;
+mod scaffold;
 mod serve;
 
 pub use serve::{Running, start};
@@ -45,10 +46,13 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo provokes plugin failures on purpose; its table reports them.
-    init_tracing(if matches!(cli.command, Command::Demo) {
-        "error"
-    } else {
-        "warn"
+    // `plugin test` shows the plugin's own log lines.
+    init_tracing(match &cli.command {
+        Command::Demo => "error",
+        Command::Plugin(p) if matches!(p.cmd, plugin::PluginCommand::Test { .. }) => {
+            "warn,sluice::plugin=trace"
+        }
+        _ => "warn",
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -69,7 +73,7 @@ pub fn main() -> ExitCode {
             Command::Publish(args) => remote::publish(args).await,
             Command::Consume(args) => remote::consume(args).await,
             Command::Plugin(args) => plugin::run(&args.conn, args.cmd).await,
-            Command::Stats(args) => remote::stats(&args.conn, args.json).await,
+            Command::Stats(args) => remote::stats(&args.conn, args.json, args.watch).await,
         }
     });
     match result {

@@ -23,6 +23,18 @@ pub(crate) struct PluginArgs {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum PluginCommand {
+    /// Create a plugin crate from a template (inside a Sluice checkout's
+    /// `plugins/` folder it joins the workspace).
+    New {
+        /// Folder to create; its name is the crate name.
+        path: PathBuf,
+        /// router, filter or authorizer.
+        #[arg(long)]
+        kind: PluginKind,
+        /// The `sdk/plugin` folder of a Sluice checkout [default: the one this binary was built from].
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
     /// Load (or hot-swap) a plugin into the running broker.
     Load {
         /// The component (.wasm).
@@ -91,6 +103,13 @@ pub(crate) async fn run(
     cmd: PluginCommand,
 ) -> anyhow::Result<ExitCode> {
     match cmd {
+        PluginCommand::New { path, kind, sdk } => {
+            println!(
+                "{}",
+                super::scaffold::new_plugin(&path, kind, sdk.as_deref())?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         PluginCommand::Load {
             file,
             kind,
@@ -228,10 +247,11 @@ pub(crate) async fn run(
                 }
             };
             let micros = start.elapsed().as_secs_f64() * 1e6;
+            let memory_kib = plugin.metrics().peak_memory_bytes / 1024;
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({ "verdict": verdict, "detail": detail, "micros": micros })
+                    serde_json::json!({ "verdict": verdict, "detail": detail, "micros": micros, "memory_kib": memory_kib })
                 );
             } else {
                 println!("verdict: {verdict}");
@@ -239,6 +259,7 @@ pub(crate) async fn run(
                     println!("detail:  {detail}");
                 }
                 println!("time:    {micros:.1} µs");
+                println!("memory:  {memory_kib} KiB (linear memory, peak)");
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -65,6 +65,9 @@ pub(crate) struct StatsArgs {
     /// One JSON object per line.
     #[arg(long)]
     pub(crate) json: bool,
+    /// Refresh every SECS seconds until interrupted.
+    #[arg(long, value_name = "SECS")]
+    pub(crate) watch: Option<f64>,
 }
 
 /// Queue subcommands.
@@ -383,9 +386,27 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Run `sluice stats`.
-pub(crate) async fn stats(conn: &Conn, json: bool) -> anyhow::Result<ExitCode> {
+/// Run `sluice stats` (once, or every `watch` seconds).
+pub(crate) async fn stats(conn: &Conn, json: bool, watch: Option<f64>) -> anyhow::Result<ExitCode> {
     let client = conn.connect().await?;
+    let Some(every) = watch else {
+        print_stats(&client, json).await?;
+        client.close();
+        return Ok(ExitCode::SUCCESS);
+    };
+    if !(every > 0.0 && every.is_finite()) {
+        bail!("--watch must be a positive number of seconds");
+    }
+    loop {
+        if !json {
+            print!("\x1b[2J\x1b[H");
+        }
+        print_stats(&client, json).await?;
+        tokio::time::sleep(Duration::from_secs_f64(every)).await;
+    }
+}
+
+async fn print_stats(client: &Client, json: bool) -> anyhow::Result<()> {
     let stats = client.stats().await?;
     if json {
         for s in stats {
@@ -414,6 +435,5 @@ pub(crate) async fn stats(conn: &Conn, json: bool) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    client.close();
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

@@ -25,6 +25,9 @@ pub(crate) struct ServeArgs {
     /// Certificate folder from `sluice certs init` [default: <data>/certs, created on first start].
     #[arg(long)]
     certs: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (`/metrics`).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -118,12 +121,25 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             certs.display()
         );
     }
+    let metrics = match args.metrics.or(file.metrics) {
+        Some(addr) => Some((
+            addr,
+            crate::metrics::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+        )),
+        None => None,
+    };
     let running = start(listen, &data, &certs, config, file.identity.clone()).await?;
     println!(
         "sluice listening on {} (data in {})",
         running.addr,
         data.display()
     );
+    if let Some((addr, listener)) = metrics {
+        tokio::spawn(crate::metrics::serve(listener, running.broker.clone()));
+        println!("metrics on http://{addr}/metrics");
+    }
     shutdown_signal().await;
     println!("shutting down");
     running.server.close();

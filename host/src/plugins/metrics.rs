@@ -24,6 +24,7 @@ pub struct PluginMetrics {
     max_ns: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     logs_dropped: AtomicU64,
+    peak_memory: AtomicU64,
 }
 
 /// A point-in-time copy of [`PluginMetrics`].
@@ -61,6 +62,8 @@ pub struct MetricsSnapshot {
     pub latency_buckets: Vec<u64>,
     /// Guest log lines dropped by the per-call budget.
     pub logs_dropped: u64,
+    /// Largest linear memory of any instance, bytes.
+    pub peak_memory_bytes: u64,
 }
 
 impl MetricsSnapshot {
@@ -109,6 +112,10 @@ impl PluginMetrics {
         self.instantiations.fetch_add(1, Relaxed);
     }
 
+    pub(crate) fn memory(&self, bytes: usize) {
+        self.peak_memory.fetch_max(bytes as u64, Relaxed);
+    }
+
     pub(crate) fn logs_dropped(&self, n: u64) {
         if n > 0 {
             self.logs_dropped.fetch_add(n, Relaxed);
@@ -135,6 +142,7 @@ impl PluginMetrics {
             max_ns: self.max_ns.load(Relaxed),
             latency_buckets: self.latency.iter().map(|c| c.load(Relaxed)).collect(),
             logs_dropped: self.logs_dropped.load(Relaxed),
+            peak_memory_bytes: self.peak_memory.load(Relaxed),
         }
     }
 }

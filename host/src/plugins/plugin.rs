@@ -267,6 +267,7 @@ impl Plugin {
         let state = warm.store.data_mut();
         self.metrics
             .logs_dropped(std::mem::take(&mut state.log.dropped));
+        self.metrics.memory(state.limiter.peak_memory);
         match result {
             Ok(r) => {
                 self.consecutive_traps.store(0, Ordering::Relaxed);
@@ -323,6 +324,7 @@ impl Plugin {
         match init {
             Ok(Ok(())) => {
                 self.metrics.instantiated();
+                self.metrics.memory(store.data().limiter.peak_memory);
                 Ok(Warm { store, exports })
             }
             Ok(Err(reason)) => {

@@ -151,13 +151,15 @@ fn engine_config(sandbox: &SandboxConfig) -> Config {
     let mut pool = PoolingAllocationConfig::default();
     let n = sandbox.pool_instances.max(1);
     pool.total_component_instances(n)
-        .total_core_instances(n.saturating_mul(4))
+        .total_core_instances(n.saturating_mul(8))
         .total_memories(n.saturating_mul(2))
         .total_tables(n.saturating_mul(4))
         .max_memory_size(sandbox.memory_limit)
+        // Rust guests need 1–3 core instances; components from other
+        // toolchains (componentize-py, jco) carry more.
         .max_memories_per_component(4)
-        .max_tables_per_component(8)
-        .max_core_instances_per_component(8);
+        .max_tables_per_component(16)
+        .max_core_instances_per_component(32);
     let mut config = Config::new();
     config
         .epoch_interruption(true)

@@ -31,6 +31,8 @@ pub(crate) struct Limiter {
     memory_limit: usize,
     table_limit: usize,
     pub(crate) memory_denied: bool,
+    /// Largest linear memory size granted so far.
+    pub(crate) peak_memory: usize,
 }
 
 impl Limiter {
@@ -39,6 +41,7 @@ impl Limiter {
             memory_limit,
             table_limit,
             memory_denied: false,
+            peak_memory: 0,
         }
     }
 }
@@ -51,7 +54,9 @@ impl ResourceLimiter for Limiter {
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         let allowed = desired <= self.memory_limit && maximum.is_none_or(|m| desired <= m);
-        if !allowed {
+        if allowed {
+            self.peak_memory = self.peak_memory.max(desired);
+        } else {
             self.memory_denied = true;
         }
         Ok(allowed)
