@@ -19,6 +19,9 @@ pub struct FileConfig {
     pub certs: Option<PathBuf>,
     /// Prometheus metrics address (default: none).
     pub metrics: Option<SocketAddr>,
+    /// TLS files, overriding the ones in `certs`.
+    #[serde(default)]
+    pub tls: TlsFiles,
     /// Certificate → identity mapping.
     #[serde(default)]
     pub identity: IdentityMapping,
@@ -36,7 +39,57 @@ impl FileConfig {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| {
-            anyhow::anyhow!("{}: {}", path.display(), e.to_string().replace('\n', " "))
+            let at = e.span().map(|span| {
+                let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+                format!(", line {line_no} (`{line}`)")
+            });
+            anyhow::anyhow!(
+                "{}{}: {}",
+                path.display(),
+                at.unwrap_or_default(),
+                e.message()
+            )
         })
+    }
+}
+
+/// `[tls]`: explicit certificate files. Unset keys come from the `certs`
+/// folder layout (`ca.pem`, `*.crl.pem`, `server/cert.pem`, `server/key.pem`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// CA certificates (PEM) that client certificates must chain to.
+    pub ca: Option<Vec<PathBuf>>,
+    /// Certificate revocation lists (PEM).
+    pub crls: Option<Vec<PathBuf>>,
+    /// Server certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    pub key: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Whether any file is set explicitly.
+    pub fn is_set(&self) -> bool {
+        self.ca.is_some() || self.crls.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+
+    /// The server's files: these keys over the `certs` folder layout.
+    pub fn resolve(&self, certs: &Path) -> crate::tls::ServerTlsFiles {
+        let mut files = crate::tls::ServerTlsFiles::from_dir(certs);
+        if let Some(ca) = &self.ca {
+            files.ca = ca.clone();
+        }
+        if let Some(crls) = &self.crls {
+            files.crls = crls.clone();
+        }
+        if let Some(cert) = &self.cert {
+            files.cert = cert.clone();
+        }
+        if let Some(key) = &self.key {
+            files.key = key.clone();
+        }
+        files
     }
 }

@@ -106,7 +106,7 @@ impl Harness {
         let running = sluice::cli::start(
             self.addr,
             self.data.path(),
-            &self.certs,
+            &sluice::tls::ServerTlsFiles::from_dir(&self.certs),
             config,
             Default::default(),
         )

@@ -9,6 +9,7 @@ use sluice_client::{Client, QueueSpec};
 
 use crate::broker::BrokerConfig;
 use crate::bundled;
+use crate::tls::ServerTlsFiles;
 
 struct Table {
     rows: Vec<(String, String, bool)>,
@@ -50,7 +51,7 @@ pub(crate) async fn run() -> anyhow::Result<ExitCode> {
     let running = super::start(
         listen,
         &data,
-        &certs,
+        &ServerTlsFiles::from_dir(&certs),
         demo_config(&data),
         Default::default(),
     )
@@ -264,7 +265,14 @@ pub(crate) async fn run() -> anyhow::Result<ExitCode> {
     drop(running.server);
     drop(broker);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let running = super::start(addr, &data, &certs, demo_config(&data), Default::default()).await?;
+    let running = super::start(
+        addr,
+        &data,
+        &ServerTlsFiles::from_dir(&certs),
+        demo_config(&data),
+        Default::default(),
+    )
+    .await?;
     let acme = Client::connect(running.addr, &certs.join("acme")).await?;
     let mut orders = acme.subscribe("orders", 256).await?;
     let mut recovered = 0;

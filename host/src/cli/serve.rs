@@ -43,17 +43,18 @@ pub struct Running {
     pub addr: SocketAddr,
 }
 
-/// Open the broker in `data` and listen on `listen` with the certificates in `certs`.
+/// Open the broker in `data` and listen on `listen` with the certificates in
+/// `tls_files` (see [`ServerTlsFiles::from_dir`] for a `sluice certs init` folder).
 pub async fn start(
     listen: SocketAddr,
     data: &Path,
-    certs: &Path,
+    tls_files: &ServerTlsFiles,
     mut config: BrokerConfig,
     mapping: IdentityMapping,
 ) -> anyhow::Result<Running> {
     config.store.dir = data.join("store");
     config.sandbox.cache_dir = Some(data.join("plugin-cache"));
-    let tls = tls::server_config(&ServerTlsFiles::from_dir(certs)).context("TLS setup")?;
+    let tls = tls::server_config(tls_files).context("TLS setup")?;
     let broker = Broker::open(config).context("opening the data directory")?;
     let server = std::sync::Arc::new(
         Server::bind(listen, tls, broker.clone(), mapping)
@@ -96,7 +97,16 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(mib) = file.plugin_memory_mib {
         config.sandbox.memory_limit = mib << 20;
     }
+    let dev_certs = !file.tls.is_set() && !certs.join("ca.pem").exists();
     if args.check_config {
+        if dev_certs {
+            println!(
+                "TLS: development certificates will be created in {} on first start",
+                certs.display()
+            );
+        } else {
+            tls::server_config(&file.tls.resolve(&certs)).context("TLS setup")?;
+        }
         println!(
             "configuration ok: listen {listen}, data {}, certs {}",
             data.display(),
@@ -104,7 +114,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    if !certs.join("ca.pem").exists() {
+    if dev_certs {
         tls::init_dev_certs(
             &certs,
             &["default".to_string()],
@@ -130,7 +140,14 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )),
         None => None,
     };
-    let running = start(listen, &data, &certs, config, file.identity.clone()).await?;
+    let running = start(
+        listen,
+        &data,
+        &file.tls.resolve(&certs),
+        config,
+        file.identity.clone(),
+    )
+    .await?;
     println!(
         "sluice listening on {} (data in {})",
         running.addr,
