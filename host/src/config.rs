@@ -31,6 +31,14 @@ pub struct FileConfig {
     pub plugin_deadline_ms: Option<u64>,
     /// Plugin memory cap in MiB (default 16).
     pub plugin_memory_mib: Option<usize>,
+    /// Refuse clients of tenants not registered here or with `sluice tenant
+    /// create` (default false: a tenant is registered at its first connection).
+    pub strict_tenants: Option<bool>,
+    /// Concurrent plugin tasks per tenant (default 1).
+    pub plugin_concurrency_per_tenant: Option<usize>,
+    /// Tenants registered (or updated) at start, with their quotas.
+    #[serde(default)]
+    pub tenants: Vec<TenantEntry>,
 }
 
 impl FileConfig {
@@ -92,4 +100,16 @@ impl TlsFiles {
         }
         files
     }
+}
+
+/// `[[tenants]]`: a tenant and its quotas.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantEntry {
+    /// Tenant name.
+    pub name: String,
+    /// Quotas: `max_connections`, `max_queues`, `max_stored_bytes`,
+    /// `max_publish_rate`, `max_message_bytes` (unset: unlimited).
+    #[serde(default)]
+    pub limits: crate::broker::TenantLimits,
 }

@@ -49,6 +49,11 @@ impl Server {
         }
     }
 
+    /// Replace the TLS configuration for new connections (e.g. new CRLs).
+    pub fn set_tls(&self, tls: quinn::ServerConfig) {
+        self.endpoint.set_server_config(Some(tls));
+    }
+
     /// Stop accepting and close every connection with code 0 ("shutdown").
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"server shutting down");

@@ -15,6 +15,23 @@ use crate::tls::{IdentityMapping, peer_identity};
 /// Close codes.
 const CLOSE_IDENTITY: u32 = 1;
 const CLOSE_PROTOCOL: u32 = 2;
+const CLOSE_ADMIN: u32 = 3;
+
+/// Refuse a connection whose certificate was accepted: answer its first
+/// stream with an error frame so the client reports the reason, then close.
+async fn refuse(conn: &quinn::Connection, e: BrokerError) {
+    let body = error_body(&e);
+    if let Ok(Ok((mut send, _recv))) =
+        tokio::time::timeout(std::time::Duration::from_secs(5), conn.accept_bi()).await
+    {
+        let _ = send
+            .write_all(&proto::encode_frame(&Frame::Error(body.clone())))
+            .await;
+        let _ = send.finish();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    conn.close(CLOSE_IDENTITY.into(), body.message.as_bytes());
+}
 
 /// Map a broker error to its wire form (the one place this happens).
 pub(crate) fn error_body(e: &BrokerError) -> ErrorBody {
@@ -25,7 +42,8 @@ pub(crate) fn error_body(e: &BrokerError) -> ErrorBody {
         BrokerError::Conflict(_) => ErrorCode::Conflict,
         BrokerError::NoRoute(_) => ErrorCode::NoRoute,
         BrokerError::QueueFull(_) => ErrorCode::QueueFull,
-        BrokerError::Limit(_) => ErrorCode::QuotaExceeded,
+        BrokerError::Limit(_) => ErrorCode::LimitExceeded,
+        BrokerError::Quota(_) => ErrorCode::QuotaExceeded,
         BrokerError::Router(_) | BrokerError::PluginLoad(_) => ErrorCode::PluginFailed,
         BrokerError::Store(_) => ErrorCode::Storage,
         BrokerError::ShuttingDown => ErrorCode::ShuttingDown,
@@ -58,7 +76,21 @@ pub(crate) async fn run(conn: quinn::Connection, broker: Broker, mapping: &Ident
         conn.close(CLOSE_IDENTITY.into(), e.to_string().as_bytes());
         return;
     }
-    let _counted = broker.connection_guard();
+    let closer: crate::broker::Closer = {
+        let conn = conn.clone();
+        std::sync::Arc::new(move |reason: &str| conn.close(CLOSE_ADMIN.into(), reason.as_bytes()))
+    };
+    let _admitted = match broker.admit(
+        &who,
+        crate::tls::peer_serial(&conn).unwrap_or_default(),
+        closer,
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            refuse(&conn, e).await;
+            return;
+        }
+    };
     let (send, recv) = match conn.accept_bi().await {
         Ok(s) => s,
         Err(_) => return,
@@ -279,6 +311,48 @@ impl Session {
                     .collect(),
             ));
         }
+        let quota = |q: proto::TenantQuota| crate::broker::TenantLimits {
+            max_connections: q.max_connections,
+            max_queues: q.max_queues,
+            max_stored_bytes: q.max_stored_bytes,
+            max_publish_rate: q.max_publish_rate,
+            max_message_bytes: q.max_message_bytes,
+        };
+        match body {
+            R::TenantCreate { name, limits } => {
+                b.create_tenant(&who, &name, quota(limits))?;
+                return Ok(S::Ok);
+            }
+            R::TenantLimits { name, limits } => {
+                b.set_tenant_limits(&who, &name, quota(limits))?;
+                return Ok(S::Ok);
+            }
+            R::TenantDelete { name } => {
+                b.delete_tenant(&who, &name)?;
+                return Ok(S::Ok);
+            }
+            R::TenantList => {
+                return Ok(S::Tenants(
+                    b.list_tenants(&who)?
+                        .into_iter()
+                        .map(|t| proto::TenantSummary {
+                            name: t.name,
+                            limits: proto::TenantQuota {
+                                max_connections: t.limits.max_connections,
+                                max_queues: t.limits.max_queues,
+                                max_stored_bytes: t.limits.max_stored_bytes,
+                                max_publish_rate: t.limits.max_publish_rate,
+                                max_message_bytes: t.limits.max_message_bytes,
+                            },
+                            connections: t.connections,
+                            queues: t.queues,
+                            bytes: t.bytes,
+                        })
+                        .collect(),
+                ));
+            }
+            _ => {}
+        }
         let t = b.scope(&who, tenant)?;
         Ok(match body {
             R::Declare(d) => {
@@ -385,7 +459,13 @@ impl Session {
                 b.unload_plugin(&who, &t, &name)?;
                 S::Ok
             }
-            R::Stats => unreachable!("answered above"),
+            R::Stats
+            | R::TenantCreate { .. }
+            | R::TenantLimits { .. }
+            | R::TenantDelete { .. }
+            | R::TenantList => {
+                unreachable!("answered above")
+            }
         })
     }
 }

@@ -81,11 +81,19 @@ pub struct Harness {
     pub certs: std::path::PathBuf,
     /// Listening address.
     pub addr: std::net::SocketAddr,
+    tune: Box<dyn Fn(&mut sluice::broker::BrokerConfig) + Send + Sync>,
 }
 
 impl Harness {
     /// Start a broker.
     pub async fn start() -> Harness {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Start a broker with adjusted settings.
+    pub async fn start_with(
+        tune: impl Fn(&mut sluice::broker::BrokerConfig) + Send + Sync + 'static,
+    ) -> Harness {
         let data = tempfile::tempdir().unwrap();
         let certs = data.path().join("certs");
         sluice::tls::init_dev_certs(&certs, &["acme".into(), "globex".into()], "sluice").unwrap();
@@ -94,6 +102,7 @@ impl Harness {
             data,
             certs,
             addr: "127.0.0.1:0".parse().unwrap(),
+            tune: Box::new(tune),
         };
         h.restart().await;
         h
@@ -102,7 +111,8 @@ impl Harness {
     /// (Re)start the broker on the same data directory and port.
     pub async fn restart(&mut self) {
         self.stop().await;
-        let config = sluice::broker::BrokerConfig::new(self.data.path());
+        let mut config = sluice::broker::BrokerConfig::new(self.data.path());
+        (self.tune)(&mut config);
         let running = sluice::cli::start(
             self.addr,
             self.data.path(),
@@ -127,6 +137,14 @@ impl Harness {
             // sessions drop theirs as their connections close.
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Try to connect with the identity folder `name`.
+    pub async fn try_client(
+        &self,
+        name: &str,
+    ) -> Result<sluice_client::Client, sluice_client::ClientError> {
+        sluice_client::Client::connect(self.addr, &self.certs.join(name)).await
     }
 
     /// A client with the identity folder `name` (`acme`, `globex`, `admin`).

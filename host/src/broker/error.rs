@@ -37,6 +37,9 @@ pub enum BrokerError {
     /// A limit was exceeded.
     #[error("limit exceeded: {0}")]
     Limit(String),
+    /// A tenant quota was exceeded.
+    #[error("quota exceeded: {0}")]
+    Quota(String),
     /// A router plugin rejected the publish or failed.
     #[error("router refused the message: {0}")]
     Router(String),

@@ -14,6 +14,7 @@ mod names;
 mod queue;
 mod routing;
 mod subscription;
+mod tenancy;
 mod tenant;
 
 pub use error::BrokerError;
@@ -22,6 +23,7 @@ pub use queue::{Delivery, Overflow, QueueOptions};
 pub use routing::Publish;
 
 pub use subscription::Subscription;
+pub use tenancy::{Admission, Closer, TenantInfo, TenantLimits};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -47,6 +49,12 @@ pub struct BrokerConfig {
     pub max_message_bytes: usize,
     /// Most queues per tenant. Default 10 000.
     pub max_queues_per_tenant: usize,
+    /// Refuse clients of tenants that are not registered (default: register
+    /// a tenant at its first connection).
+    pub strict_tenants: bool,
+    /// Concurrent plugin tasks per tenant. Default 1: a tenant's plugins use
+    /// at most one core, whatever they do.
+    pub plugin_concurrency_per_tenant: usize,
 }
 
 impl BrokerConfig {
@@ -61,6 +69,8 @@ impl BrokerConfig {
             store: StoreConfig::new(dir.join("store")),
             max_message_bytes: 1 << 20,
             max_queues_per_tenant: 10_000,
+            strict_tenants: false,
+            plugin_concurrency_per_tenant: 1,
         }
     }
 }
@@ -159,7 +169,11 @@ pub(crate) struct Inner {
     tenants: RwLock<HashMap<String, Arc<Tenant>>>,
     next_consumer: AtomicU64,
     connections: AtomicU64,
+    live: std::sync::Mutex<tenancy::Connections>,
 }
+
+/// Cached authorizer decisions per tenant before the cache is reset.
+const AUTH_CACHE_ENTRIES: usize = 10_000;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -203,6 +217,7 @@ impl Broker {
                 tenants: RwLock::new(HashMap::new()),
                 next_consumer: AtomicU64::new(1),
                 connections: AtomicU64::new(0),
+                live: std::sync::Mutex::new(tenancy::Connections::default()),
             }),
         };
         broker.recover()?;
@@ -211,6 +226,7 @@ impl Broker {
     }
 
     fn recover(&self) -> Result<(), BrokerError> {
+        self.recover_tenants()?;
         let store = &self.inner.store;
         let mut transient = Vec::new();
         for (key, value) in store.scan_meta("queue/")? {
@@ -329,7 +345,12 @@ impl Broker {
             .write()
             .unwrap_or_else(|p| p.into_inner());
         map.entry(name.to_string())
-            .or_insert_with(|| Arc::new(Tenant::new(name)))
+            .or_insert_with(|| {
+                Arc::new(Tenant::new(
+                    name,
+                    self.inner.config.plugin_concurrency_per_tenant,
+                ))
+            })
             .clone()
     }
 
@@ -409,19 +430,39 @@ impl Broker {
         if who.admin {
             return Ok(());
         }
-        let Some(name) = self.tenant(tenant).read().authorizer.clone() else {
+        let t = self.tenant(tenant);
+        let Some(name) = t.read().authorizer.clone() else {
             return Ok(());
         };
         let Some(plugin) = self.inner.plugins.get(tenant, &name) else {
             return Ok(());
         };
-        match plugin.authorize(who, action, resource) {
-            Ok(Decision::Allow) => Ok(()),
-            Ok(Decision::Deny(reason)) => Err(BrokerError::Unauthorized(reason)),
-            Err(f) => Err(BrokerError::Unauthorized(format!(
-                "authorizer failed, denying: {f}"
-            ))),
+        // Decisions are cached per client until the authorizer changes; a
+        // failing call is not cached.
+        let key = format!("{}\u{0}{action:?}\u{0}{resource:?}", who.client);
+        if let Some(cached) = t
+            .auth_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return cached.clone().map_err(BrokerError::Unauthorized);
         }
+        let decision = match plugin.authorize(who, action, resource) {
+            Ok(Decision::Allow) => Ok(()),
+            Ok(Decision::Deny(reason)) => Err(reason),
+            Err(f) => {
+                return Err(BrokerError::Unauthorized(format!(
+                    "authorizer failed, denying: {f}"
+                )));
+            }
+        };
+        let mut cache = t.auth_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= AUTH_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(key, decision.clone());
+        decision.map_err(BrokerError::Unauthorized)
     }
 
     /// Declare a queue (idempotent when the options are equal).
@@ -448,6 +489,14 @@ impl Broker {
             let q = q.clone();
             drop(tw);
             return Ok(self.info(&q, &t));
+        }
+        if let Some(max) = t.limits().max_queues
+            && tw.queues.len() >= max as usize
+        {
+            return Err(BrokerError::Quota(format!(
+                "tenant `{tenant}` has {} queues (max {max})",
+                tw.queues.len()
+            )));
         }
         if tw.queues.len() >= self.inner.config.max_queues_per_tenant {
             return Err(BrokerError::Limit(format!(
@@ -691,6 +740,7 @@ impl Broker {
             self.tenant(tenant).write().detach(name, old.kind());
         }
         self.tenant(tenant).write().attach(name, kind, queue);
+        self.tenant(tenant).clear_auth_cache();
         self.plugin_info(tenant, name)
     }
 
@@ -708,6 +758,7 @@ impl Broker {
             .remove(tenant, name)
             .ok_or_else(|| BrokerError::not_found("plugin", name))?;
         self.tenant(tenant).write().detach(name, p.kind());
+        self.tenant(tenant).clear_auth_cache();
         let key = format!("plugin/{tenant}/{name}");
         self.inner.store.delete_meta(&key)?;
         self.inner.store.delete_blob(&key)?;
@@ -913,7 +964,7 @@ impl Broker {
             .collect();
         let mut out: Vec<TenantStats> = tenants
             .iter()
-            .filter(|t| who.admin || t.name == who.tenant)
+            .filter(|t| !t.name.is_empty() && (who.admin || t.name == who.tenant))
             .map(|t| {
                 let queues: Vec<Arc<Queue>> = t.read().queues.values().cloned().collect();
                 let infos: Vec<QueueInfo> = queues.iter().map(|q| self.info(q, t)).collect();
@@ -965,24 +1016,9 @@ impl Broker {
         self.inner.connections.load(Relaxed)
     }
 
-    /// Count a connection for as long as the returned guard lives.
-    pub(crate) fn connection_guard(&self) -> ConnectionGuard {
-        self.inner.connections.fetch_add(1, Relaxed);
-        ConnectionGuard(self.clone())
-    }
-
     /// Flush everything to disk (graceful shutdown).
     pub fn sync(&self) -> Result<(), BrokerError> {
         Ok(self.inner.store.sync()?)
-    }
-}
-
-/// Keeps a connection counted (see [`Broker::connections`]).
-pub(crate) struct ConnectionGuard(Broker);
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        self.0.inner.connections.fetch_sub(1, Relaxed);
     }
 }
 

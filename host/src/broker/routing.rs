@@ -45,11 +45,17 @@ impl Broker {
             let ts = t.read();
             ts.router.is_some() || !ts.filters.is_empty() || ts.authorizer.is_some()
         };
-        let routed: Vec<Result<Routed, BrokerError>> = if has_plugins {
+        let n = msgs.len();
+        let mut routed: Vec<Result<Routed, BrokerError>> = if has_plugins {
             // Plugin calls are synchronous and may run up to their deadline:
-            // keep them off the async workers.
+            // keep them off the async workers, and run at most the tenant's
+            // share of them at once so one tenant cannot occupy every worker.
+            let Ok(permit) = t.plugin_slots.clone().acquire_owned().await else {
+                return (0..n).map(|_| Err(BrokerError::ShuttingDown)).collect();
+            };
             let (broker, who, tenant_name) = (self.clone(), who.clone(), tenant.to_string());
             match tokio::task::spawn_blocking(move || {
+                let _permit = permit;
                 let t = broker.tenant(&tenant_name);
                 msgs.iter().map(|m| broker.route(&t, &who, m)).collect()
             })
@@ -57,14 +63,34 @@ impl Broker {
             {
                 Ok(r) => r,
                 Err(e) => {
-                    return vec![Err(BrokerError::Conflict(format!(
-                        "routing task failed: {e}"
-                    )))];
+                    let e = BrokerError::Conflict(format!("routing task failed: {e}"));
+                    return (0..n).map(|_| Err(e.clone())).collect();
                 }
             }
         } else {
             msgs.iter().map(|m| self.route(&t, who, m)).collect()
         };
+        if let Some(max) = t.limits().max_stored_bytes {
+            // Refuse, in order, the messages that would take the tenant over
+            // its stored-bytes quota.
+            let mut total = t.stored_bytes();
+            for r in routed.iter_mut() {
+                let Ok(ok) = r else { continue };
+                let size: u64 = ok
+                    .stores
+                    .iter()
+                    .chain(ok.dead.iter())
+                    .map(|(_, m)| m.encode().len() as u64)
+                    .sum();
+                if total + size > max {
+                    *r = Err(BrokerError::Quota(format!(
+                        "tenant `{tenant}` would store more than {max} bytes"
+                    )));
+                } else {
+                    total += size;
+                }
+            }
+        }
         self.commit_routed(routed).await
     }
 
@@ -77,12 +103,19 @@ impl Broker {
                 .iter()
                 .map(|(k, v)| k.len() + v.len())
                 .sum::<usize>();
-        if size > self.inner.config.max_message_bytes {
-            return Err(BrokerError::Limit(format!(
-                "message of {size} bytes exceeds the maximum of {} bytes",
-                self.inner.config.max_message_bytes
-            )));
+        let limits = t.limits();
+        let global = self.inner.config.max_message_bytes;
+        let max = limits
+            .max_message_bytes
+            .map_or(global, |m| (m as usize).min(global));
+        if size > max {
+            let e = format!("message of {size} bytes exceeds the maximum of {max} bytes");
+            return Err(match limits.max_message_bytes {
+                Some(_) => BrokerError::Quota(e),
+                None => BrokerError::Limit(e),
+            });
         }
+        self.check_rate(t, 1)?;
         self.authorize(
             who,
             &t.name,

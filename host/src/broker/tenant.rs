@@ -1,16 +1,32 @@
 //! A tenant's namespace: queues, bindings and which plugins are attached.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::bindings::BindingTrie;
 use super::queue::Queue;
+use super::tenancy::{Bucket, TenantLimits};
 use crate::plugins::PluginKind;
 
 /// One tenant.
 pub(crate) struct Tenant {
     pub name: String,
     state: RwLock<TenantState>,
+    /// In the registry (created, or auto-registered at first connection).
+    pub registered: AtomicBool,
+    /// Quotas.
+    pub limits: RwLock<TenantLimits>,
+    /// Open connections.
+    pub connections: AtomicU64,
+    /// Publish-rate bucket.
+    pub bucket: Mutex<Bucket>,
+    /// Plugin work of this tenant runs with at most this many permits, so
+    /// one tenant's slow plugins cannot occupy every worker.
+    pub plugin_slots: Arc<tokio::sync::Semaphore>,
+    /// Authorizer decisions: (client, action, resource) → allowed or the
+    /// deny reason. Cleared whenever the authorizer changes.
+    pub auth_cache: Mutex<HashMap<String, Result<(), String>>>,
 }
 
 /// Everything a tenant owns, behind one lock.
@@ -27,11 +43,39 @@ pub(crate) struct TenantState {
 }
 
 impl Tenant {
-    pub fn new(name: &str) -> Self {
+    pub fn new(name: &str, plugin_slots: usize) -> Self {
         Self {
             name: name.to_string(),
             state: RwLock::new(TenantState::default()),
+            registered: AtomicBool::new(false),
+            limits: RwLock::new(TenantLimits::default()),
+            connections: AtomicU64::new(0),
+            bucket: Mutex::new(Bucket::default()),
+            plugin_slots: Arc::new(tokio::sync::Semaphore::new(plugin_slots.max(1))),
+            auth_cache: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Current quotas.
+    pub fn limits(&self) -> TenantLimits {
+        self.limits
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Bytes stored across the tenant's queues.
+    pub fn stored_bytes(&self) -> u64 {
+        let queues: Vec<Arc<Queue>> = self.read().queues.values().cloned().collect();
+        queues.iter().map(|q| q.lock().bytes).sum()
+    }
+
+    /// Forget cached authorizer decisions.
+    pub fn clear_auth_cache(&self) {
+        self.auth_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     pub fn read(&self) -> RwLockReadGuard<'_, TenantState> {

@@ -6,6 +6,7 @@ mod plugin;
 mod remote;
 mod scaffold;
 mod serve;
+mod tenant;
 
 pub use serve::{Running, start};
 
@@ -40,6 +41,8 @@ enum Command {
     Plugin(plugin::PluginArgs),
     /// Per-tenant usage.
     Stats(remote::StatsArgs),
+    /// Manage tenants and their quotas (admin identities).
+    Tenant(tenant::TenantArgs),
 }
 
 /// Parse the arguments, run the command, and turn any error into one line.
@@ -74,6 +77,7 @@ pub fn main() -> ExitCode {
             Command::Consume(args) => remote::consume(args).await,
             Command::Plugin(args) => plugin::run(&args.conn, args.cmd).await,
             Command::Stats(args) => remote::stats(&args.conn, args.json, args.watch).await,
+            Command::Tenant(args) => tenant::run(&args.conn, args.cmd).await,
         }
     });
     match result {

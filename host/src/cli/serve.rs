@@ -97,6 +97,23 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(mib) = file.plugin_memory_mib {
         config.sandbox.memory_limit = mib << 20;
     }
+    if let Some(strict) = file.strict_tenants {
+        config.strict_tenants = strict;
+    }
+    if let Some(n) = file.plugin_concurrency_per_tenant {
+        config.plugin_concurrency_per_tenant = n;
+    }
+    for t in &file.tenants {
+        crate::broker::check_tenant(&t.name).with_context(|| {
+            format!(
+                "{}: [[tenants]]",
+                args.config
+                    .as_deref()
+                    .unwrap_or(Path::new("config"))
+                    .display()
+            )
+        })?;
+    }
     let dev_certs = !file.tls.is_set() && !certs.join("ca.pem").exists();
     if args.check_config {
         if dev_certs {
@@ -157,7 +174,21 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(crate::metrics::serve(listener, running.broker.clone()));
         println!("metrics on http://{addr}/metrics");
     }
-    shutdown_signal().await;
+    let operator = crate::plugins::Principal {
+        tenant: String::new(),
+        client: "config".into(),
+        subject: String::new(),
+        sans: vec![],
+        admin: true,
+    };
+    for t in &file.tenants {
+        running
+            .broker
+            .create_tenant(&operator, &t.name, t.limits.clone())
+            .with_context(|| format!("tenant `{}` in the config", t.name))?;
+    }
+    let tls_files = file.tls.resolve(&certs);
+    wait_for_shutdown(&running, &tls_files).await;
     println!("shutting down");
     running.server.close();
     running.broker.sync()?;
@@ -169,25 +200,51 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Run until SIGINT/SIGTERM. SIGHUP reloads the TLS files (CRLs included):
+/// new connections use them, and connected clients whose certificate is now
+/// revoked are disconnected.
+async fn wait_for_shutdown(running: &Running, tls_files: &ServerTlsFiles) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return,
+                _ = term.recv() => return,
+                _ = hup.recv() => reload_tls(running, tls_files),
             }
         }
     }
     #[cfg(not(unix))]
     {
+        let _ = (running, tls_files);
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn reload_tls(running: &Running, files: &ServerTlsFiles) {
+    match running.reload_tls(files) {
+        Ok(closed) => println!("reloaded TLS files; closed {closed} revoked connection(s)"),
+        Err(e) => eprintln!("error: TLS reload failed, keeping the previous configuration: {e}"),
+    }
+}
+
+impl Running {
+    /// Load the TLS files again (new CRLs apply to new connections) and
+    /// disconnect clients whose certificate is now revoked. Returns how many
+    /// were disconnected. On error the previous configuration stays.
+    pub fn reload_tls(&self, files: &ServerTlsFiles) -> Result<usize, tls::TlsError> {
+        let cfg = tls::server_config(files)?;
+        let serials = tls::revoked_serials(files)?;
+        self.server.set_tls(cfg);
+        Ok(self.broker.close_revoked(&serials))
     }
 }
 

@@ -324,5 +324,36 @@ pub fn peer_identity(
     identity_from_der(leaf, mapping)
 }
 
+/// The serial number of a connected peer's certificate.
+pub fn peer_serial(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    let (_, cert) = X509Certificate::from_der(chain.first()?).ok()?;
+    Some(cert.raw_serial().to_vec())
+}
+
+/// Serial numbers revoked by the CRLs in `files`.
+pub fn revoked_serials(files: &ServerTlsFiles) -> Result<Vec<Vec<u8>>, TlsError> {
+    let mut out = Vec::new();
+    for path in &files.crls {
+        for crl in
+            CertificateRevocationListDer::pem_file_iter(path).map_err(|e| file_err(path, e))?
+        {
+            let crl = crl.map_err(|e| file_err(path, e))?;
+            let (_, parsed) = <x509_parser::revocation_list::CertificateRevocationList as x509_parser::prelude::FromDer<_>>::from_der(&crl)
+                .map_err(|e| file_err(path, e))?;
+            out.extend(
+                parsed
+                    .iter_revoked_certificates()
+                    .map(|r| r.raw_serial().to_vec()),
+            );
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests;

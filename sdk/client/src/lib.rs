@@ -37,7 +37,10 @@
 
 mod tls;
 
-pub use sluice_proto::{Delivery, ErrorBody, ErrorCode, PluginSummary, QueueSummary, TenantUsage};
+pub use sluice_proto::{
+    Delivery, ErrorBody, ErrorCode, PluginSummary, QueueSummary, TenantQuota, TenantSummary,
+    TenantUsage,
+};
 pub use tls::Identity;
 
 use std::collections::{HashMap, VecDeque};
@@ -480,6 +483,43 @@ impl Client {
                 "unexpected response {other:?}"
             ))),
         }
+    }
+
+    /// Register a tenant, or replace its limits (administrators).
+    pub async fn create_tenant(&self, name: &str, limits: TenantQuota) -> Result<(), ClientError> {
+        self.ok(Request::TenantCreate {
+            name: name.into(),
+            limits,
+        })
+        .await
+    }
+
+    /// Replace a registered tenant's limits (administrators).
+    pub async fn set_tenant_limits(
+        &self,
+        name: &str,
+        limits: TenantQuota,
+    ) -> Result<(), ClientError> {
+        self.ok(Request::TenantLimits {
+            name: name.into(),
+            limits,
+        })
+        .await
+    }
+
+    /// Registered tenants with usage (administrators).
+    pub async fn list_tenants(&self) -> Result<Vec<TenantSummary>, ClientError> {
+        match self.request(Request::TenantList).await? {
+            Response::Tenants(t) => Ok(t),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected response {other:?}"
+            ))),
+        }
+    }
+
+    /// Delete a tenant, its data and its connections (administrators).
+    pub async fn delete_tenant(&self, name: &str) -> Result<(), ClientError> {
+        self.ok(Request::TenantDelete { name: name.into() }).await
     }
 
     /// Publish. The message is sent at once; the returned future resolves

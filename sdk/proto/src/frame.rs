@@ -120,6 +120,57 @@ pub enum Request {
     },
     /// Usage per tenant.
     Stats,
+    /// Register a tenant or replace its limits (admins).
+    TenantCreate {
+        /// Tenant name.
+        name: String,
+        /// Quotas.
+        limits: TenantQuota,
+    },
+    /// Replace a registered tenant's limits (admins).
+    TenantLimits {
+        /// Tenant name.
+        name: String,
+        /// Quotas.
+        limits: TenantQuota,
+    },
+    /// List registered tenants (admins).
+    TenantList,
+    /// Delete a tenant with its queues, messages, plugins and connections (admins).
+    TenantDelete {
+        /// Tenant name.
+        name: String,
+    },
+}
+
+/// Per-tenant quotas; `None` is unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode)]
+pub struct TenantQuota {
+    /// Concurrent connections.
+    pub max_connections: Option<u32>,
+    /// Queues.
+    pub max_queues: Option<u32>,
+    /// Stored bytes.
+    pub max_stored_bytes: Option<u64>,
+    /// Messages per second.
+    pub max_publish_rate: Option<u32>,
+    /// Largest message, bytes.
+    pub max_message_bytes: Option<u32>,
+}
+
+/// A registered tenant as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct TenantSummary {
+    /// Name.
+    pub name: String,
+    /// Quotas.
+    pub limits: TenantQuota,
+    /// Open connections.
+    pub connections: u64,
+    /// Queues.
+    pub queues: u64,
+    /// Stored bytes.
+    pub bytes: u64,
 }
 
 /// A successful response.
@@ -140,6 +191,8 @@ pub enum Response {
     Plugins(Vec<PluginSummary>),
     /// Usage.
     Stats(Vec<TenantUsage>),
+    /// Registered tenants.
+    Tenants(Vec<TenantSummary>),
 }
 
 /// A queue as listed.
@@ -393,7 +446,11 @@ impl Frame {
                         check_len("config entries", config.len(), limits.max_headers)?;
                         check_headers(config, limits)
                     }
-                    Request::UnloadPlugin { name } => check_name("plugin", name, limits),
+                    Request::UnloadPlugin { name }
+                    | Request::TenantDelete { name }
+                    | Request::TenantCreate { name, .. }
+                    | Request::TenantLimits { name, .. } => check_name("name", name, limits),
+                    Request::TenantList => Ok(()),
                     Request::ListQueues | Request::ListPlugins | Request::Stats => Ok(()),
                 }
             }
@@ -401,6 +458,7 @@ impl Frame {
                 Ok(Response::Queues(q)) => check_len("queues", q.len(), limits.max_list),
                 Ok(Response::Plugins(p)) => check_len("plugins", p.len(), limits.max_list),
                 Ok(Response::Stats(s)) => check_len("tenants", s.len(), limits.max_list),
+                Ok(Response::Tenants(t)) => check_len("tenants", t.len(), limits.max_list),
                 _ => Ok(()),
             },
             Frame::Publish {

@@ -45,7 +45,7 @@ pub use codec::{Decoder, HARD_MAX_FRAME, Limits, encode, encode_frame};
 pub use error::{DecodeError, ErrorCode};
 pub use frame::{
     Delivery, ErrorBody, Frame, Overflow, PluginSummary, QueueDecl, QueueSummary, Request,
-    Response, TenantUsage,
+    Response, TenantQuota, TenantSummary, TenantUsage,
 };
 
 /// ALPN protocol id negotiated in TLS.
