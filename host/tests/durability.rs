@@ -212,3 +212,64 @@ async fn confirms_follow_fdatasync_of_the_data_file() {
         "no fdatasync of store/db around 20 confirmed publishes:\n{text}"
     );
 }
+
+/// `sluice certs revoke` + SIGHUP: the connected revoked client is
+/// disconnected and refused afterwards; other clients carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_crls_and_disconnects_revoked_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    certs(dir.path());
+    let ca = dir.path().join("certs");
+    let issued = Command::new(BIN)
+        .args(["certs", "issue", "--ca"])
+        .arg(&ca)
+        .args(["--tenant", "acme", "--client", "laptop", "--out"])
+        .arg(ca.join("laptop"))
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(issued.success());
+    let addr = free_port();
+    let mut child = spawn(&[], dir.path(), addr);
+    let other = connect(dir.path(), addr).await;
+    let laptop = Client::connect(addr, &ca.join("laptop")).await.unwrap();
+    laptop.declare(QueueSpec::new("q")).await.unwrap();
+
+    let revoked = Command::new(BIN)
+        .args(["certs", "revoke", "--ca"])
+        .arg(&ca)
+        .arg("--cert")
+        .arg(ca.join("laptop/cert.pem"))
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(revoked.success());
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while laptop.list_queues().await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the revoked client must be disconnected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let again = Client::connect(addr, &ca.join("laptop")).await;
+    assert!(
+        matches!(
+            again,
+            Err(sluice_client::ClientError::CertificateRefused(_))
+        ),
+        "{:?}",
+        again.err()
+    );
+    other
+        .list_queues()
+        .await
+        .expect("other clients stay connected");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -187,8 +187,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .create_tenant(&operator, &t.name, t.limits.clone())
             .with_context(|| format!("tenant `{}` in the config", t.name))?;
     }
-    let tls_files = file.tls.resolve(&certs);
-    wait_for_shutdown(&running, &tls_files).await;
+    wait_for_shutdown(&running, &file.tls, &certs).await;
     println!("shutting down");
     running.server.close();
     running.broker.sync()?;
@@ -203,7 +202,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// Run until SIGINT/SIGTERM. SIGHUP reloads the TLS files (CRLs included):
 /// new connections use them, and connected clients whose certificate is now
 /// revoked are disconnected.
-async fn wait_for_shutdown(running: &Running, tls_files: &ServerTlsFiles) {
+async fn wait_for_shutdown(running: &Running, tls: &crate::config::TlsFiles, certs: &Path) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -218,13 +217,14 @@ async fn wait_for_shutdown(running: &Running, tls_files: &ServerTlsFiles) {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => return,
                 _ = term.recv() => return,
-                _ = hup.recv() => reload_tls(running, tls_files),
+                // Resolve again: new *.crl.pem files in the folder count.
+                _ = hup.recv() => reload_tls(running, &tls.resolve(certs)),
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = (running, tls_files);
+        let _ = (running, tls, certs);
         let _ = tokio::signal::ctrl_c().await;
     }
 }
