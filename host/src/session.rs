@@ -548,12 +548,32 @@ async fn deliver(
     }
     loop {
         tokio::select! {
-            cmd = cmds.recv() => match cmd {
-                Some(SubCmd::Ack(t)) => sub.ack(&t),
-                Some(SubCmd::Nack(t)) => sub.nack(&t),
-                Some(SubCmd::Reject(t)) => sub.reject(&t),
-                None => break,
-            },
+            cmd = cmds.recv() => {
+                let Some(first) = cmd else { break };
+                // Settle everything already queued in one go: consecutive
+                // acks become one store removal and one dispatch.
+                let mut acks = Vec::new();
+                let mut next = Some(first);
+                while let Some(cmd) = next {
+                    match cmd {
+                        SubCmd::Ack(t) => acks.extend(t),
+                        other => {
+                            if !acks.is_empty() {
+                                sub.ack(&std::mem::take(&mut acks));
+                            }
+                            match other {
+                                SubCmd::Nack(t) => sub.nack(&t),
+                                SubCmd::Reject(t) => sub.reject(&t),
+                                SubCmd::Ack(_) => {}
+                            }
+                        }
+                    }
+                    next = cmds.try_recv().ok();
+                }
+                if !acks.is_empty() {
+                    sub.ack(&acks);
+                }
+            }
             batch = sub.next() => {
                 let Some(batch) = batch else { break };
                 buf.clear();

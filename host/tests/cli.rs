@@ -456,3 +456,78 @@ fn plugin_new_builds_and_runs() {
         assert!(v["memory_kib"].as_u64().unwrap() > 0);
     }
 }
+
+#[test]
+fn bench_reports_json_against_a_running_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let data = dir.path().join("data");
+    let mut server = Command::new(BIN)
+        .args(["serve", "--listen", &addr, "--data"])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let id = data.join("certs/default");
+    let env = [
+        ("SLUICE_SERVER", addr.as_str()),
+        ("SLUICE_IDENTITY", id.to_str().unwrap()),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let o = loop {
+        let o = sluice(
+            &[
+                "bench",
+                "--count",
+                "2000",
+                "--producers",
+                "2",
+                "--consumers",
+                "2",
+                "--queues",
+                "2",
+                "--json",
+            ],
+            &env,
+        );
+        if o.status.success()
+            || Instant::now() > deadline
+            || !(stderr(&o).contains("certificate refused") || stderr(&o).contains("missing"))
+        {
+            break o;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(
+        (
+            v["sent"].as_u64(),
+            v["confirmed"].as_u64(),
+            v["received"].as_u64()
+        ),
+        (Some(2000), Some(2000), Some(2000))
+    );
+    assert_eq!(v["duplicates"], 0);
+    for key in [
+        "msgs_per_s",
+        "publish_msgs_per_s",
+        "mb_per_s",
+        "p50_ms",
+        "p99_ms",
+        "p999_ms",
+    ] {
+        assert!(v[key].as_f64().is_some(), "{key} in {v}");
+    }
+    // The bench cleans up its queues.
+    let o = sluice(&["queue", "list", "--json"], &env);
+    assert_eq!(stdout(&o).trim(), "", "no bench queue left");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}

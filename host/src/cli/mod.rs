@@ -1,6 +1,7 @@
 //! The `sluice` command line. Every error is printed as one readable line on
 //! stderr with a non-zero exit code.
 
+mod bench;
 mod demo;
 mod plugin;
 mod remote;
@@ -43,6 +44,8 @@ enum Command {
     Stats(remote::StatsArgs),
     /// Manage tenants and their quotas (admin identities).
     Tenant(tenant::TenantArgs),
+    /// Load a running broker and report throughput and end-to-end latency.
+    Bench(bench::BenchArgs),
 }
 
 /// Parse the arguments, run the command, and turn any error into one line.
@@ -78,6 +81,7 @@ pub fn main() -> ExitCode {
             Command::Plugin(args) => plugin::run(&args.conn, args.cmd).await,
             Command::Stats(args) => remote::stats(&args.conn, args.json, args.watch).await,
             Command::Tenant(args) => tenant::run(&args.conn, args.cmd).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     });
     match result {
