@@ -211,7 +211,10 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let counters = counters.clone();
         let total = args.count;
         tokio::spawn(async move {
-            while progress {
+            if !progress {
+                return;
+            }
+            loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 let (c, r) = (
                     counters.confirmed.load(Relaxed),
