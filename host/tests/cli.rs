@@ -27,6 +27,83 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
 
+/// A `sluice serve` child on a free loopback port with its own data folder;
+/// killed when dropped.
+struct Served {
+    child: std::process::Child,
+    addr: String,
+    data: std::path::PathBuf,
+}
+
+impl Served {
+    /// Start `sluice serve` with `extra` flags and wait for its development
+    /// certificates.
+    fn start(data: &Path, extra: &[&str]) -> Served {
+        let port = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Served::start_on(data, &format!("127.0.0.1:{port}"), extra)
+    }
+
+    fn start_on(data: &Path, addr: &str, extra: &[&str]) -> Served {
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", addr, "--data"])
+            .arg(data)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let served = Served {
+            child,
+            addr: addr.to_string(),
+            data: data.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !served.identity().join("key.pem").exists() || !data.join("certs/ca.pem").exists() {
+            assert!(
+                Instant::now() < deadline,
+                "serve did not create certificates"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        served
+    }
+
+    fn identity(&self) -> std::path::PathBuf {
+        self.data.join("certs/default")
+    }
+
+    /// Run a client command against this broker, retrying while it starts.
+    fn run(&self, args: &[&str]) -> Output {
+        let identity = self.identity();
+        let env = [
+            ("SLUICE_SERVER", self.addr.as_str()),
+            ("SLUICE_IDENTITY", identity.to_str().unwrap()),
+        ];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let o = sluice(args, &env);
+            if o.status.success()
+                || Instant::now() > deadline
+                || !stderr(&o).contains("certificate refused")
+            {
+                return o;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn demo_shows_every_policy_and_exits_zero() {
     let out = sluice(&["demo"], &[]);
@@ -49,44 +126,8 @@ fn demo_shows_every_policy_and_exits_zero() {
 #[test]
 fn serve_and_client_commands() {
     let dir = tempfile::tempdir().unwrap();
-    let port = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let data = dir.path().join("data");
-    let mut server = Command::new(BIN)
-        .args(["serve", "--listen", &addr, "--data"])
-        .arg(&data)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let identity = data.join("certs/default");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !identity.join("cert.pem").exists() || !data.join("certs/ca.pem").exists() {
-        assert!(
-            Instant::now() < deadline,
-            "serve did not create certificates"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let id = identity.to_str().unwrap();
-    let env = [("SLUICE_SERVER", addr.as_str()), ("SLUICE_IDENTITY", id)];
-    let run = |args: &[&str]| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let o = sluice(args, &env);
-            if o.status.success()
-                || Instant::now() > deadline
-                || !stderr(&o).contains("certificate refused")
-            {
-                return o;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let served = Served::start(&dir.path().join("data"), &[]);
+    let run = |args: &[&str]| served.run(args);
     let o = run(&["queue", "declare", "jobs", "--max-length", "1000"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(run(&["queue", "bind", "jobs", "jobs.>"]).status.success());
@@ -178,9 +219,6 @@ fn serve_and_client_commands() {
     let o = run(&["stats", "--json"]);
     let s: serde_json::Value = serde_json::from_str(stdout(&o).lines().next().unwrap()).unwrap();
     assert_eq!(s["tenant"], "default");
-
-    server.kill().unwrap();
-    server.wait().unwrap();
 }
 
 #[test]
@@ -275,55 +313,20 @@ fn metrics_config_check_and_graceful_shutdown() {
     );
     assert_eq!(stderr(&o).trim().lines().count(), 1);
 
-    let port = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let addr = format!("127.0.0.1:{port}");
     let data = dir.path().join("data");
-    let mut server = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            &addr,
-            "--metrics",
-            &metrics.to_string(),
-            "--data",
-        ])
-        .arg(&data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let id = data.join("certs/default");
-    let env = [
-        ("SLUICE_SERVER", addr.as_str()),
-        ("SLUICE_IDENTITY", id.to_str().unwrap()),
-    ];
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let o = sluice(&["queue", "declare", "m"], &env);
-        if o.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "broker did not come up: {}",
-            stderr(&o)
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    let mut served = Served::start(&data, &["--metrics", &metrics.to_string()]);
+    for args in [
+        &["queue", "declare", "m"][..],
+        &["queue", "bind", "m", "m"],
+        &["publish", "m", "--count", "5"],
+    ] {
+        let o = served.run(args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
     }
-    assert!(sluice(&["queue", "bind", "m", "m"], &env).status.success());
-    assert!(
-        sluice(&["publish", "m", "--count", "5"], &env)
-            .status
-            .success()
-    );
 
     let scrape = || {
         use std::io::{Read, Write};
@@ -347,40 +350,24 @@ fn metrics_config_check_and_graceful_shutdown() {
 
     // SIGTERM: stop accepting, sync, exit 0; the next start is clean.
     let st = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
+        .args(["-TERM", &served.child.id().to_string()])
         .status()
         .unwrap();
     assert!(st.success());
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
-        if let Some(s) = server.try_wait().unwrap() {
+        if let Some(s) = served.child.try_wait().unwrap() {
             break s;
         }
         assert!(Instant::now() < deadline, "serve did not stop on SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "graceful shutdown exits 0: {status:?}");
-    let mut server = Command::new(BIN)
-        .args(["serve", "--listen", &addr, "--data"])
-        .arg(&data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let o = loop {
-        let o = sluice(&["consume", "m", "--count", "5", "--timeout", "5"], &env);
-        if o.status.success()
-            || Instant::now() > deadline
-            || !stderr(&o).contains("certificate refused")
-        {
-            break o;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let addr = served.addr.clone();
+    drop(served);
+    let restarted = Served::start_on(&data, &addr, &[]);
+    let o = restarted.run(&["consume", "m", "--count", "5", "--timeout", "5"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    server.kill().unwrap();
-    server.wait().unwrap();
 }
 
 /// From nothing to a custom plugin answering: `plugin new`, the documented
@@ -460,50 +447,19 @@ fn plugin_new_builds_and_runs() {
 #[test]
 fn bench_reports_json_against_a_running_broker() {
     let dir = tempfile::tempdir().unwrap();
-    let port = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let data = dir.path().join("data");
-    let mut server = Command::new(BIN)
-        .args(["serve", "--listen", &addr, "--data"])
-        .arg(&data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let id = data.join("certs/default");
-    let env = [
-        ("SLUICE_SERVER", addr.as_str()),
-        ("SLUICE_IDENTITY", id.to_str().unwrap()),
-    ];
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let o = loop {
-        let o = sluice(
-            &[
-                "bench",
-                "--count",
-                "2000",
-                "--producers",
-                "2",
-                "--consumers",
-                "2",
-                "--queues",
-                "2",
-                "--json",
-            ],
-            &env,
-        );
-        if o.status.success()
-            || Instant::now() > deadline
-            || !(stderr(&o).contains("certificate refused") || stderr(&o).contains("missing"))
-        {
-            break o;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let served = Served::start(&dir.path().join("data"), &[]);
+    let o = served.run(&[
+        "bench",
+        "--count",
+        "2000",
+        "--producers",
+        "2",
+        "--consumers",
+        "2",
+        "--queues",
+        "2",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
     let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(
@@ -526,8 +482,6 @@ fn bench_reports_json_against_a_running_broker() {
         assert!(v[key].as_f64().is_some(), "{key} in {v}");
     }
     // The bench cleans up its queues.
-    let o = sluice(&["queue", "list", "--json"], &env);
+    let o = served.run(&["queue", "list", "--json"]);
     assert_eq!(stdout(&o).trim(), "", "no bench queue left");
-    server.kill().unwrap();
-    server.wait().unwrap();
 }

@@ -354,15 +354,19 @@ impl Broker {
             .clone()
     }
 
-    fn all_queues(&self) -> Vec<Arc<Queue>> {
-        let tenants: Vec<Arc<Tenant>> = self
-            .inner
+    /// Every tenant known in memory (registered or not).
+    fn all_tenants(&self) -> Vec<Arc<Tenant>> {
+        self.inner
             .tenants
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    fn all_queues(&self) -> Vec<Arc<Queue>> {
+        let tenants = self.all_tenants();
         tenants
             .iter()
             .flat_map(|t| t.read().queues.values().cloned().collect::<Vec<_>>())
@@ -954,14 +958,7 @@ impl Broker {
 
     /// Per-tenant totals (admins see every tenant, tenants only their own).
     pub fn stats(&self, who: &Principal) -> Vec<TenantStats> {
-        let tenants: Vec<Arc<Tenant>> = self
-            .inner
-            .tenants
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let tenants = self.all_tenants();
         let mut out: Vec<TenantStats> = tenants
             .iter()
             .filter(|t| !t.name.is_empty() && (who.admin || t.name == who.tenant))
@@ -987,14 +984,7 @@ impl Broker {
 
     /// Every queue and plugin of every tenant (for metrics).
     pub fn snapshot(&self) -> (Vec<QueueInfo>, Vec<PluginInfo>) {
-        let tenants: Vec<Arc<Tenant>> = self
-            .inner
-            .tenants
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let tenants = self.all_tenants();
         let mut queues = Vec::new();
         for t in &tenants {
             let qs: Vec<Arc<Queue>> = t.read().queues.values().cloned().collect();

@@ -240,14 +240,7 @@ impl Broker {
     /// Registered tenants with their usage.
     pub fn list_tenants(&self, who: &Principal) -> Result<Vec<TenantInfo>, BrokerError> {
         Self::require_admin(who)?;
-        let tenants: Vec<Arc<Tenant>> = self
-            .inner
-            .tenants
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let tenants = self.all_tenants();
         let mut out: Vec<TenantInfo> = tenants
             .iter()
             .filter(|t| t.registered.load(Relaxed))

@@ -127,6 +127,17 @@ pub fn init_dev_certs(out: &Path, tenants: &[String], trust_domain: &str) -> Res
     write(&out.join("ca.pem"), &ca_pem, false)
 }
 
+/// The CA in `ca_dir` (`ca.pem` + `ca.key`): its PEM and an issuer.
+fn load_ca(ca_dir: &Path) -> Result<(String, Issuer<'static, KeyPair>), TlsError> {
+    let ca_pem_path = ca_dir.join("ca.pem");
+    let ca_key_path = ca_dir.join("ca.key");
+    let ca_pem = fs::read_to_string(&ca_pem_path).map_err(|e| file_err(&ca_pem_path, e))?;
+    let key_pem = fs::read_to_string(&ca_key_path).map_err(|e| file_err(&ca_key_path, e))?;
+    let key = KeyPair::from_pem(&key_pem).map_err(|e| file_err(&ca_key_path, e))?;
+    let ca = Issuer::from_ca_cert_pem(&ca_pem, key).map_err(|e| file_err(&ca_pem_path, e))?;
+    Ok((ca_pem, ca))
+}
+
 /// Issue a client identity folder `out` for `tenant`/`client` with the CA in
 /// `ca_dir` (`ca.pem` + `ca.key`).
 pub fn issue_client_cert(
@@ -143,12 +154,7 @@ pub fn issue_client_cert(
             )));
         }
     }
-    let ca_pem_path = ca_dir.join("ca.pem");
-    let ca_key_path = ca_dir.join("ca.key");
-    let ca_pem = fs::read_to_string(&ca_pem_path).map_err(|e| file_err(&ca_pem_path, e))?;
-    let key_pem = fs::read_to_string(&ca_key_path).map_err(|e| file_err(&ca_key_path, e))?;
-    let key = KeyPair::from_pem(&key_pem).map_err(|e| file_err(&ca_key_path, e))?;
-    let ca = Issuer::from_ca_cert_pem(&ca_pem, key).map_err(|e| file_err(&ca_pem_path, e))?;
+    let (ca_pem, ca) = load_ca(ca_dir)?;
     client(out, &ca, &ca_pem, Some(tenant), client_name, trust_domain)
 }
 
@@ -180,12 +186,7 @@ pub fn revoke_cert(ca_dir: &Path, cert: &Path) -> Result<(), TlsError> {
     if !serials.contains(&serial) {
         serials.push(serial);
     }
-    let ca_pem_path = ca_dir.join("ca.pem");
-    let ca_key_path = ca_dir.join("ca.key");
-    let ca_pem = fs::read_to_string(&ca_pem_path).map_err(|e| file_err(&ca_pem_path, e))?;
-    let key_pem = fs::read_to_string(&ca_key_path).map_err(|e| file_err(&ca_key_path, e))?;
-    let key = KeyPair::from_pem(&key_pem).map_err(|e| file_err(&ca_key_path, e))?;
-    let ca = Issuer::from_ca_cert_pem(&ca_pem, key).map_err(|e| file_err(&ca_pem_path, e))?;
+    let (_, ca) = load_ca(ca_dir)?;
     let now = rcgen::date_time_ymd(2024, 1, 1);
     let params = CertificateRevocationListParams {
         this_update: now,
