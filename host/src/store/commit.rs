@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 
 use tokio::sync::oneshot;
 
-use super::{Append, StoreError, key};
+use super::{Append, StoreError, key, manifest};
 
 struct Request {
     items: Vec<Append>,
@@ -70,16 +70,11 @@ impl Drop for Committer {
 }
 
 impl Committer {
-    pub(crate) fn start(
-        db: sled::Db,
-        messages: sled::Tree,
-        data_file: Arc<File>,
-        max_batch: usize,
-    ) -> std::io::Result<Self> {
+    pub(crate) fn start(log: CommitLog, max_batch: usize) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Request>();
         let thread = std::thread::Builder::new()
             .name("sluice-commit".into())
-            .spawn(move || run(rx, db, messages, data_file, max_batch))?;
+            .spawn(move || run(rx, log, max_batch))?;
         Ok(Self {
             tx: Some(tx),
             thread: Some(thread),
@@ -106,13 +101,18 @@ impl Committer {
     }
 }
 
-fn run(
-    rx: mpsc::Receiver<Request>,
-    db: sled::Db,
-    messages: sled::Tree,
-    data_file: Arc<File>,
-    max_batch: usize,
-) {
+/// What the committer thread owns.
+pub(crate) struct CommitLog {
+    pub db: sled::Db,
+    pub messages: sled::Tree,
+    pub data_file: Arc<File>,
+    pub dir: std::path::PathBuf,
+    /// Last durable commit number.
+    pub commit: u64,
+    pub manifest_at: std::time::Instant,
+}
+
+fn run(rx: mpsc::Receiver<Request>, mut log: CommitLog, max_batch: usize) {
     let mut waiting: Vec<Request> = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut count = first.items.len();
@@ -126,32 +126,36 @@ fn run(
                 Err(_) => break,
             }
         }
-        let result = commit(&db, &messages, &data_file, &waiting);
+        let result = commit(&mut log, &waiting);
         for r in waiting.drain(..) {
             let _ = r.reply.send(result.clone());
         }
     }
 }
 
-fn commit(
-    db: &sled::Db,
-    messages: &sled::Tree,
-    data_file: &File,
-    requests: &[Request],
-) -> Result<(), StoreError> {
+fn commit(log: &mut CommitLog, requests: &[Request]) -> Result<(), StoreError> {
+    let durable = requests.iter().any(|r| r.durable);
     let mut batch = sled::Batch::default();
     for r in requests {
         for item in &r.items {
             batch.insert(&key(item.queue, item.id), item.value.as_slice());
         }
     }
-    messages.apply_batch(batch).map_err(StoreError::sled)?;
-    if requests.iter().any(|r| r.durable) {
-        db.flush().map_err(StoreError::sled)?;
-        data_file.sync_data().map_err(|e| StoreError::Io {
+    if durable {
+        batch.insert(&manifest::COMMIT_KEY, &(log.commit + 1).to_be_bytes());
+    }
+    log.messages.apply_batch(batch).map_err(StoreError::sled)?;
+    if durable {
+        log.db.flush().map_err(StoreError::sled)?;
+        log.data_file.sync_data().map_err(|e| StoreError::Io {
             path: "db".into(),
             message: e.to_string(),
         })?;
+        log.commit += 1;
+        if log.manifest_at.elapsed() >= std::time::Duration::from_millis(100) {
+            manifest::write(&log.dir, log.commit)?;
+            log.manifest_at = std::time::Instant::now();
+        }
     }
     Ok(())
 }

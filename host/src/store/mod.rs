@@ -28,6 +28,7 @@
 
 mod commit;
 mod error;
+mod manifest;
 mod message;
 
 pub use commit::Commit;
@@ -124,10 +125,16 @@ impl Store {
         let data_path = config.dir.join("db");
         let data_file =
             Arc::new(File::open(&data_path).map_err(|e| StoreError::io(&data_path, e))?);
+        let commit = manifest::check(&config.dir, &messages)?;
         let committer = Committer::start(
-            db.clone(),
-            messages.clone(),
-            data_file.clone(),
+            commit::CommitLog {
+                db: db.clone(),
+                messages: messages.clone(),
+                data_file: data_file.clone(),
+                dir: config.dir.clone(),
+                commit,
+                manifest_at: std::time::Instant::now(),
+            },
             config.max_batch.max(1),
         )
         .map_err(|e| StoreError::io(&config.dir, e))?;
@@ -304,7 +311,8 @@ impl MessageStore for Store {
         self.db.flush().map_err(StoreError::sled)?;
         self.data_file
             .sync_data()
-            .map_err(|e| StoreError::io(&self.dir.join("db"), e))
+            .map_err(|e| StoreError::io(&self.dir.join("db"), e))?;
+        manifest::write(&self.dir, manifest::stored(&self.messages)?)
     }
 }
 
