@@ -21,13 +21,28 @@ pub struct Publish {
     pub payload: Vec<u8>,
 }
 
+/// A message in its stored form, encoded once (on the routing thread).
+struct Encoded {
+    value: Vec<u8>,
+    expires_at: u64,
+}
+
+impl From<StoredMessage> for Encoded {
+    fn from(m: StoredMessage) -> Self {
+        Self {
+            value: m.encode(),
+            expires_at: m.expires_at_ms,
+        }
+    }
+}
+
 /// Where one message goes after routing and filtering.
 #[derive(Default)]
 struct Routed {
     /// Queues that store it, with the (possibly transformed) message.
-    stores: Vec<(Arc<Queue>, StoredMessage)>,
+    stores: Vec<(Arc<Queue>, Encoded)>,
     /// Dead-letter queues receiving it because a filter failed.
-    dead: Vec<(Arc<Queue>, StoredMessage)>,
+    dead: Vec<(Arc<Queue>, Encoded)>,
 }
 
 impl Broker {
@@ -80,7 +95,7 @@ impl Broker {
                     .stores
                     .iter()
                     .chain(ok.dead.iter())
-                    .map(|(_, m)| m.encode().len() as u64)
+                    .map(|(_, m)| m.value.len() as u64)
                     .sum();
                 if total + size > max {
                     *r = Err(BrokerError::Quota(format!(
@@ -199,13 +214,15 @@ impl Broker {
                     }
                 }
             }
-            let stored = |headers, payload, q: &Queue| StoredMessage {
-                topic: msg.topic.clone(),
-                headers,
-                payload,
-                publisher: who.client.clone(),
-                timestamp_ms: now,
-                expires_at_ms: q.options.ttl_ms.map(|ttl| now + ttl).unwrap_or(0),
+            let stored = |headers, payload, q: &Queue| {
+                Encoded::from(StoredMessage {
+                    topic: msg.topic.clone(),
+                    headers,
+                    payload,
+                    publisher: who.client.clone(),
+                    timestamp_ms: now,
+                    expires_at_ms: q.options.ttl_ms.map(|ttl| now + ttl).unwrap_or(0),
+                })
             };
             match outcome {
                 Ok(true) => routed.stores.push((q.clone(), stored(headers, payload, q))),
@@ -258,8 +275,8 @@ impl Broker {
                     continue;
                 }
             };
-            let all: Vec<&(Arc<Queue>, StoredMessage)> =
-                r.stores.iter().chain(r.dead.iter()).collect();
+            let stored_in = r.stores.len() as u32;
+            let all: Vec<(Arc<Queue>, Encoded)> = r.stores.into_iter().chain(r.dead).collect();
             let mut ids = Vec::with_capacity(all.len());
             let mut full = None;
             for (q, _) in &all {
@@ -279,24 +296,23 @@ impl Broker {
                 continue;
             }
             for ((q, m), id) in all.into_iter().zip(ids) {
-                let value = m.encode();
                 durable |= q.options.durable;
                 placed.push((
                     q.clone(),
                     MsgRef {
                         id,
-                        size: value.len() as u32,
-                        expires_at: m.expires_at_ms,
+                        size: m.value.len() as u32,
+                        expires_at: m.expires_at,
                         deliveries: 0,
                     },
                 ));
                 appends.push(Append {
                     queue: q.id,
                     id,
-                    value,
+                    value: m.value,
                 });
             }
-            results.push(Ok(r.stores.len() as u32));
+            results.push(Ok(stored_in));
         }
         if appends.is_empty() {
             return results;
