@@ -27,6 +27,14 @@ pub enum StoreError {
     /// Stored bytes could not be decoded.
     #[error("stored data is damaged: {0}")]
     Corrupt(String),
+    /// A value larger than the store keeps durably.
+    #[error("a stored message of {len} bytes exceeds the store's durable limit of {max} bytes")]
+    TooLarge {
+        /// Size of the value.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The committer thread is gone (the store is shutting down).
     #[error("the store is shut down")]
     Closed,

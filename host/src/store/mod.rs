@@ -55,6 +55,11 @@ pub struct StoreConfig {
     pub cache_capacity: u64,
     /// Most messages applied per group commit. Default 4096.
     pub max_batch: usize,
+    /// sled segment size. Values larger than a quarter of it are written by
+    /// sled to separate blob files that its flush does not fsync, so the
+    /// store refuses them instead (see [`Store::max_value`]). Default 8 MiB,
+    /// which keeps values up to ~2 MiB inline (messages are at most 1 MiB).
+    pub segment_size: usize,
 }
 
 impl StoreConfig {
@@ -64,6 +69,7 @@ impl StoreConfig {
             dir: dir.into(),
             cache_capacity: 64 << 20,
             max_batch: 4096,
+            segment_size: 8 << 20,
         }
     }
 }
@@ -88,6 +94,7 @@ pub struct Store {
     data_file: Arc<File>,
     committer: Committer,
     dir: PathBuf,
+    max_value: usize,
 }
 
 impl std::fmt::Debug for Store {
@@ -112,6 +119,7 @@ impl Store {
         let db = sled::Config::new()
             .path(&config.dir)
             .cache_capacity(config.cache_capacity)
+            .segment_size(config.segment_size)
             // Durability comes from the committer's explicit syncs; sled's
             // background flusher only bounds how stale acks can be.
             .flush_every_ms(Some(500))
@@ -146,7 +154,15 @@ impl Store {
             data_file,
             committer,
             dir: config.dir.clone(),
+            // sled inlines page updates up to segment_size / 4 (minus a
+            // header); keep a margin for the key and node framing.
+            max_value: (config.segment_size / 4).saturating_sub(4096),
         })
+    }
+
+    /// The largest value the store keeps durably (larger ones are refused).
+    pub fn max_value(&self) -> usize {
+        self.max_value
     }
 
     /// The data directory.
@@ -201,6 +217,12 @@ impl MessageStore for Store {
     /// after the batch (and everything committed with it) is fsynced;
     /// without, as soon as it is written to sled.
     fn append(&self, items: Vec<Append>, durable: bool) -> Commit {
+        if let Some(big) = items.iter().find(|i| i.value.len() > self.max_value) {
+            return Commit::failed(StoreError::TooLarge {
+                len: big.value.len(),
+                max: self.max_value,
+            });
+        }
         self.committer.submit(items, durable)
     }
 

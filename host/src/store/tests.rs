@@ -110,3 +110,49 @@ async fn many_concurrent_appends_are_group_committed() {
     }
     assert_eq!(store.scan_queue(q).count(), 200);
 }
+
+#[test]
+fn large_messages_stay_inline_and_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&StoreConfig::new(dir.path())).unwrap();
+    let q = store.allocate_queue_id().unwrap();
+    // The broker's largest message (1 MiB payload + 16 KiB of headers).
+    let mut m = msg("t", &vec![7u8; 1 << 20], 0);
+    m.headers = vec![("h".into(), "x".repeat(16 << 10))];
+    store
+        .append(
+            vec![Append {
+                queue: q,
+                id: 1,
+                value: m.encode(),
+            }],
+            true,
+        )
+        .wait()
+        .unwrap();
+    let blobs = std::fs::read_dir(dir.path().join("blobs"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(
+        blobs, 0,
+        "sled wrote a blob file, which its flush does not fsync"
+    );
+    assert_eq!(
+        StoredMessage::decode(&store.get(q, 1).unwrap().unwrap()).unwrap(),
+        m
+    );
+
+    let too_big = vec![0u8; store.max_value() + 1];
+    let err = store
+        .append(
+            vec![Append {
+                queue: q,
+                id: 2,
+                value: too_big,
+            }],
+            true,
+        )
+        .wait()
+        .unwrap_err();
+    assert!(matches!(err, StoreError::TooLarge { .. }), "{err}");
+}
