@@ -3,8 +3,6 @@
 
 use std::collections::HashMap;
 
-use futures::StreamExt;
-use futures::stream::FuturesOrdered;
 use sluice_proto::{self as proto, Decoder, ErrorBody, ErrorCode, Frame, Limits};
 use tokio::sync::mpsc;
 
@@ -104,7 +102,7 @@ pub(crate) async fn run(conn: quinn::Connection, broker: Broker, mapping: &Ident
         out: out_tx,
         subs: HashMap::new(),
         next_sub: 1,
-        confirms: None,
+        publishes: None,
         welcomed: false,
     };
     if let Err(e) = session.read_loop(recv).await {
@@ -115,9 +113,12 @@ pub(crate) async fn run(conn: quinn::Connection, broker: Broker, mapping: &Ident
     }
 }
 
-type ConfirmFuture = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Vec<(u64, Result<u32, BrokerError>)>> + Send>,
->;
+/// Publishes of one tenant scope, in arrival order.
+struct PublishBatch {
+    tenant: Option<String>,
+    seqs: Vec<u64>,
+    msgs: Vec<Publish>,
+}
 
 struct Session {
     conn: quinn::Connection,
@@ -126,7 +127,7 @@ struct Session {
     out: mpsc::UnboundedSender<Frame>,
     subs: HashMap<u64, mpsc::UnboundedSender<SubCmd>>,
     next_sub: u64,
-    confirms: Option<mpsc::UnboundedSender<ConfirmFuture>>,
+    publishes: Option<mpsc::UnboundedSender<PublishBatch>>,
     welcomed: bool,
 }
 
@@ -134,9 +135,14 @@ impl Session {
     async fn read_loop(&mut self, mut recv: quinn::RecvStream) -> Result<(), ErrorBody> {
         let mut decoder = Decoder::new(Limits::default());
         let mut buf = vec![0u8; 64 << 10];
-        let (ctx, crx) = mpsc::unbounded_channel::<ConfirmFuture>();
-        tokio::spawn(confirmer(crx, self.out.clone()));
-        self.confirms = Some(ctx);
+        let (ptx, prx) = mpsc::unbounded_channel::<PublishBatch>();
+        tokio::spawn(publisher(
+            prx,
+            self.broker.clone(),
+            self.who.clone(),
+            self.out.clone(),
+        ));
+        self.publishes = Some(ptx);
         loop {
             let n = match recv.read(&mut buf).await {
                 Ok(Some(n)) => n,
@@ -203,21 +209,9 @@ impl Session {
                 _ => groups.push((tenant, vec![seq], vec![p])),
             }
         }
-        for (tenant, seqs, msgs) in groups {
-            let broker = self.broker.clone();
-            let who = self.who.clone();
-            let fut: ConfirmFuture = Box::pin(async move {
-                let results = match broker.scope(&who, tenant.as_deref()) {
-                    Ok(t) => broker.publish(&who, &t, msgs).await,
-                    Err(e) => seqs.iter().map(|_| Err(e.clone())).collect(),
-                };
-                seqs.into_iter().zip(results).collect()
-            });
-            // Start it now so routing overlaps with reading the next batch.
-            let handle = tokio::spawn(fut);
-            let joined: ConfirmFuture = Box::pin(async move { handle.await.unwrap_or_default() });
-            if let Some(c) = &self.confirms {
-                let _ = c.send(joined);
+        if let Some(p) = &self.publishes {
+            for (tenant, seqs, msgs) in groups {
+                let _ = p.send(PublishBatch { tenant, seqs, msgs });
             }
         }
     }
@@ -483,23 +477,37 @@ fn frame_name(f: &Frame) -> &'static str {
     }
 }
 
-/// Await publish batches in order and emit confirms and refusals.
-async fn confirmer(
-    mut rx: mpsc::UnboundedReceiver<ConfirmFuture>,
+/// Run a connection's publishes strictly in order: everything queued for
+/// the same tenant is routed and group-committed as one broker call, and
+/// the next call starts only after it is committed. This keeps each
+/// publisher's messages in publish order in every queue (ids are reserved
+/// and messages enqueued in order) and confirms in order; concurrency comes
+/// from many connections sharing one group commit.
+async fn publisher(
+    mut rx: mpsc::UnboundedReceiver<PublishBatch>,
+    broker: Broker,
+    who: Principal,
     out: mpsc::UnboundedSender<Frame>,
 ) {
-    let mut pending = FuturesOrdered::new();
+    let mut next = None;
     loop {
-        tokio::select! {
-            f = rx.recv() => match f {
-                Some(f) => pending.push_back(f),
-                None => break,
-            },
-            Some(results) = pending.next(), if !pending.is_empty() => emit(&out, results),
+        let Some(mut batch) = next.take().or(rx.recv().await) else {
+            break;
+        };
+        while let Ok(more) = rx.try_recv() {
+            if more.tenant == batch.tenant && batch.msgs.len() < 4096 {
+                batch.seqs.extend(more.seqs);
+                batch.msgs.extend(more.msgs);
+            } else {
+                next = Some(more);
+                break;
+            }
         }
-    }
-    while let Some(results) = pending.next().await {
-        emit(&out, results);
+        let results = match broker.scope(&who, batch.tenant.as_deref()) {
+            Ok(t) => broker.publish(&who, &t, batch.msgs).await,
+            Err(e) => batch.seqs.iter().map(|_| Err(e.clone())).collect(),
+        };
+        emit(&out, batch.seqs.into_iter().zip(results).collect());
     }
 }
 
