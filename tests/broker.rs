@@ -584,3 +584,24 @@ async fn competing_consumers_share_a_queue() {
     assert!(na > 0 && nb > 0, "both consumers got work: {na} / {nb}");
     nothing(&mut sa).await;
 }
+
+/// Large messages in one delivery batch are split into frames the client
+/// accepts (each under the frame limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_are_delivered_with_a_large_prefetch() {
+    let h = Harness::start().await;
+    let c = h.client("acme").await;
+    c.declare(QueueSpec::new("big")).await.unwrap();
+    c.bind("big", "big").await.unwrap();
+    for i in 0..8u8 {
+        c.publish("big", vec![], vec![i; 1000 * 1000])
+            .await
+            .unwrap();
+    }
+    let mut sub = c.subscribe("big", 64).await.unwrap();
+    for i in 0..8u8 {
+        let d = next(&mut sub).await;
+        assert_eq!((d.payload.len(), d.payload[0]), (1000 * 1000, i));
+        sub.ack(d.tag);
+    }
+}

@@ -15,6 +15,12 @@ const CLOSE_IDENTITY: u32 = 1;
 const CLOSE_PROTOCOL: u32 = 2;
 const CLOSE_ADMIN: u32 = 3;
 
+/// Deliveries per `Deliver` frame at most.
+const MAX_DELIVERIES_PER_FRAME: usize = 256;
+/// Bytes per `Deliver` frame at most (well under the 4 MiB frame limit; a
+/// single message of up to 1 MiB plus headers always fits on its own).
+const MAX_DELIVER_FRAME_BYTES: usize = 2 << 20;
+
 /// Refuse a connection whose certificate was accepted: answer its first
 /// stream with an error frame so the client reports the reason, then close.
 async fn refuse(conn: &quinn::Connection, e: BrokerError) {
@@ -585,18 +591,27 @@ async fn deliver(
             batch = sub.next() => {
                 let Some(batch) = batch else { break };
                 buf.clear();
-                for chunk in batch.chunks(256) {
-                    let deliveries = chunk
-                        .iter()
-                        .map(|d| proto::Delivery {
-                            tag: d.tag,
-                            topic: d.topic.clone(),
-                            headers: d.headers.clone(),
-                            payload: d.payload.clone(),
-                            redelivered: d.redelivered,
-                        })
-                        .collect();
-                    proto::encode(&Frame::Deliver { sub: id, deliveries }, &mut buf);
+                // Cut frames by count and by bytes so that no Deliver frame
+                // exceeds the decoder's frame limit, whatever the sizes.
+                let mut frame: Vec<proto::Delivery> = Vec::new();
+                let mut bytes = 0usize;
+                for d in batch {
+                    let size = d.payload.len() + d.topic.len() + d.headers.iter().map(|(k, v)| k.len() + v.len() + 16).sum::<usize>() + 64;
+                    if !frame.is_empty() && (frame.len() >= MAX_DELIVERIES_PER_FRAME || bytes + size > MAX_DELIVER_FRAME_BYTES) {
+                        proto::encode(&Frame::Deliver { sub: id, deliveries: std::mem::take(&mut frame) }, &mut buf);
+                        bytes = 0;
+                    }
+                    bytes += size;
+                    frame.push(proto::Delivery {
+                        tag: d.tag,
+                        topic: d.topic,
+                        headers: d.headers,
+                        payload: d.payload,
+                        redelivered: d.redelivered,
+                    });
+                }
+                if !frame.is_empty() {
+                    proto::encode(&Frame::Deliver { sub: id, deliveries: frame }, &mut buf);
                 }
                 if stream.write_all(&buf).await.is_err() {
                     break;
