@@ -496,7 +496,7 @@ async fn revoked_and_missing_certificates_are_refused() {
     let mut h = Harness::start().await;
     sluice::tls::issue_client_cert(
         &h.certs,
-        "acme",
+        Some("acme"),
         "laptop",
         &h.certs.join("laptop"),
         "sluice",
@@ -604,4 +604,60 @@ async fn large_messages_are_delivered_with_a_large_prefetch() {
         assert_eq!((d.payload.len(), d.payload[0]), (1000 * 1000, i));
         sub.ack(d.tag);
     }
+}
+
+/// A plugin written in C (plugins/c-header-filter, built with clang) loaded
+/// into a running broker over the wire: it filters a queue like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_c_plugin_filters_inside_the_broker() {
+    let h = Harness::start().await;
+    let c = h.client("acme").await;
+    c.declare(QueueSpec::new("logs")).await.unwrap();
+    c.bind("logs", "app.>").await.unwrap();
+    c.load_plugin(
+        "c-quiet",
+        "filter",
+        Some("logs"),
+        sluice_tests::c_header_filter(),
+        vec![
+            ("drop".into(), "level=debug".into()),
+            ("require".into(), "trace-id".into()),
+        ],
+    )
+    .await
+    .unwrap();
+    let headers = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+    };
+    let kept = c
+        .publish("app.x", headers(&[("trace-id", "1")]), b"kept".to_vec())
+        .await
+        .unwrap();
+    let debug = c
+        .publish(
+            "app.x",
+            headers(&[("trace-id", "2"), ("level", "debug")]),
+            b"debug".to_vec(),
+        )
+        .await
+        .unwrap();
+    let untraced = c
+        .publish("app.x", vec![], b"untraced".to_vec())
+        .await
+        .unwrap();
+    assert_eq!((kept, debug, untraced), (1, 0, 0));
+
+    let mut sub = c.subscribe("logs", 10).await.unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(d.payload, b"kept");
+    nothing(&mut sub).await;
+
+    let plugins = c.list_plugins().await.unwrap();
+    let p = plugins.iter().find(|p| p.name == "c-quiet").unwrap();
+    assert_eq!(p.queue.as_deref(), Some("logs"));
+    assert_eq!(p.traps, 0);
+    assert!(p.calls >= 1, "{p:?}");
 }

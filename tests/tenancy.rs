@@ -181,7 +181,7 @@ async fn a_revoked_client_is_disconnected_on_reload() {
     let h = Harness::start().await;
     sluice::tls::issue_client_cert(
         &h.certs,
-        "acme",
+        Some("acme"),
         "laptop",
         &h.certs.join("laptop"),
         "sluice",

@@ -64,6 +64,46 @@ pub fn msg(topic: &str, headers: &[(&str, &str)], payload: &[u8]) -> Message {
     }
 }
 
+/// The C example plugin (`plugins/c-header-filter`), built with its own
+/// Makefile (clang + wasi-libc + wasm-component-ld) once per test binary.
+///
+/// Panics with the install command when the C toolchain is missing: the C
+/// plugin is part of the suite, so a machine without it fails loudly rather
+/// than skipping (`.ci/run` installs it).
+pub fn c_header_filter() -> Vec<u8> {
+    static BUILT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = workspace_root().join("plugins/c-header-filter");
+            let out = tempfile::tempdir().unwrap();
+            let wasm = out.path().join("header_filter.wasm");
+            let result = std::process::Command::new("make")
+                .arg("-C")
+                .arg(&dir)
+                .arg(format!("OUT={}", wasm.display()))
+                .output();
+            match result {
+                Ok(o) if o.status.success() => std::fs::read(&wasm).unwrap(),
+                Ok(o) => panic!(
+                    "building the C plugin failed (needs: apt-get install clang lld wasi-libc \
+                     libclang-rt-dev-wasm32 make):\n{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+                Err(e) => panic!("cannot run make ({e}): apt-get install make clang lld wasi-libc"),
+            }
+        })
+        .clone()
+}
+
+/// The workspace root (parent of `tests/`).
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace root")
+        .to_path_buf()
+}
+
 /// Strings from string slices.
 pub fn strings(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| s.to_string()).collect()
