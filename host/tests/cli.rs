@@ -485,3 +485,81 @@ fn bench_reports_json_against_a_running_broker() {
     let o = served.run(&["queue", "list", "--json"]);
     assert_eq!(stdout(&o).trim(), "", "no bench queue left");
 }
+
+#[test]
+fn admins_listed_in_the_config_are_the_only_administrators() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(&config, "[identity]\nadmins = [\"ops\"]\n").unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[identity]\nadmins = [\"Ops Team\"]\n").unwrap();
+    let o = sluice(
+        &["serve", "--config", bad.to_str().unwrap(), "--check-config"],
+        &[],
+    );
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("bad.toml, line 2") && err.contains("invalid administrator name `Ops Team`"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let data = dir.path().join("data");
+    let served = Served::start(&data, &["--config", config.to_str().unwrap()]);
+    let ops = dir.path().join("ops");
+    let o = sluice(
+        &[
+            "certs",
+            "issue",
+            "--ca",
+            data.join("certs").to_str().unwrap(),
+            "--admin",
+            "--client",
+            "ops",
+            "--out",
+            ops.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("administrator ops"), "{}", stdout(&o));
+
+    let as_identity = |identity: &Path| {
+        let env = [
+            ("SLUICE_SERVER", served.addr.as_str()),
+            ("SLUICE_IDENTITY", identity.to_str().unwrap()),
+        ];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let o = sluice(&["tenant", "list"], &env);
+            if o.status.success() || Instant::now() > deadline || !stderr(&o).contains("connect") {
+                return o;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // Wait until the broker serves, as the listed administrator.
+    let listed = as_identity(&ops);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    assert!(stdout(&listed).starts_with("tenant"), "{}", stdout(&listed));
+
+    // The development `admin` identity is signed by the same CA but not listed.
+    let unlisted = sluice(
+        &["tenant", "list"],
+        &[
+            ("SLUICE_SERVER", served.addr.as_str()),
+            (
+                "SLUICE_IDENTITY",
+                data.join("certs/admin").to_str().unwrap(),
+            ),
+        ],
+    );
+    assert!(!unlisted.status.success());
+    let err = stderr(&unlisted);
+    assert!(
+        err.contains("administrator `admin` is not listed in [identity] admins"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

@@ -269,9 +269,12 @@ pub(crate) enum CertsCommand {
         /// Folder holding ca.pem and ca.key.
         #[arg(long)]
         ca: PathBuf,
-        /// Tenant.
+        /// Tenant of the client.
+        #[arg(long, required_unless_present = "admin", conflicts_with = "admin")]
+        tenant: Option<String>,
+        /// Issue an administrator identity instead of a tenant client.
         #[arg(long)]
-        tenant: String,
+        admin: bool,
         /// Client name.
         #[arg(long)]
         client: String,
@@ -314,12 +317,18 @@ pub(crate) fn certs(cmd: CertsCommand) -> anyhow::Result<()> {
         CertsCommand::Issue {
             ca,
             tenant,
+            admin: _,
             client,
             out,
             trust_domain,
         } => {
-            tls::issue_client_cert(&ca, &tenant, &client, &out, &trust_domain)?;
-            println!("wrote {} (tenant {tenant}, client {client})", out.display());
+            tls::issue_client_cert(&ca, tenant.as_deref(), &client, &out, &trust_domain)?;
+            match tenant {
+                Some(tenant) => {
+                    println!("wrote {} (tenant {tenant}, client {client})", out.display())
+                }
+                None => println!("wrote {} (administrator {client})", out.display()),
+            }
         }
         CertsCommand::Revoke { ca, cert } => {
             tls::revoke_cert(&ca, &cert)?;

@@ -138,16 +138,18 @@ fn load_ca(ca_dir: &Path) -> Result<(String, Issuer<'static, KeyPair>), TlsError
     Ok((ca_pem, ca))
 }
 
-/// Issue a client identity folder `out` for `tenant`/`client` with the CA in
-/// `ca_dir` (`ca.pem` + `ca.key`).
+/// Issue a client identity folder `out` for `tenant`/`client` (an
+/// administrator when `tenant` is `None`) with the CA in `ca_dir` (`ca.pem`
+/// + `ca.key`).
 pub fn issue_client_cert(
     ca_dir: &Path,
-    tenant: &str,
+    tenant: Option<&str>,
     client_name: &str,
     out: &Path,
     trust_domain: &str,
 ) -> Result<(), TlsError> {
-    for (what, n) in [("tenant", tenant), ("client", client_name)] {
+    let names = [("tenant", tenant), ("client", Some(client_name))];
+    for (what, n) in names.into_iter().filter_map(|(w, n)| Some((w, n?))) {
         if !valid_name(n) {
             return Err(TlsError::Config(format!(
                 "invalid {what} name `{n}` (expected [a-z0-9][a-z0-9_-]{{0,62}})"
@@ -155,7 +157,7 @@ pub fn issue_client_cert(
         }
     }
     let (ca_pem, ca) = load_ca(ca_dir)?;
-    client(out, &ca, &ca_pem, Some(tenant), client_name, trust_domain)
+    client(out, &ca, &ca_pem, tenant, client_name, trust_domain)
 }
 
 /// Revoke the client certificate `cert` with the CA in `ca_dir`: its serial

@@ -15,6 +15,11 @@
 //!    this way.
 //!
 //! Tenant and client names must match `[a-z0-9][a-z0-9_-]{0,62}`.
+//!
+//! `[identity] admins = ["ops", ...]` restricts administrators to the listed
+//! client names: an administrator certificate for any other name is refused
+//! at connect, like an unknown identity. Unset, every administrator
+//! certificate the CA signed is accepted.
 
 mod certs;
 
@@ -38,12 +43,16 @@ pub const ADMIN_ORG: &str = "sluice:admin";
 
 /// How certificates map to identities.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct IdentityMapping {
     /// SPIFFE trust domain. Default `sluice`.
     pub trust_domain: String,
     /// Which certificate fields are used.
     pub mode: MappingMode,
+    /// The only administrator client names accepted (unset: any
+    /// administrator certificate signed by the CA).
+    #[serde(deserialize_with = "admin_names")]
+    pub admins: Option<Vec<String>>,
 }
 
 impl Default for IdentityMapping {
@@ -51,8 +60,20 @@ impl Default for IdentityMapping {
         Self {
             trust_domain: "sluice".into(),
             mode: MappingMode::SpiffeThenSubject,
+            admins: None,
         }
     }
+}
+
+/// Parses `admins`, refusing names no certificate could carry.
+fn admin_names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let names = <Vec<String> as serde::Deserialize>::deserialize(d)?;
+    if let Some(bad) = names.iter().find(|n| !valid_name(n)) {
+        return Err(serde::de::Error::custom(format!(
+            "invalid administrator name `{bad}` (expected [a-z0-9][a-z0-9_-]{{0,62}})"
+        )));
+    }
+    Ok(Some(names))
 }
 
 /// Which certificate fields name the identity.
@@ -229,6 +250,17 @@ fn checked(what: &'static str, name: &str) -> Result<String, IdentityError> {
     }
 }
 
+/// An administrator's client name, if valid and allowed by `admins`.
+fn admin(mapping: &IdentityMapping, client: &str) -> Result<String, IdentityError> {
+    let client = checked("client", client)?;
+    match &mapping.admins {
+        Some(list) if !list.contains(&client) => Err(IdentityError::NoIdentity(format!(
+            "administrator `{client}` is not listed in [identity] admins"
+        ))),
+        _ => Ok(client),
+    }
+}
+
 /// The identity in a DER certificate.
 pub fn identity_from_der(
     der: &[u8],
@@ -279,7 +311,7 @@ pub fn identity_from_der(
                 checked("client", client)?,
                 false,
             )),
-            ["admin", client] => Ok(principal(String::new(), checked("client", client)?, true)),
+            ["admin", client] => Ok(principal(String::new(), admin(mapping, client)?, true)),
             _ => Err(IdentityError::NoIdentity(format!(
                 "SPIFFE id `spiffe://{id}` is neither /tenant/<tenant>/<client> nor /admin/<client>"
             ))),
@@ -299,7 +331,7 @@ pub fn identity_from_der(
         .next()
         .and_then(|a| a.as_str().ok());
     match (org, cn) {
-        (Some(ADMIN_ORG), Some(cn)) => Ok(principal(String::new(), checked("client", cn)?, true)),
+        (Some(ADMIN_ORG), Some(cn)) => Ok(principal(String::new(), admin(mapping, cn)?, true)),
         (Some(o), Some(cn)) => Ok(principal(
             checked("tenant", o)?,
             checked("client", cn)?,

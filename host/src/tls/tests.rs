@@ -32,7 +32,7 @@ fn dev_certs_map_to_identities() {
 
     issue_client_cert(
         dir.path(),
-        "acme",
+        Some("acme"),
         "billing",
         &dir.path().join("billing"),
         "sluice",
@@ -52,6 +52,69 @@ fn dev_certs_map_to_identities() {
     };
     let s = identity_from_der(&der(&dir.path().join("acme/cert.pem")), &subject_only).unwrap();
     assert_eq!((s.tenant.as_str(), s.client.as_str()), ("acme", "app"));
+}
+
+#[test]
+fn admins_list_restricts_administrators() {
+    let dir = tempfile::tempdir().unwrap();
+    init_dev_certs(dir.path(), &["acme".into()], "sluice").unwrap();
+    issue_client_cert(dir.path(), None, "ops", &dir.path().join("ops"), "sluice").unwrap();
+    let ops = der(&dir.path().join("ops/cert.pem"));
+    let admin = der(&dir.path().join("admin/cert.pem"));
+    let tenant = der(&dir.path().join("acme/cert.pem"));
+
+    let any = IdentityMapping::default();
+    assert!(identity_from_der(&ops, &any).unwrap().admin);
+    assert!(identity_from_der(&admin, &any).unwrap().admin);
+
+    let only_ops = IdentityMapping {
+        admins: Some(vec!["ops".into()]),
+        ..IdentityMapping::default()
+    };
+    let p = identity_from_der(&ops, &only_ops).unwrap();
+    assert!(p.admin && p.client == "ops");
+    let refused = identity_from_der(&admin, &only_ops).unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("`admin` is not listed in [identity] admins"),
+        "{refused}"
+    );
+    // Subject-mapped administrators are held to the same list.
+    let by_subject = IdentityMapping {
+        mode: MappingMode::SubjectOnly,
+        ..only_ops.clone()
+    };
+    assert!(identity_from_der(&admin, &by_subject).is_err());
+    assert!(identity_from_der(&ops, &by_subject).unwrap().admin);
+    // Tenant clients are unaffected.
+    assert!(!identity_from_der(&tenant, &only_ops).unwrap().admin);
+
+    let none = IdentityMapping {
+        admins: Some(vec![]),
+        ..IdentityMapping::default()
+    };
+    assert!(
+        identity_from_der(&ops, &none).is_err(),
+        "an empty list admits no administrator"
+    );
+}
+
+#[test]
+fn admins_list_is_validated_when_parsed() {
+    let ok: IdentityMapping = toml::from_str("admins = [\"ops\", \"alice-2\"]").unwrap();
+    assert_eq!(
+        ok.admins,
+        Some(vec!["ops".to_string(), "alice-2".to_string()])
+    );
+    let bad = toml::from_str::<IdentityMapping>("admins = [\"Ops Team\"]").unwrap_err();
+    assert!(
+        bad.to_string()
+            .contains("invalid administrator name `Ops Team`"),
+        "{bad}"
+    );
+    let typo = toml::from_str::<IdentityMapping>("admin = [\"ops\"]").unwrap_err();
+    assert!(typo.to_string().contains("unknown field `admin`"), "{typo}");
 }
 
 #[test]

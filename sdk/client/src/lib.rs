@@ -90,6 +90,17 @@ impl ClientError {
     }
 }
 
+/// A failed first exchange: the server's close reason when it closed the
+/// connection on purpose (e.g. an identity it does not accept), else `e`.
+fn refused(conn: &quinn::Connection, e: impl std::fmt::Display) -> ClientError {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(close)) if !close.reason.is_empty() => {
+            ClientError::CertificateRefused(String::from_utf8_lossy(&close.reason).into_owned())
+        }
+        _ => ClientError::CertificateRefused(e.to_string()),
+    }
+}
+
 /// Queue settings for [`Client::declare`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueSpec(pub proto::QueueDecl);
@@ -268,10 +279,7 @@ impl Client {
                 .map_err(|e| ClientError::CertificateRefused(e.to_string()))?;
             // A refused client certificate does not fail connect(): it shows
             // on the first stream operation, so do a hello round trip.
-            let (mut send, mut recv) = conn
-                .open_bi()
-                .await
-                .map_err(|e| ClientError::CertificateRefused(e.to_string()))?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| refused(&conn, e))?;
             let hello = Frame::Hello {
                 min_version: proto::MIN_VERSION,
                 max_version: proto::MAX_VERSION,
@@ -279,7 +287,7 @@ impl Client {
             };
             send.write_all(&proto::encode_frame(&hello))
                 .await
-                .map_err(|e| ClientError::CertificateRefused(e.to_string()))?;
+                .map_err(|e| refused(&conn, e))?;
             let mut decoder = Decoder::new(Limits::default());
             let mut buf = vec![0u8; 64 << 10];
             let welcome = loop {
@@ -296,7 +304,7 @@ impl Client {
                             "server closed the stream".into(),
                         ));
                     }
-                    Err(e) => return Err(ClientError::CertificateRefused(e.to_string())),
+                    Err(e) => return Err(refused(&conn, e)),
                 }
             };
             let session = match welcome {
