@@ -120,6 +120,36 @@ async fn registry_and_quotas() {
     assert_eq!(tenants[0].limits.max_queues, Some(2));
     assert_eq!(tenants[0].queues, 2);
     assert!(tenants[0].bytes > 3000);
+
+    // The metrics endpoint shows each tenant's usage, limits and refusals.
+    let metrics = sluice::metrics::render(&h.running.as_ref().unwrap().broker);
+    let value = |series: &str| -> u64 {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"));
+        line[series.len()..].trim().parse().unwrap()
+    };
+    assert_eq!(value("sluice_tenant_queues{tenant=\"acme\"}"), 2);
+    assert_eq!(value("sluice_tenant_connections{tenant=\"acme\"}"), 1);
+    assert!(value("sluice_tenant_stored_bytes{tenant=\"acme\"}") > 3000);
+    assert_eq!(
+        value("sluice_tenant_limit{tenant=\"acme\",quota=\"max_stored_bytes\"}"),
+        4000
+    );
+    assert!(!metrics.contains("sluice_tenant_limit{tenant=\"acme\",quota=\"max_publish_rate\"}"));
+    let refusals = |tenant: &str, quota: &str| {
+        value(&format!(
+            "sluice_tenant_quota_refusals_total{{tenant=\"{tenant}\",quota=\"{quota}\"}}"
+        ))
+    };
+    assert_eq!(refusals("acme", "max_connections"), 1);
+    assert_eq!(refusals("acme", "max_queues"), 1);
+    assert_eq!(refusals("acme", "max_message_bytes"), 1);
+    assert_eq!(refusals("acme", "max_stored_bytes"), 1);
+    assert_eq!(refusals("acme", "max_publish_rate"), 0);
+    assert_eq!(refusals("globex", "max_publish_rate"), refused as u64);
+    assert_eq!(refusals("globex", "max_queues"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Quota, TenantUsage};
 use crate::plugins::{LATENCY_BUCKETS_US, PluginState};
 
 /// Escape a label value.
@@ -29,6 +29,64 @@ pub fn render(broker: &Broker) -> String {
         "Open client connections.",
     );
     let _ = writeln!(out, "sluice_connections {}", broker.connections());
+
+    let tenants = broker.tenant_usage();
+    type TenantField = fn(&TenantUsage) -> u64;
+    let tenant_metrics: [(&str, &str, TenantField); 3] = [
+        (
+            "sluice_tenant_connections",
+            "Open connections of the tenant.",
+            |t| t.connections,
+        ),
+        ("sluice_tenant_queues", "Queues of the tenant.", |t| {
+            t.queues
+        }),
+        (
+            "sluice_tenant_stored_bytes",
+            "Bytes stored across the tenant's queues.",
+            |t| t.bytes,
+        ),
+    ];
+    for (name, help, get) in tenant_metrics {
+        family(&mut out, name, "gauge", help);
+        for t in &tenants {
+            let _ = writeln!(out, "{name}{{tenant=\"{}\"}} {}", label(&t.name), get(t));
+        }
+    }
+    family(
+        &mut out,
+        "sluice_tenant_limit",
+        "gauge",
+        "Configured quotas of the tenant (unset quotas are absent).",
+    );
+    for t in &tenants {
+        for q in Quota::ALL {
+            if let Some(limit) = q.limit(&t.limits) {
+                let _ = writeln!(
+                    out,
+                    "sluice_tenant_limit{{tenant=\"{}\",quota=\"{}\"}} {limit}",
+                    label(&t.name),
+                    q.key()
+                );
+            }
+        }
+    }
+    family(
+        &mut out,
+        "sluice_tenant_quota_refusals_total",
+        "counter",
+        "Requests (connections, declares, messages) refused by a quota of the tenant.",
+    );
+    for t in &tenants {
+        for (q, n) in Quota::ALL.iter().zip(t.refused) {
+            let _ = writeln!(
+                out,
+                "sluice_tenant_quota_refusals_total{{tenant=\"{}\",quota=\"{}\"}} {n}",
+                label(&t.name),
+                q.key()
+            );
+        }
+    }
 
     type QueueField = fn(&crate::broker::QueueInfo) -> u64;
     let queue_metrics: [(&str, &str, &str, QueueField); 9] = [

@@ -23,7 +23,7 @@ pub use queue::{Delivery, Overflow, QueueOptions};
 pub use routing::Publish;
 
 pub use subscription::Subscription;
-pub use tenancy::{Admission, Closer, TenantInfo, TenantLimits};
+pub use tenancy::{Admission, Closer, Quota, TenantInfo, TenantLimits, TenantUsage};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -497,6 +497,7 @@ impl Broker {
         if let Some(max) = t.limits().max_queues
             && tw.queues.len() >= max as usize
         {
+            t.refused(tenancy::Quota::Queues, 1);
             return Err(BrokerError::Quota(format!(
                 "tenant `{tenant}` has {} queues (max {max})",
                 tw.queues.len()

@@ -98,6 +98,7 @@ impl Broker {
                     .map(|(_, m)| m.value.len() as u64)
                     .sum();
                 if total + size > max {
+                    t.refused(super::Quota::StoredBytes, 1);
                     *r = Err(BrokerError::Quota(format!(
                         "tenant `{tenant}` would store more than {max} bytes"
                     )));
@@ -126,7 +127,10 @@ impl Broker {
         if size > max {
             let e = format!("message of {size} bytes exceeds the maximum of {max} bytes");
             return Err(match limits.max_message_bytes {
-                Some(_) => BrokerError::Quota(e),
+                Some(_) => {
+                    t.refused(super::Quota::MessageBytes, 1);
+                    BrokerError::Quota(e)
+                }
                 None => BrokerError::Limit(e),
             });
         }

@@ -30,6 +30,71 @@ pub struct TenantLimits {
     pub max_message_bytes: Option<u32>,
 }
 
+/// One of the five per-tenant quotas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quota {
+    /// `max_connections`.
+    Connections,
+    /// `max_queues`.
+    Queues,
+    /// `max_stored_bytes`.
+    StoredBytes,
+    /// `max_publish_rate`.
+    PublishRate,
+    /// `max_message_bytes`.
+    MessageBytes,
+}
+
+impl Quota {
+    /// Every quota, in a stable order.
+    pub const ALL: [Quota; 5] = [
+        Quota::Connections,
+        Quota::Queues,
+        Quota::StoredBytes,
+        Quota::PublishRate,
+        Quota::MessageBytes,
+    ];
+
+    /// The config key of the quota (`max_connections`, ...).
+    pub fn key(self) -> &'static str {
+        match self {
+            Quota::Connections => "max_connections",
+            Quota::Queues => "max_queues",
+            Quota::StoredBytes => "max_stored_bytes",
+            Quota::PublishRate => "max_publish_rate",
+            Quota::MessageBytes => "max_message_bytes",
+        }
+    }
+
+    /// The configured limit in `limits`, if any.
+    pub fn limit(self, limits: &TenantLimits) -> Option<u64> {
+        match self {
+            Quota::Connections => limits.max_connections.map(u64::from),
+            Quota::Queues => limits.max_queues.map(u64::from),
+            Quota::StoredBytes => limits.max_stored_bytes,
+            Quota::PublishRate => limits.max_publish_rate.map(u64::from),
+            Quota::MessageBytes => limits.max_message_bytes.map(u64::from),
+        }
+    }
+}
+
+/// Usage and quota refusals of one tenant, for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantUsage {
+    /// Name.
+    pub name: String,
+    /// Quotas.
+    pub limits: TenantLimits,
+    /// Open connections.
+    pub connections: u64,
+    /// Queues.
+    pub queues: u64,
+    /// Stored bytes.
+    pub bytes: u64,
+    /// Requests refused per quota since start, in [`Quota::ALL`] order.
+    pub refused: [u64; 5],
+}
+
 /// A tenant as listed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TenantInfo {
@@ -143,6 +208,7 @@ impl Broker {
         let n = tenant.connections.fetch_add(1, Relaxed) + 1;
         if !who.admin && limits.max_connections.is_some_and(|max| n > u64::from(max)) {
             tenant.connections.fetch_sub(1, Relaxed);
+            tenant.refused(Quota::Connections, 1);
             return Err(BrokerError::Quota(format!(
                 "tenant `{tenant_name}` already has {} connections (max {})",
                 n - 1,
@@ -237,6 +303,26 @@ impl Broker {
         self.save_tenant(&t, limits)
     }
 
+    /// Usage of every registered tenant, without an identity check (for
+    /// the metrics endpoint, which only operators reach).
+    pub fn tenant_usage(&self) -> Vec<TenantUsage> {
+        let mut out: Vec<TenantUsage> = self
+            .all_tenants()
+            .iter()
+            .filter(|t| t.registered.load(Relaxed))
+            .map(|t| TenantUsage {
+                name: t.name.clone(),
+                limits: t.limits(),
+                connections: t.connections.load(Relaxed),
+                queues: t.read().queues.len() as u64,
+                bytes: t.stored_bytes(),
+                refused: Quota::ALL.map(|q| t.refusals[q as usize].load(Relaxed)),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
     /// Registered tenants with their usage.
     pub fn list_tenants(&self, who: &Principal) -> Result<Vec<TenantInfo>, BrokerError> {
         Self::require_admin(who)?;
@@ -315,6 +401,7 @@ impl Broker {
         if bucket.take(rate, n) {
             Ok(())
         } else {
+            t.refused(Quota::PublishRate, u64::from(n));
             Err(BrokerError::Quota(format!(
                 "tenant `{}` publish rate above {rate} msg/s",
                 t.name

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::bindings::BindingTrie;
 use super::queue::Queue;
-use super::tenancy::{Bucket, TenantLimits};
+use super::tenancy::{Bucket, Quota, TenantLimits};
 use crate::plugins::PluginKind;
 
 /// One tenant.
@@ -21,6 +21,8 @@ pub(crate) struct Tenant {
     pub connections: AtomicU64,
     /// Publish-rate bucket.
     pub bucket: Mutex<Bucket>,
+    /// Requests refused per quota since start (indexed by [`Quota`]).
+    pub refusals: [AtomicU64; 5],
     /// Plugin work of this tenant runs with at most this many permits, so
     /// one tenant's slow plugins cannot occupy every worker.
     pub plugin_slots: Arc<tokio::sync::Semaphore>,
@@ -51,9 +53,15 @@ impl Tenant {
             limits: RwLock::new(TenantLimits::default()),
             connections: AtomicU64::new(0),
             bucket: Mutex::new(Bucket::default()),
+            refusals: Default::default(),
             plugin_slots: Arc::new(tokio::sync::Semaphore::new(plugin_slots.max(1))),
             auth_cache: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Count `n` requests refused by `quota`.
+    pub fn refused(&self, quota: Quota, n: u64) {
+        self.refusals[quota as usize].fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Current quotas.
