@@ -1,10 +1,30 @@
 //! One client connection: the control stream, pipelined publishes with
 //! ordered confirms, and one delivery stream per subscription.
+//!
+//! # What a connection can make the broker hold
+//!
+//! Every buffer between the client and the broker is bounded, so a client
+//! that floods, or never reads, is slowed down by QUIC flow control instead
+//! of growing the broker's memory:
+//!
+//! - publishes: at most [`PUBLISH_BUDGET`] bytes received and not yet
+//!   answered (routed, committed, confirm handed to the writer); at the
+//!   budget the session stops reading the control stream;
+//! - frames to the client: [`OUT_FRAMES`] queued for the control stream; a
+//!   client that does not read its confirms and responses stops being read;
+//! - deliveries: `prefetch` per subscription, [`proto::MAX_SUBSCRIPTIONS`]
+//!   subscriptions per connection, each stream written only as fast as the
+//!   client reads it;
+//! - settles: [`SUB_COMMANDS`] ack/nack/reject frames queued per subscription;
+//! - streams: the client may open one bidirectional stream (the control
+//!   stream) and no unidirectional ones (`tls::server_config`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use sluice_proto::{self as proto, Decoder, ErrorBody, ErrorCode, Frame, Limits};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::broker::{Broker, BrokerError, Overflow, Publish, QueueOptions, Subscription};
 use crate::plugins::{Action, PluginKind, PluginState, Principal, Resource};
@@ -14,6 +34,15 @@ use crate::tls::{IdentityMapping, peer_identity};
 const CLOSE_IDENTITY: u32 = 1;
 const CLOSE_PROTOCOL: u32 = 2;
 const CLOSE_ADMIN: u32 = 3;
+
+/// Publish bytes of one connection received and not yet answered.
+const PUBLISH_BUDGET: usize = 8 << 20;
+/// Frames queued for the control stream.
+const OUT_FRAMES: usize = 64;
+/// Settle commands queued per subscription.
+const SUB_COMMANDS: usize = 256;
+/// How long a client may take to accept a new delivery stream.
+const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Deliveries per `Deliver` frame at most.
 const MAX_DELIVERIES_PER_FRAME: usize = 256;
@@ -53,6 +82,51 @@ pub(crate) fn error_body(e: &BrokerError) -> ErrorBody {
         BrokerError::ShuttingDown => ErrorCode::ShuttingDown,
     };
     ErrorBody::new(code, e.to_string())
+}
+
+/// A frame for the control stream. It holds the publish budget of the
+/// publishes it answers until the writer has written it, so publishes count
+/// against the budget until their confirms are in the client's window.
+struct Outgoing {
+    frame: Frame,
+    budget: Option<OwnedSemaphorePermit>,
+}
+
+impl From<Frame> for Outgoing {
+    fn from(frame: Frame) -> Self {
+        Outgoing {
+            frame,
+            budget: None,
+        }
+    }
+}
+
+/// The control stream's queue, as the shared frame writer drains it; the
+/// budget of frames taken is released once they are written.
+struct Outbox {
+    rx: mpsc::Receiver<Outgoing>,
+    taken: Vec<OwnedSemaphorePermit>,
+}
+
+impl Outbox {
+    fn take(&mut self, o: Outgoing) -> Frame {
+        self.taken.extend(o.budget);
+        o.frame
+    }
+}
+
+impl sluice_client::FrameSource for Outbox {
+    async fn next(&mut self) -> Option<Frame> {
+        let o = self.rx.recv().await?;
+        Some(self.take(o))
+    }
+    fn ready(&mut self) -> Option<Frame> {
+        let o = self.rx.try_recv().ok()?;
+        Some(self.take(o))
+    }
+    fn written(&mut self) {
+        self.taken.clear();
+    }
 }
 
 enum SubCmd {
@@ -99,8 +173,12 @@ pub(crate) async fn run(conn: quinn::Connection, broker: Broker, mapping: &Ident
         Ok(s) => s,
         Err(_) => return,
     };
-    let (out_tx, out_rx) = mpsc::unbounded_channel::<Frame>();
-    tokio::spawn(sluice_client::frame_writer(send, out_rx));
+    let (out_tx, out_rx) = mpsc::channel::<Outgoing>(OUT_FRAMES);
+    let outbox = Outbox {
+        rx: out_rx,
+        taken: Vec::new(),
+    };
+    tokio::spawn(sluice_client::frame_writer(send, outbox));
     let mut session = Session {
         conn: conn.clone(),
         broker,
@@ -109,10 +187,12 @@ pub(crate) async fn run(conn: quinn::Connection, broker: Broker, mapping: &Ident
         subs: HashMap::new(),
         next_sub: 1,
         publishes: None,
+        budget: Arc::new(Semaphore::new(PUBLISH_BUDGET)),
         welcomed: false,
     };
     if let Err(e) = session.read_loop(recv).await {
-        let _ = session.out.send(Frame::Error(e.clone()));
+        // Best effort: a client that reads nothing does not get it.
+        let _ = session.out.try_send(Frame::Error(e.clone()).into());
         tracing::info!(client = %session.who.client, error = %e, "closing session");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         conn.close(CLOSE_PROTOCOL.into(), e.message.as_bytes());
@@ -124,16 +204,19 @@ struct PublishBatch {
     tenant: Option<String>,
     seqs: Vec<u64>,
     msgs: Vec<Publish>,
+    budget: OwnedSemaphorePermit,
 }
 
 struct Session {
     conn: quinn::Connection,
     broker: Broker,
     who: Principal,
-    out: mpsc::UnboundedSender<Frame>,
-    subs: HashMap<u64, mpsc::UnboundedSender<SubCmd>>,
+    out: mpsc::Sender<Outgoing>,
+    subs: HashMap<u64, mpsc::Sender<SubCmd>>,
     next_sub: u64,
     publishes: Option<mpsc::UnboundedSender<PublishBatch>>,
+    /// Bytes of publishes this connection may have unanswered.
+    budget: Arc<Semaphore>,
     welcomed: bool,
 }
 
@@ -166,7 +249,7 @@ impl Session {
                     Ok(Some(f)) => f,
                     Ok(None) => break,
                     Err(e) => {
-                        self.flush_publishes(std::mem::take(&mut publishes));
+                        self.flush_publishes(std::mem::take(&mut publishes)).await;
                         return Err(ErrorBody::new(e.code(), e.to_string()));
                     }
                 };
@@ -192,15 +275,17 @@ impl Session {
                     ));
                     continue;
                 }
-                self.flush_publishes(std::mem::take(&mut publishes));
+                self.flush_publishes(std::mem::take(&mut publishes)).await;
                 self.handle(frame).await?;
             }
-            self.flush_publishes(publishes);
+            self.flush_publishes(publishes).await;
         }
     }
 
     /// Hand a batch of publishes to the broker; confirms go out in order.
-    fn flush_publishes(&mut self, batch: Vec<(u64, Option<String>, Publish)>) {
+    /// Waits (and so stops reading the stream) while the connection's
+    /// publish budget is spent.
+    async fn flush_publishes(&mut self, batch: Vec<(u64, Option<String>, Publish)>) {
         if batch.is_empty() {
             return;
         }
@@ -215,11 +300,26 @@ impl Session {
                 _ => groups.push((tenant, vec![seq], vec![p])),
             }
         }
-        if let Some(p) = &self.publishes {
-            for (tenant, seqs, msgs) in groups {
-                let _ = p.send(PublishBatch { tenant, seqs, msgs });
+        for (tenant, seqs, msgs) in groups {
+            let bytes: usize = msgs.iter().map(publish_size).sum();
+            let permits = bytes.clamp(1, PUBLISH_BUDGET) as u32;
+            let Ok(budget) = self.budget.clone().acquire_many_owned(permits).await else {
+                return;
+            };
+            if let Some(p) = &self.publishes {
+                let _ = p.send(PublishBatch {
+                    tenant,
+                    seqs,
+                    msgs,
+                    budget,
+                });
             }
         }
+    }
+
+    /// Queue a frame for the control stream (waits while the queue is full).
+    async fn send(&self, frame: Frame) {
+        let _ = self.out.send(frame.into()).await;
     }
 
     async fn handle(&mut self, frame: Frame) -> Result<(), ErrorBody> {
@@ -231,13 +331,14 @@ impl Session {
             } => {
                 let version = proto::negotiate(min_version, max_version)?;
                 self.welcomed = true;
-                let _ = self.out.send(Frame::Welcome {
+                self.send(Frame::Welcome {
                     version,
                     tenant: self.who.tenant.clone(),
                     client: self.who.client.clone(),
                     admin: self.who.admin,
                     max_message: self.broker.config().max_message_bytes as u32,
-                });
+                })
+                .await;
                 Ok(())
             }
             _ if !self.welcomed => Err(ErrorBody::new(
@@ -249,12 +350,12 @@ impl Session {
                     .request(tenant.as_deref(), body)
                     .await
                     .map_err(|e| error_body(&e));
-                let _ = self.out.send(Frame::Response { id, body: result });
+                self.send(Frame::Response { id, body: result }).await;
                 Ok(())
             }
-            Frame::Ack { sub, ranges } => self.settle(sub, ranges, SubCmd::Ack),
-            Frame::Nack { sub, ranges } => self.settle(sub, ranges, SubCmd::Nack),
-            Frame::Reject { sub, ranges } => self.settle(sub, ranges, SubCmd::Reject),
+            Frame::Ack { sub, ranges } => self.settle(sub, ranges, SubCmd::Ack).await,
+            Frame::Nack { sub, ranges } => self.settle(sub, ranges, SubCmd::Nack).await,
+            Frame::Reject { sub, ranges } => self.settle(sub, ranges, SubCmd::Reject).await,
             Frame::Cancel { sub } => {
                 self.subs.remove(&sub);
                 Ok(())
@@ -266,7 +367,7 @@ impl Session {
         }
     }
 
-    fn settle(
+    async fn settle(
         &mut self,
         sub: u64,
         ranges: Vec<(u64, u64)>,
@@ -275,7 +376,7 @@ impl Session {
         let tags = proto::from_ranges(&ranges, 1 << 20)
             .map_err(|e| ErrorBody::new(e.code(), e.to_string()))?;
         if let Some(tx) = self.subs.get(&sub) {
-            let _ = tx.send(cmd(tags));
+            let _ = tx.send(cmd(tags)).await;
         }
         Ok(())
     }
@@ -400,13 +501,31 @@ impl Session {
                     .collect(),
             ),
             R::Subscribe { queue, prefetch } => {
+                self.subs.retain(|_, tx| !tx.is_closed());
+                if self.subs.len() >= proto::MAX_SUBSCRIPTIONS as usize {
+                    return Err(BrokerError::Limit(format!(
+                        "a connection may hold at most {} subscriptions",
+                        proto::MAX_SUBSCRIPTIONS
+                    )));
+                }
                 let sub = b.subscribe(&who, &t, &queue, prefetch)?;
                 let id = self.next_sub;
                 self.next_sub += 1;
-                let stream = self.conn.open_uni().await.map_err(|e| {
-                    BrokerError::Conflict(format!("cannot open a delivery stream: {e}"))
-                })?;
-                let (tx, rx) = mpsc::unbounded_channel();
+                let stream =
+                    match tokio::time::timeout(OPEN_STREAM_TIMEOUT, self.conn.open_uni()).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            return Err(BrokerError::Conflict(format!(
+                                "cannot open a delivery stream: {e}"
+                            )));
+                        }
+                        Err(_) => {
+                            return Err(BrokerError::Limit(
+                                "the client accepts no more delivery streams".into(),
+                            ));
+                        }
+                    };
+                let (tx, rx) = mpsc::channel(SUB_COMMANDS);
                 self.subs.insert(id, tx);
                 tokio::spawn(deliver(id, sub, stream, rx));
                 S::Subscribed { sub: id }
@@ -493,7 +612,7 @@ async fn publisher(
     mut rx: mpsc::UnboundedReceiver<PublishBatch>,
     broker: Broker,
     who: Principal,
-    out: mpsc::UnboundedSender<Frame>,
+    out: mpsc::Sender<Outgoing>,
 ) {
     let mut next = None;
     loop {
@@ -504,6 +623,7 @@ async fn publisher(
             if more.tenant == batch.tenant && batch.msgs.len() < 4096 {
                 batch.seqs.extend(more.seqs);
                 batch.msgs.extend(more.msgs);
+                batch.budget.merge(more.budget);
             } else {
                 next = Some(more);
                 break;
@@ -513,11 +633,35 @@ async fn publisher(
             Ok(t) => broker.publish(&who, &t, batch.msgs).await,
             Err(e) => batch.seqs.iter().map(|_| Err(e.clone())).collect(),
         };
-        emit(&out, batch.seqs.into_iter().zip(results).collect());
+        let frames = answers(batch.seqs.into_iter().zip(results));
+        let last = frames.len().saturating_sub(1);
+        let mut budget = Some(batch.budget);
+        for (i, frame) in frames.into_iter().enumerate() {
+            let hold = if i == last { budget.take() } else { None };
+            let outgoing = Outgoing {
+                frame,
+                budget: hold,
+            };
+            if out.send(outgoing).await.is_err() {
+                return;
+            }
+        }
     }
 }
 
-fn emit(out: &mpsc::UnboundedSender<Frame>, results: Vec<(u64, Result<u32, BrokerError>)>) {
+/// Bytes a publish counts against the connection's budget.
+fn publish_size(p: &Publish) -> usize {
+    p.topic.len()
+        + p.payload.len()
+        + p.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+}
+
+/// Confirm ranges and refusals, in publish order, for `results`.
+fn answers(results: impl Iterator<Item = (u64, Result<u32, BrokerError>)>) -> Vec<Frame> {
+    let mut frames = Vec::new();
     let mut run: Option<(u64, Vec<u32>)> = None;
     for (seq, r) in results {
         match r {
@@ -527,16 +671,16 @@ fn emit(out: &mpsc::UnboundedSender<Frame>, results: Vec<(u64, Result<u32, Broke
                 }
                 _ => {
                     if let Some((first, queues)) = run.take() {
-                        let _ = out.send(Frame::Confirm { first, queues });
+                        frames.push(Frame::Confirm { first, queues });
                     }
                     run = Some((seq, vec![q]));
                 }
             },
             Err(e) => {
                 if let Some((first, queues)) = run.take() {
-                    let _ = out.send(Frame::Confirm { first, queues });
+                    frames.push(Frame::Confirm { first, queues });
                 }
-                let _ = out.send(Frame::Refused {
+                frames.push(Frame::Refused {
                     seq,
                     error: error_body(&e),
                 });
@@ -544,8 +688,9 @@ fn emit(out: &mpsc::UnboundedSender<Frame>, results: Vec<(u64, Result<u32, Broke
         }
     }
     if let Some((first, queues)) = run {
-        let _ = out.send(Frame::Confirm { first, queues });
+        frames.push(Frame::Confirm { first, queues });
     }
+    frames
 }
 
 /// Push a subscription's deliveries on its own stream and apply acks.
@@ -553,7 +698,7 @@ async fn deliver(
     id: u64,
     mut sub: Subscription,
     mut stream: quinn::SendStream,
-    mut cmds: mpsc::UnboundedReceiver<SubCmd>,
+    mut cmds: mpsc::Receiver<SubCmd>,
 ) {
     let mut buf = Vec::with_capacity(64 << 10);
     proto::encode(&Frame::StreamStart { sub: id }, &mut buf);

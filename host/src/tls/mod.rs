@@ -225,8 +225,12 @@ pub fn server_config(files: &ServerTlsFiles) -> Result<quinn::ServerConfig, TlsE
             .try_into()
             .map_err(|e| TlsError::Config(format!("{e}")))?,
     ));
-    transport.max_concurrent_bidi_streams(16u32.into());
-    transport.max_concurrent_uni_streams(16u32.into());
+    // A client opens exactly one stream, the bidirectional control stream;
+    // deliveries come on streams the broker opens. Opening more is a QUIC
+    // stream-limit violation, so a client cannot park data on streams the
+    // broker never reads.
+    transport.max_concurrent_bidi_streams(1u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
     server.transport_config(Arc::new(transport));
     Ok(server)
 }

@@ -648,23 +648,47 @@ impl Drop for Subscription {
     }
 }
 
+/// A queue of frames that [`frame_writer`] drains.
+#[doc(hidden)]
+pub trait FrameSource: Send + 'static {
+    /// The next frame, waiting for one; `None` once the queue is closed.
+    fn next(&mut self) -> impl std::future::Future<Output = Option<Frame>> + Send;
+    /// The next frame if one is queued right now.
+    fn ready(&mut self) -> Option<Frame>;
+    /// Everything taken so far is written to the stream (accepted by QUIC,
+    /// so within the peer's flow-control window).
+    fn written(&mut self) {}
+}
+
+impl FrameSource for mpsc::UnboundedReceiver<Frame> {
+    async fn next(&mut self) -> Option<Frame> {
+        self.recv().await
+    }
+    fn ready(&mut self) -> Option<Frame> {
+        self.try_recv().ok()
+    }
+}
+
 /// Write frames from `rx` to `send`, coalescing whatever is queued into
 /// one stream write (up to 256 KiB), until `rx` closes; then finish the
-/// stream. Shared by the client and the broker's sessions.
+/// stream. Shared by the client and the broker's sessions. Frames are taken
+/// from `rx` only as fast as the peer reads them (`write_all` waits on QUIC
+/// flow control), which is what gives a bounded `rx` its backpressure.
 #[doc(hidden)]
-pub async fn frame_writer(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<Frame>) {
+pub async fn frame_writer(mut send: quinn::SendStream, mut rx: impl FrameSource) {
     let mut buf = Vec::with_capacity(64 << 10);
-    while let Some(f) = rx.recv().await {
+    while let Some(f) = rx.next().await {
         proto::encode(&f, &mut buf);
         while buf.len() < (256 << 10) {
-            match rx.try_recv() {
-                Ok(f) => proto::encode(&f, &mut buf),
-                Err(_) => break,
+            match rx.ready() {
+                Some(f) => proto::encode(&f, &mut buf),
+                None => break,
             }
         }
         if send.write_all(&buf).await.is_err() {
             return;
         }
+        rx.written();
         buf.clear();
     }
     let _ = send.finish();

@@ -82,6 +82,8 @@ impl Identity {
         let mut transport = quinn::TransportConfig::default();
         // Notice a dead server within ~10 s (a killed process sends no close).
         transport.keep_alive_interval(Some(std::time::Duration::from_secs(3)));
+        // The broker opens one stream per subscription.
+        transport.max_concurrent_uni_streams(sluice_proto::MAX_SUBSCRIPTIONS.into());
         transport.max_idle_timeout(Some(
             std::time::Duration::from_secs(10)
                 .try_into()

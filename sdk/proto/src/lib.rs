@@ -54,6 +54,10 @@ pub const ALPN: &[u8] = b"sluice/1";
 pub const MIN_VERSION: u16 = 1;
 /// Newest protocol version this crate speaks.
 pub const MAX_VERSION: u16 = 1;
+/// Subscriptions one connection may hold. The broker opens one
+/// unidirectional stream per subscription and refuses more with
+/// `limit_exceeded`; a client must accept this many concurrent streams.
+pub const MAX_SUBSCRIPTIONS: u32 = 1024;
 
 /// Pick the protocol version for a client offering `min..=max`.
 pub fn negotiate(min: u16, max: u16) -> Result<u16, ErrorBody> {
