@@ -26,6 +26,15 @@ struct Raw {
 /// (the client's own choice: how many answers it lets the broker send
 /// before it reads them), and say hello.
 async fn raw(h: &Harness, window: u32) -> Raw {
+    let mut r = connect(h, window).await;
+    r.send.write_all(&hello()).await.unwrap();
+    let welcome = read_frames(&mut r.recv, 1).await;
+    assert!(matches!(welcome[0], Frame::Welcome { .. }), "{welcome:?}");
+    r
+}
+
+/// Connect as `acme` and open the control stream, sending nothing yet.
+async fn connect(h: &Harness, window: u32) -> Raw {
     let identity = sluice_client::Identity::load(&h.certs.join("acme")).unwrap();
     let mut config = identity.quinn_config().unwrap();
     let mut transport = quinn::TransportConfig::default();
@@ -40,16 +49,7 @@ async fn raw(h: &Harness, window: u32) -> Raw {
         .unwrap()
         .await
         .unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&proto::encode_frame(&Frame::Hello {
-        min_version: 1,
-        max_version: 1,
-        agent: "raw".into(),
-    }))
-    .await
-    .unwrap();
-    let welcome = read_frames(&mut recv, 1).await;
-    assert!(matches!(welcome[0], Frame::Welcome { .. }), "{welcome:?}");
+    let (send, recv) = conn.open_bi().await.unwrap();
     Raw {
         _endpoint: endpoint,
         conn,
@@ -192,19 +192,11 @@ async fn out_of_order_and_unknown_frames_get_error_codes() {
         ),
     ];
     for (what, writes, code) in cases {
-        let identity = sluice_client::Identity::load(&h.certs.join("acme")).unwrap();
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        endpoint.set_default_client_config(identity.quinn_config().unwrap());
-        let conn = endpoint
-            .connect(h.addr, "localhost")
-            .unwrap()
-            .await
-            .unwrap();
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let mut r = connect(&h, 1 << 20).await;
         for w in writes {
-            send.write_all(&w).await.unwrap();
+            r.send.write_all(&w).await.unwrap();
         }
-        let frames = read_frames(&mut recv, 8).await;
+        let frames = read_frames(&mut r.recv, 8).await;
         let error = frames.iter().find_map(|f| match f {
             Frame::Error(e) => Some(e.clone()),
             _ => None,
