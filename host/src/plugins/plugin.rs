@@ -300,7 +300,11 @@ impl Plugin {
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(cfg.ticks(cfg.init_deadline));
         let fail = |store: &mut Store<StoreState>, e: wasmtime::Error| {
-            let (kind, message) = classify(&e, store.data().limiter.memory_denied);
+            let (kind, mut message) = classify(&e, store.data().limiter.memory_denied);
+            // As for policy calls: a panicking `init` is reported with its message.
+            if let Some(panic) = store.data_mut().log.last_panic.take() {
+                message = format!("{message}: {panic}");
+            }
             self.metrics.failure(kind);
             self.failure(kind, format!("during init: {message}"))
         };
