@@ -51,6 +51,40 @@ fn config() -> bincode::config::Configuration<
     bincode::config::standard().with_limit::<HARD_MAX_FRAME>()
 }
 
+/// How many bytes of memory decoding may claim per body byte. bincode counts
+/// the in-memory size of what it decodes against its byte limit, including a
+/// collection's whole capacity *before* reading any element; a valid frame
+/// claims at most ~24 bytes per encoded byte (an empty `String` is one byte on
+/// the wire, 24 in memory). With the limit set from the body length, a small
+/// frame declaring a huge collection is refused before reserving it.
+const CLAIM_PER_BYTE: usize = 64;
+
+/// Decode a frame body with a bincode limit proportional to its length: the
+/// smallest of a few fixed limits (bincode's limit is a type parameter) at or
+/// above `CLAIM_PER_BYTE` × the body plus 4 KiB, at most [`HARD_MAX_FRAME`].
+fn decode_body(body: &[u8]) -> Result<(Frame, usize), bincode::error::DecodeError> {
+    fn limited<const N: usize>(body: &[u8]) -> Result<(Frame, usize), bincode::error::DecodeError> {
+        bincode::decode_from_slice(body, bincode::config::standard().with_limit::<N>())
+    }
+    let need = body
+        .len()
+        .saturating_mul(CLAIM_PER_BYTE)
+        .saturating_add(4 << 10);
+    if need <= 64 << 10 {
+        limited::<{ 64 << 10 }>(body)
+    } else if need <= 256 << 10 {
+        limited::<{ 256 << 10 }>(body)
+    } else if need <= 1 << 20 {
+        limited::<{ 1 << 20 }>(body)
+    } else if need <= 4 << 20 {
+        limited::<{ 4 << 20 }>(body)
+    } else if need <= 16 << 20 {
+        limited::<{ 16 << 20 }>(body)
+    } else {
+        bincode::decode_from_slice(body, config())
+    }
+}
+
 /// Append `frame` (length prefix + body) to `out`.
 pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
     let start = out.len();
@@ -124,8 +158,7 @@ impl Decoder {
         let Some(body) = avail.get(4..4 + len) else {
             return Ok(None);
         };
-        let (frame, used): (Frame, usize) = bincode::decode_from_slice(body, config())
-            .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        let (frame, used) = decode_body(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
         if used != len {
             return Err(DecodeError::Malformed(format!(
                 "{} trailing bytes after the frame",
@@ -376,6 +409,67 @@ mod tests {
             let mut d = Decoder::new(Limits::default());
             d.push(&encode_frame(&f));
             prop_assert_eq!(d.next_frame().unwrap(), Some(f));
+        }
+
+        /// Any sequence of frames cut into chunks of any sizes decodes to
+        /// the same sequence, each frame as soon as its last byte arrives.
+        #[test]
+        fn frames_survive_any_chunking(
+            picks in proptest::collection::vec(any::<prop::sample::Index>(), 1..24),
+            sizes in proptest::collection::vec(1usize..64, 1..32),
+        ) {
+            let frames: Vec<Frame> = picks.iter().map(|i| i.get(&samples()).clone()).collect();
+            let mut wire = Vec::new();
+            let mut ends = Vec::new();
+            for f in &frames {
+                encode(f, &mut wire);
+                ends.push(wire.len());
+            }
+            let mut d = Decoder::new(Limits::default());
+            let mut got = Vec::new();
+            let mut fed = 0;
+            for size in sizes.iter().cycle() {
+                if fed == wire.len() {
+                    break;
+                }
+                let next = (fed + size).min(wire.len());
+                d.push(&wire[fed..next]);
+                fed = next;
+                while let Some(f) = d.next_frame().unwrap() {
+                    got.push(f);
+                }
+                // Exactly the frames whose last byte has arrived are out.
+                prop_assert_eq!(got.len(), ends.iter().filter(|&&e| e <= fed).count());
+                prop_assert_eq!(d.buffered(), fed - ends[..got.len()].last().copied().unwrap_or(0));
+            }
+            prop_assert_eq!(got, frames);
+            prop_assert!(d.finish().is_ok());
+        }
+    }
+
+    #[test]
+    fn one_byte_at_a_time_each_frame_arrives_with_its_last_byte() {
+        for f in samples() {
+            let wire = encode_frame(&f);
+            let mut d = Decoder::new(Limits::default());
+            for (i, b) in wire.iter().enumerate() {
+                d.push(std::slice::from_ref(b));
+                let got = d.next_frame().unwrap();
+                if i + 1 < wire.len() {
+                    assert_eq!(
+                        got,
+                        None,
+                        "{f:?} decoded after {} of {} bytes",
+                        i + 1,
+                        wire.len()
+                    );
+                    assert_eq!(d.buffered(), i + 1);
+                } else {
+                    assert_eq!(got.as_ref(), Some(&f));
+                    assert_eq!(d.buffered(), 0);
+                }
+            }
+            d.finish().unwrap();
         }
     }
 }
