@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_proto::{self as proto, Decoder, ErrorBody, ErrorCode, Frame, Limits};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::broker::{Broker, BrokerError, Overflow, Publish, QueueOptions, Subscription};
 use crate::plugins::{Action, PluginKind, PluginState, Principal, Resource};
@@ -133,6 +133,8 @@ enum SubCmd {
     Ack(Vec<u64>),
     Nack(Vec<u64>),
     Reject(Vec<u64>),
+    /// Answer once every settle queued before it is applied and fsynced.
+    Sync(oneshot::Sender<Result<(), BrokerError>>),
 }
 
 /// Run a session until the connection ends.
@@ -345,6 +347,14 @@ impl Session {
                 ErrorCode::Protocol,
                 "the first frame must be hello",
             )),
+            Frame::Request {
+                id,
+                body: proto::Request::SyncAcks { sub },
+                ..
+            } => {
+                self.sync_acks(id, sub).await;
+                Ok(())
+            }
             Frame::Request { id, tenant, body } => {
                 let result = self
                     .request(tenant.as_deref(), body)
@@ -365,6 +375,35 @@ impl Session {
                 format!("unexpected frame from a client: {}", frame_name(&other)),
             )),
         }
+    }
+
+    /// Queue a sync behind the subscription's pending settles; the response
+    /// is sent when the store has fsynced them, without holding up the
+    /// control stream meanwhile.
+    async fn sync_acks(&mut self, id: u64, sub: u64) {
+        let (tx, rx) = oneshot::channel();
+        let queued = match self.subs.get(&sub) {
+            Some(cmds) => cmds.send(SubCmd::Sync(tx)).await.is_ok(),
+            None => false,
+        };
+        let gone = move || error_body(&BrokerError::not_found("subscription", sub.to_string()));
+        if !queued {
+            self.send(Frame::Response {
+                id,
+                body: Err(gone()),
+            })
+            .await;
+            return;
+        }
+        let out = self.out.clone();
+        tokio::spawn(async move {
+            let body = match rx.await {
+                Ok(Ok(())) => Ok(proto::Response::Ok),
+                Ok(Err(e)) => Err(error_body(&e)),
+                Err(_) => Err(gone()),
+            };
+            let _ = out.send(Frame::Response { id, body }.into()).await;
+        });
     }
 
     async fn settle(
@@ -582,7 +621,8 @@ impl Session {
             | R::TenantCreate { .. }
             | R::TenantLimits { .. }
             | R::TenantDelete { .. }
-            | R::TenantList => {
+            | R::TenantList
+            | R::SyncAcks { .. } => {
                 unreachable!("answered above")
             }
         })
@@ -723,6 +763,12 @@ async fn deliver(
                             match other {
                                 SubCmd::Nack(t) => sub.nack(&t),
                                 SubCmd::Reject(t) => sub.reject(&t),
+                                SubCmd::Sync(reply) => {
+                                    let commit = sub.sync();
+                                    tokio::spawn(async move {
+                                        let _ = reply.send(commit.await.map_err(BrokerError::from));
+                                    });
+                                }
                                 SubCmd::Ack(_) => {}
                             }
                         }

@@ -1,165 +1,249 @@
 //! Durability of the real `sluice` binary: confirmed messages survive
 //! `kill -9`, and confirms are preceded by fdatasync (checked with strace).
 
-use std::collections::BTreeSet;
-use std::net::{SocketAddr, UdpSocket};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sluice_client::{Client, QueueSpec};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+mod common;
+use common::{BIN, certs, connect, free_port};
 
-fn free_port() -> SocketAddr {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap()
+fn spawn(dir: &Path, addr: SocketAddr) -> Child {
+    common::spawn(dir, addr, &[])
 }
 
-fn certs(dir: &Path) {
-    let st = Command::new(BIN)
-        .args(["certs", "init", "--out"])
-        .arg(dir.join("certs"))
-        .args(["--tenant", "acme"])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
+/// What the crash suite's clients saw, across every round.
+#[derive(Default)]
+struct Ledger {
+    /// Ids handed to `publish` (recorded before the frame is sent).
+    sent: BTreeSet<u64>,
+    /// Ids whose publish was confirmed.
+    confirmed: BTreeSet<u64>,
+    /// Deliveries per id.
+    delivered: BTreeMap<u64, u32>,
+    /// Ids whose ack was followed by a successful `sync_acks`.
+    settled: BTreeSet<u64>,
+    /// Deliveries of ids nobody published.
+    invented: Vec<u64>,
+    /// Deliveries of ids that had been acked and synced.
+    settled_redelivered: Vec<u64>,
+    /// Repeated deliveries not flagged `redelivered`.
+    unflagged: Vec<u64>,
 }
 
-fn spawn(prefix: &[&str], dir: &Path, addr: SocketAddr) -> Child {
-    let (program, args) = match prefix.split_first() {
-        Some((p, rest)) => (
-            p.to_string(),
-            rest.iter()
-                .map(|s| s.to_string())
-                .chain([BIN.to_string()])
-                .collect::<Vec<_>>(),
-        ),
-        None => (BIN.to_string(), vec![]),
-    };
-    Command::new(program)
-        .args(args)
-        .args(["serve", "--listen", &addr.to_string(), "--data"])
-        .arg(dir.join("data"))
-        .arg("--certs")
-        .arg(dir.join("certs"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-async fn connect(dir: &Path, addr: SocketAddr) -> Client {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match Client::connect(addr, &dir.join("certs/acme")).await {
-            Ok(c) => return c,
-            Err(e) if Instant::now() > deadline => panic!("broker did not come up: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+impl Ledger {
+    fn record(&mut self, id: u64, redelivered: bool) {
+        if !self.sent.contains(&id) {
+            self.invented.push(id);
+        }
+        let n = self.delivered.entry(id).or_default();
+        *n += 1;
+        if *n > 1 {
+            if self.settled.contains(&id) {
+                self.settled_redelivered.push(id);
+            }
+            if !redelivered {
+                self.unflagged.push(id);
+            }
         }
     }
 }
 
-/// Kill -9 the broker while clients publish with confirms; after each
-/// restart every confirmed message is still there (or was consumed and
-/// acked before). Rounds: `SLUICE_CRASH_ROUNDS` (default 3).
+type Shared = std::sync::Arc<std::sync::Mutex<Ledger>>;
+
+/// Publish ids `first, first+1, ...` (tagged with publisher `p`) with at
+/// most 64 unconfirmed until the connection dies; returns the next id.
+async fn crash_publisher(c: Client, p: u64, first: u64, ledger: Shared) -> u64 {
+    use futures::StreamExt;
+    let mut inflight = futures::stream::FuturesUnordered::new();
+    let mut n = first;
+    loop {
+        while inflight.len() < 64 {
+            let id = (p << 48) | n;
+            ledger.lock().unwrap().sent.insert(id);
+            let f = c.publish("t", vec![], id.to_be_bytes().to_vec());
+            inflight.push(async move { (id, f.await) });
+            n += 1;
+        }
+        match inflight.next().await {
+            Some((id, Ok(_))) => {
+                ledger.lock().unwrap().confirmed.insert(id);
+            }
+            _ => break,
+        }
+    }
+    while let Some((id, r)) = inflight.next().await {
+        if r.is_ok() {
+            ledger.lock().unwrap().confirmed.insert(id);
+        }
+    }
+    n
+}
+
+/// Consume `q`, ack every delivery and `sync_acks` every 32 acks (then they
+/// count as settled), until the connection dies or nothing arrives for
+/// `idle`. Returns the deliveries seen.
+async fn crash_consumer(c: Client, ledger: Shared, idle: Duration) -> u64 {
+    let Ok(mut sub) = c.subscribe("q", 64).await else {
+        return 0;
+    };
+    let mut pending = Vec::new();
+    let mut seen = 0;
+    while let Ok(Some(d)) = tokio::time::timeout(idle, sub.next()).await {
+        let id = u64::from_be_bytes(d.payload.as_slice().try_into().unwrap());
+        ledger.lock().unwrap().record(id, d.redelivered);
+        seen += 1;
+        sub.ack(d.tag);
+        pending.push(id);
+        if pending.len() >= 32 {
+            if sub.sync_acks().await.is_err() {
+                return seen;
+            }
+            ledger.lock().unwrap().settled.extend(pending.drain(..));
+        }
+    }
+    if sub.sync_acks().await.is_ok() {
+        ledger.lock().unwrap().settled.extend(pending.drain(..));
+    }
+    seen
+}
+
+/// A small deterministic generator for kill times (xorshift64*).
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+/// The crash suite: the broker runs as a child process; three clients
+/// publish with confirms and two consume with acks (syncing them now and
+/// then); the broker is killed with SIGKILL at a random moment in every
+/// round and restarted. At the end a consumer drains the queue, and:
+/// every confirmed message was delivered at least once, nothing was
+/// invented, and only messages whose acks were not yet synced came again
+/// (flagged redelivered). Rounds: `SLUICE_CRASH_ROUNDS` (default 3); kill
+/// times: `SLUICE_CRASH_SEED` (default: from the clock, printed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmed_messages_survive_kill_9() {
-    let rounds: u64 = std::env::var("SLUICE_CRASH_ROUNDS")
+    const PUBLISHERS: u64 = 3;
+    const CONSUMERS: usize = 2;
+    let rounds = common::env_or("SLUICE_CRASH_ROUNDS", 3);
+    let seed: u64 = std::env::var("SLUICE_CRASH_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
+        | 1;
+    println!("crash suite: SLUICE_CRASH_SEED={seed}");
+    let mut rng = seed;
     let dir = tempfile::tempdir().unwrap();
     certs(dir.path());
     let addr = free_port();
-    let mut confirmed: BTreeSet<u64> = BTreeSet::new();
-    let mut sent: BTreeSet<u64> = BTreeSet::new();
-    let mut next = 0u64;
-    for round in 0..rounds {
-        let mut child = spawn(&[], dir.path(), addr);
-        let c = connect(dir.path(), addr).await;
-        c.declare(QueueSpec::new("q")).await.unwrap();
-        c.bind("q", "t").await.unwrap();
-        // Publish continuously with up to 256 unconfirmed, and kill the
-        // broker while publishes are in flight.
-        let first = next;
-        let publisher = {
-            let c = c.clone();
-            tokio::spawn(async move {
-                use futures::StreamExt;
-                let mut inflight = futures::stream::FuturesUnordered::new();
-                let mut confirmed = Vec::new();
-                let mut n = first;
-                loop {
-                    while inflight.len() < 256 {
-                        let f = c.publish("t", vec![], n.to_be_bytes().to_vec());
-                        inflight.push(async move { (n, f.await) });
-                        n += 1;
-                    }
-                    match inflight.next().await {
-                        Some((k, Ok(_))) => confirmed.push(k),
-                        _ => break,
-                    }
-                }
-                while let Some((k, r)) = inflight.next().await {
-                    if r.is_ok() {
-                        confirmed.push(k);
-                    }
-                }
-                (n, confirmed)
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(300 + 150 * round)).await;
+    let ledger = Shared::default();
+    let mut next = [0u64; PUBLISHERS as usize];
+    let mut consumed_in_rounds = 0;
+    for _round in 0..rounds {
+        let mut child = spawn(dir.path(), addr);
+        let admin = connect(dir.path(), addr).await;
+        admin.declare(QueueSpec::new("q")).await.unwrap();
+        admin.bind("q", "t").await.unwrap();
+        let mut clients = vec![admin];
+        let mut publishers = Vec::new();
+        for p in 0..PUBLISHERS {
+            let c = connect(dir.path(), addr).await;
+            clients.push(c.clone());
+            let first = next[p as usize];
+            publishers.push(tokio::spawn(crash_publisher(c, p, first, ledger.clone())));
+        }
+        let mut consumers = Vec::new();
+        for _ in 0..CONSUMERS {
+            let c = connect(dir.path(), addr).await;
+            clients.push(c.clone());
+            consumers.push(tokio::spawn(crash_consumer(
+                c,
+                ledger.clone(),
+                Duration::from_secs(30),
+            )));
+        }
+        let delay = 300 + next_random(&mut rng) % 1200;
+        tokio::time::sleep(Duration::from_millis(delay)).await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         // A killed server sends no CONNECTION_CLOSE; stop waiting for it.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        c.close();
-        let (end, ok) = tokio::time::timeout(Duration::from_secs(30), publisher)
-            .await
-            .unwrap()
-            .unwrap();
-        sent.extend(first..end);
-        next = end;
-        confirmed.extend(ok);
+        for c in &clients {
+            c.close();
+        }
+        for (p, task) in publishers.into_iter().enumerate() {
+            next[p] = tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("publisher stops when the broker dies")
+                .unwrap();
+        }
+        for task in consumers {
+            consumed_in_rounds += tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("consumer stops when the broker dies")
+                .unwrap();
+        }
     }
     // Final restart: drain and compare.
-    let mut child = spawn(&[], dir.path(), addr);
+    let mut child = spawn(dir.path(), addr);
     let c = connect(dir.path(), addr).await;
-    let mut sub = c.subscribe("q", 512).await.unwrap();
-    let mut delivered = BTreeSet::new();
-    let mut duplicates = 0u64;
-    while let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(2), sub.next()).await {
-        let n = u64::from_be_bytes(d.payload.as_slice().try_into().unwrap());
-        assert!(sent.contains(&n), "message {n} was never published");
-        if !delivered.insert(n) {
-            duplicates += 1;
-        }
-        sub.ack(d.tag);
-    }
+    let drained = crash_consumer(c.clone(), ledger.clone(), Duration::from_secs(2)).await;
+    c.close();
     child.kill().unwrap();
     child.wait().unwrap();
-    let lost: Vec<u64> = confirmed.difference(&delivered).copied().collect();
+
+    let l = ledger.lock().unwrap();
+    let lost: Vec<u64> = l
+        .confirmed
+        .iter()
+        .filter(|id| !l.delivered.contains_key(id))
+        .copied()
+        .collect();
+    let duplicates: u64 = l.delivered.values().map(|n| u64::from(n - 1)).sum();
     println!(
-        "crash suite: rounds={rounds} sent={} confirmed={} delivered={} duplicates={duplicates} lost={}",
-        sent.len(),
-        confirmed.len(),
-        delivered.len(),
+        "crash suite: rounds={rounds} sent={} confirmed={} delivered={} (during rounds {consumed_in_rounds}, drained {drained}) \
+         settled={} duplicates={duplicates} lost={}",
+        l.sent.len(),
+        l.confirmed.len(),
+        l.delivered.len(),
+        l.settled.len(),
         lost.len()
     );
+    assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
+    assert!(l.invented.is_empty(), "never published: {:?}", l.invented);
     assert!(
-        confirmed.len() > 100,
+        l.settled_redelivered.is_empty(),
+        "acked and synced, delivered again: {:?}",
+        l.settled_redelivered
+    );
+    assert!(
+        l.unflagged.is_empty(),
+        "repeated deliveries not flagged redelivered: {:?}",
+        l.unflagged
+    );
+    assert!(
+        l.confirmed.len() as u64 > 100 * rounds,
         "the test must confirm something before each kill"
     );
     assert!(
-        confirmed.len() < sent.len(),
+        l.confirmed.len() < l.sent.len(),
         "kills must land while publishes are in flight"
     );
-    assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
-    assert_eq!(
-        duplicates, 0,
-        "nothing was consumed before the drain, so nothing repeats"
+    assert!(
+        consumed_in_rounds > 0 && !l.settled.is_empty(),
+        "consumers must ack (and sync) while the broker runs"
     );
 }
 
@@ -179,7 +263,7 @@ async fn confirms_follow_fdatasync_of_the_data_file() {
     certs(dir.path());
     let addr = free_port();
     let trace = dir.path().join("trace");
-    let mut broker = spawn(&[], dir.path(), addr);
+    let mut broker = spawn(dir.path(), addr);
     let c = connect(dir.path(), addr).await;
     c.declare(QueueSpec::new("q")).await.unwrap();
     c.bind("q", "t").await.unwrap();
@@ -230,7 +314,7 @@ async fn sighup_reloads_crls_and_disconnects_revoked_clients() {
         .unwrap();
     assert!(issued.success());
     let addr = free_port();
-    let mut child = spawn(&[], dir.path(), addr);
+    let mut child = spawn(dir.path(), addr);
     let other = connect(dir.path(), addr).await;
     let laptop = Client::connect(addr, &ca.join("laptop")).await.unwrap();
     laptop.declare(QueueSpec::new("q")).await.unwrap();

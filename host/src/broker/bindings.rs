@@ -127,6 +127,11 @@ impl BindingTrie {
     pub fn len(&self) -> usize {
         self.count
     }
+
+    /// Whether there are no bindings.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
 }
 
 #[cfg(test)]

@@ -17,8 +17,9 @@ mod subscription;
 mod tenancy;
 mod tenant;
 
+pub use bindings::BindingTrie;
 pub use error::BrokerError;
-pub use names::{check_name, check_tenant, check_topic};
+pub use names::{Token, check_name, check_tenant, check_topic, parse_pattern};
 pub use queue::{Delivery, Overflow, QueueOptions};
 pub use routing::Publish;
 
@@ -838,23 +839,37 @@ impl Broker {
         self.dead_letter(q, dead);
     }
 
-    /// Read a delivered message from the store.
-    pub(crate) fn load_delivery(&self, q: &Queue, r: &MsgRef) -> Result<Delivery, BrokerError> {
-        let bytes = self.inner.store.get(q.id, r.id)?.ok_or_else(|| {
-            crate::store::StoreError::Corrupt(format!(
-                "message {} of queue `{}` is missing",
-                r.id, q.name
-            ))
-        })?;
-        let m = StoredMessage::decode(&bytes)?;
-        Ok(Delivery {
-            tag: r.id,
-            topic: m.topic,
-            headers: m.headers,
-            payload: m.payload,
-            redelivered: r.deliveries > 1,
-            delivery_count: r.deliveries - 1,
-        })
+    /// Read delivered messages from the store (one read per stored chunk).
+    pub(crate) fn load_deliveries(
+        &self,
+        q: &Queue,
+        refs: &[MsgRef],
+    ) -> Vec<Result<Delivery, BrokerError>> {
+        let ids: Vec<MsgId> = refs.iter().map(|r| r.id).collect();
+        let values = match self.inner.store.get_many(q.id, &ids) {
+            Ok(v) => v,
+            Err(e) => return refs.iter().map(|_| Err(e.clone().into())).collect(),
+        };
+        refs.iter()
+            .zip(values)
+            .map(|(r, value)| {
+                let bytes = value.ok_or_else(|| {
+                    crate::store::StoreError::Corrupt(format!(
+                        "message {} of queue `{}` is missing",
+                        r.id, q.name
+                    ))
+                })?;
+                let m = StoredMessage::decode(&bytes)?;
+                Ok(Delivery {
+                    tag: r.id,
+                    topic: m.topic,
+                    headers: m.headers,
+                    payload: m.payload,
+                    redelivered: r.deliveries > 1,
+                    delivery_count: r.deliveries - 1,
+                })
+            })
+            .collect()
     }
 
     /// Move messages to the queue's dead-letter queue (or drop them).

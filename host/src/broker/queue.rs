@@ -153,6 +153,13 @@ impl Queue {
     /// Reserve room and ids for `n` messages about to be stored. `Err` when
     /// full with reject-publish.
     pub fn reserve(&self, n: u64) -> Result<MsgId, ()> {
+        self.reserve_room(n)?;
+        Ok(self.allocate_ids(n))
+    }
+
+    /// Reserve room for `n` messages (refused when max-length would be
+    /// exceeded with reject-publish), without ids yet.
+    pub fn reserve_room(&self, n: u64) -> Result<(), ()> {
         let mut st = self.lock();
         if let (Some(max), Overflow::RejectPublish) =
             (self.options.max_length, self.options.overflow)
@@ -161,9 +168,17 @@ impl Queue {
             return Err(());
         }
         st.reserved += n;
+        Ok(())
+    }
+
+    /// `n` consecutive new ids (the first is returned) for room reserved
+    /// before: one publish batch's messages of this queue get consecutive
+    /// ids, so the store keeps them as one chunk.
+    pub fn allocate_ids(&self, n: u64) -> MsgId {
+        let mut st = self.lock();
         let first = st.next_id;
         st.next_id += n;
-        Ok(first)
+        first
     }
 
     /// Give back a reservation that will not be used.

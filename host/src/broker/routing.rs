@@ -36,6 +36,9 @@ impl From<StoredMessage> for Encoded {
     }
 }
 
+/// A target queue, its filters in order, and its dead-letter queue.
+type Target = (Arc<Queue>, Vec<String>, Option<Arc<Queue>>);
+
 /// Where one message goes after routing and filtering.
 #[derive(Default)]
 struct Routed {
@@ -142,15 +145,12 @@ impl Broker {
             &Resource::Topic(msg.topic.clone()),
         )?;
         let now = now_ms();
-        let (candidates, router, queues_of) = {
+        let (candidates, router) = {
             let ts = t.read();
-            (
-                ts.bindings.matches(&msg.topic),
-                ts.router.clone(),
-                ts.queues.clone(),
-            )
+            (ts.bindings.matches(&msg.topic), ts.router.clone())
         };
-        let mut wit = Message {
+        // The plugins' view of the message, built only if a plugin runs.
+        let wit_message = || Message {
             topic: msg.topic.clone(),
             headers: msg.headers.clone(),
             payload: msg.payload.clone(),
@@ -159,38 +159,57 @@ impl Broker {
             timestamp_ms: now,
             redelivery_count: 0,
         };
-        let targets = match router.and_then(|name| self.inner.plugins.get(&t.name, &name)) {
+        let mut wit: Option<Message> = None;
+        let targets = match router
+            .as_deref()
+            .and_then(|name| self.inner.plugins.get(&t.name, name))
+        {
             None => candidates,
-            Some(plugin) => {
-                let targets = plugin
-                    .route(&wit, &candidates)
-                    .map_err(|f| BrokerError::router(&f))?;
-                if let Some(unknown) = targets.iter().find(|q| !queues_of.contains_key(*q)) {
-                    return Err(BrokerError::Router(format!(
-                        "router chose unknown queue `{unknown}`"
-                    )));
-                }
-                targets
-            }
+            Some(plugin) => plugin
+                .route(wit.get_or_insert_with(wit_message), &candidates)
+                .map_err(|f| BrokerError::router(&f))?,
         };
         if targets.is_empty() {
             return Err(BrokerError::NoRoute(msg.topic.clone()));
         }
+        // Resolve the targets under one read lock: queue, its filters and
+        // its dead-letter queue (no copy of the tenant's queue map).
+        let resolved: Vec<Target> = {
+            let ts = t.read();
+            let mut out = Vec::with_capacity(targets.len());
+            for name in &targets {
+                let Some(q) = ts.queues.get(name) else {
+                    if router.is_some() {
+                        return Err(BrokerError::Router(format!(
+                            "router chose unknown queue `{name}`"
+                        )));
+                    }
+                    continue;
+                };
+                let filters = ts.filters.get(name).cloned().unwrap_or_default();
+                let dlq = q
+                    .options
+                    .dead_letter
+                    .as_ref()
+                    .and_then(|d| ts.queues.get(d))
+                    .cloned();
+                out.push((q.clone(), filters, dlq));
+            }
+            out
+        };
         let mut routed = Routed::default();
-        let filters = t.read().filters.clone();
-        for name in &targets {
-            let Some(q) = queues_of.get(name) else {
-                continue;
-            };
+        for (q, filters, dlq) in &resolved {
+            let name = &q.name;
             let (mut headers, mut payload) = (msg.headers.clone(), msg.payload.clone());
             let mut outcome = Ok(true);
-            for fname in filters.get(name).into_iter().flatten() {
+            for fname in filters {
                 let Some(f) = self.inner.plugins.get(&t.name, fname) else {
                     continue;
                 };
+                let wit = wit.get_or_insert_with(wit_message);
                 wit.headers = headers.clone();
                 wit.payload = payload.clone();
-                match f.filter(&wit) {
+                match f.filter(wit) {
                     Ok(FilterVerdict::Accept) => {}
                     Ok(FilterVerdict::Drop(reason)) => {
                         tracing::debug!(tenant = %t.name, queue = %name, filter = %fname, %reason, "filter dropped a message");
@@ -231,32 +250,25 @@ impl Broker {
             match outcome {
                 Ok(true) => routed.stores.push((q.clone(), stored(headers, payload, q))),
                 Ok(false) => {}
-                Err(reason) => {
-                    let dlq = q
-                        .options
-                        .dead_letter
-                        .as_ref()
-                        .and_then(|d| queues_of.get(d));
-                    match dlq {
-                        Some(dlq) => {
-                            let mut headers = msg.headers.clone();
-                            headers.push(("x-death-reason".into(), reason));
-                            headers.push(("x-death-queue".into(), q.name.clone()));
-                            q.counters
-                                .dead_lettered
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            routed
-                                .dead
-                                .push((dlq.clone(), stored(headers, msg.payload.clone(), dlq)));
-                        }
-                        None => {
-                            tracing::warn!(tenant = %t.name, queue = %name, %reason, "filter failed and the queue has no dead-letter queue: message dropped");
-                            q.counters
-                                .dropped
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
+                Err(reason) => match dlq {
+                    Some(dlq) => {
+                        let mut headers = msg.headers.clone();
+                        headers.push(("x-death-reason".into(), reason));
+                        headers.push(("x-death-queue".into(), q.name.clone()));
+                        q.counters
+                            .dead_lettered
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        routed
+                            .dead
+                            .push((dlq.clone(), stored(headers, msg.payload.clone(), dlq)));
                     }
-                }
+                    None => {
+                        tracing::warn!(tenant = %t.name, queue = %name, %reason, "filter failed and the queue has no dead-letter queue: message dropped");
+                        q.counters
+                            .dropped
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                },
             }
         }
         Ok(routed)
@@ -268,8 +280,8 @@ impl Broker {
         routed: Vec<Result<Routed, BrokerError>>,
     ) -> Vec<Result<u32, BrokerError>> {
         let mut results: Vec<Result<u32, BrokerError>> = Vec::with_capacity(routed.len());
-        let mut appends = Vec::new();
-        let mut placed: Vec<(Arc<Queue>, MsgRef)> = Vec::new();
+        // Accepted copies, in publish order, grouped by queue afterwards.
+        let mut accepted: Vec<(Arc<Queue>, Encoded)> = Vec::new();
         let mut durable = false;
         for r in routed {
             let r = match r {
@@ -281,62 +293,69 @@ impl Broker {
             };
             let stored_in = r.stores.len() as u32;
             let all: Vec<(Arc<Queue>, Encoded)> = r.stores.into_iter().chain(r.dead).collect();
-            let mut ids = Vec::with_capacity(all.len());
+            let mut reserved = 0;
             let mut full = None;
             for (q, _) in &all {
-                match q.reserve(1) {
-                    Ok(id) => ids.push(id),
-                    Err(()) => {
-                        full = Some(q.name.clone());
-                        break;
-                    }
+                if q.reserve_room(1).is_err() {
+                    full = Some(q.name.clone());
+                    break;
                 }
+                reserved += 1;
             }
             if let Some(name) = full {
-                for (q, _) in all.iter().take(ids.len()) {
+                for (q, _) in all.iter().take(reserved) {
                     q.unreserve(1);
                 }
                 results.push(Err(BrokerError::QueueFull(name)));
                 continue;
             }
-            for ((q, m), id) in all.into_iter().zip(ids) {
-                durable |= q.options.durable;
-                placed.push((
-                    q.clone(),
-                    MsgRef {
-                        id,
-                        size: m.value.len() as u32,
-                        expires_at: m.expires_at,
-                        deliveries: 0,
-                    },
-                ));
+            durable |= all.iter().any(|(q, _)| q.options.durable);
+            accepted.extend(all);
+            results.push(Ok(stored_in));
+        }
+        if accepted.is_empty() {
+            return results;
+        }
+        // Per queue, consecutive ids in publish order (one store chunk each).
+        let mut groups: Vec<(Arc<Queue>, Vec<Encoded>)> = Vec::new();
+        // Keyed by the queue's address (the Arc keeps it alive meanwhile).
+        let mut group_of: std::collections::HashMap<usize, usize> = Default::default();
+        for (q, m) in accepted {
+            let i = *group_of.entry(Arc::as_ptr(&q) as usize).or_insert_with(|| {
+                groups.push((q.clone(), Vec::new()));
+                groups.len() - 1
+            });
+            groups[i].1.push(m);
+        }
+        drop(group_of);
+        let mut appends = Vec::new();
+        let mut placed: Vec<(Arc<Queue>, Vec<MsgRef>)> = Vec::with_capacity(groups.len());
+        for (q, ms) in groups {
+            let first = q.allocate_ids(ms.len() as u64);
+            let mut refs = Vec::with_capacity(ms.len());
+            for (id, m) in (first..).zip(ms) {
+                refs.push(MsgRef {
+                    id,
+                    size: m.value.len() as u32,
+                    expires_at: m.expires_at,
+                    deliveries: 0,
+                });
                 appends.push(Append {
                     queue: q.id,
                     id,
                     value: m.value,
                 });
             }
-            results.push(Ok(stored_in));
-        }
-        if appends.is_empty() {
-            return results;
+            placed.push((q, refs));
         }
         if let Err(e) = self.inner.store.append(appends, durable).await {
-            for (q, _) in &placed {
-                q.unreserve(1);
+            for (q, refs) in &placed {
+                q.unreserve(refs.len() as u64);
             }
             let e = BrokerError::from(e);
             return results.into_iter().map(|r| r.and(Err(e.clone()))).collect();
         }
-        // Enqueue per queue, keeping id order.
-        let mut i = 0;
-        while i < placed.len() {
-            let q = placed[i].0.clone();
-            let mut refs = Vec::new();
-            while i < placed.len() && Arc::ptr_eq(&placed[i].0, &q) {
-                refs.push(placed[i].1);
-                i += 1;
-            }
+        for (q, refs) in placed {
             let dead = q.enqueue(&refs, refs.len() as u64);
             self.dead_letter(&q, dead);
             self.dispatch(&q);

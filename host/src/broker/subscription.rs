@@ -43,8 +43,11 @@ impl Subscription {
             let refs = self.rx.recv().await?;
             let mut out = Vec::with_capacity(refs.len());
             let mut missing = Vec::new();
-            for r in &refs {
-                match self.broker.load_delivery(&self.queue, r) {
+            for (r, d) in refs
+                .iter()
+                .zip(self.broker.load_deliveries(&self.queue, &refs))
+            {
+                match d {
                     Ok(d) => out.push(d),
                     Err(e) => {
                         tracing::error!(queue = %self.queue.name, error = %e, "dropping an unreadable message");
@@ -68,6 +71,12 @@ impl Subscription {
             tracing::error!(queue = %self.queue.name, error = %e, "cannot remove acked messages");
         }
         self.broker.dispatch(&self.queue);
+    }
+
+    /// Make every ack applied so far durable: resolves after the next group
+    /// commit (sled flush + fdatasync) that follows them.
+    pub fn sync(&self) -> crate::store::Commit {
+        self.broker.inner.store.append(Vec::new(), true)
     }
 
     /// Negatively acknowledge: requeue (redelivered), or dead-letter past

@@ -10,10 +10,11 @@ use std::task::{Context, Poll};
 
 use tokio::sync::oneshot;
 
-use super::{Append, StoreError, key, manifest};
+use super::chunk::{self, ChunkState, NewChunk};
+use super::{StoreError, key, manifest};
 
 struct Request {
-    items: Vec<Append>,
+    items: Vec<NewChunk>,
     durable: bool,
     reply: oneshot::Sender<Result<(), StoreError>>,
 }
@@ -81,7 +82,7 @@ impl Committer {
         })
     }
 
-    pub(crate) fn submit(&self, items: Vec<Append>, durable: bool) -> Commit {
+    pub(crate) fn submit(&self, items: Vec<NewChunk>, durable: bool) -> Commit {
         let (reply, rx) = oneshot::channel();
         let sent = match &self.tx {
             Some(tx) => tx
@@ -105,6 +106,8 @@ impl Committer {
 pub(crate) struct CommitLog {
     pub db: sled::Db,
     pub messages: sled::Tree,
+    /// Chunks become visible here once written.
+    pub index: Arc<chunk::Index>,
     pub data_file: Arc<File>,
     pub dir: std::path::PathBuf,
     /// Last durable commit number.
@@ -115,12 +118,12 @@ pub(crate) struct CommitLog {
 fn run(rx: mpsc::Receiver<Request>, mut log: CommitLog, max_batch: usize) {
     let mut waiting: Vec<Request> = Vec::new();
     while let Ok(first) = rx.recv() {
-        let mut count = first.items.len();
+        let mut count = messages(&first);
         waiting.push(first);
         while count < max_batch {
             match rx.try_recv() {
                 Ok(r) => {
-                    count += r.items.len();
+                    count += messages(&r);
                     waiting.push(r);
                 }
                 Err(_) => break,
@@ -133,29 +136,55 @@ fn run(rx: mpsc::Receiver<Request>, mut log: CommitLog, max_batch: usize) {
     }
 }
 
+fn messages(r: &Request) -> usize {
+    r.items.iter().map(|c| c.len as usize).sum()
+}
+
 fn commit(log: &mut CommitLog, requests: &[Request]) -> Result<(), StoreError> {
     let durable = requests.iter().any(|r| r.durable);
     let mut batch = sled::Batch::default();
     for r in requests {
-        for item in &r.items {
-            batch.insert(&key(item.queue, item.id), item.value.as_slice());
+        for c in &r.items {
+            batch.insert(&key(c.queue, c.first), c.value.as_slice());
+            batch.insert(&chunk::index_key(c.queue, c.first), c.index.as_slice());
         }
     }
     if durable {
         batch.insert(&manifest::COMMIT_KEY, &(log.commit + 1).to_be_bytes());
     }
     log.messages.apply_batch(batch).map_err(StoreError::sled)?;
-    if durable {
-        log.db.flush().map_err(StoreError::sled)?;
-        log.data_file.sync_data().map_err(|e| StoreError::Io {
-            path: "db".into(),
-            message: e.to_string(),
-        })?;
-        log.commit += 1;
-        if log.manifest_at.elapsed() >= std::time::Duration::from_millis(100) {
-            manifest::write(&log.dir, log.commit)?;
-            log.manifest_at = std::time::Instant::now();
+    if let Err(e) = sync(log, durable) {
+        // Not confirmed: take the chunks back out (best effort) so a refused
+        // publish does not come back after a restart.
+        let mut undo = sled::Batch::default();
+        for c in requests.iter().flat_map(|r| &r.items) {
+            undo.remove(&key(c.queue, c.first));
+            undo.remove(&chunk::index_key(c.queue, c.first));
         }
+        let _ = log.messages.apply_batch(undo);
+        return Err(e);
+    }
+    for c in requests.iter().flat_map(|r| &r.items) {
+        chunk::lock(&log.index.queue(c.queue)).insert(c.first, ChunkState::new(c.len, Vec::new()));
+    }
+    Ok(())
+}
+
+/// Make a durable commit stick: sled flush, fdatasync of its data file,
+/// and now and then the manifest.
+fn sync(log: &mut CommitLog, durable: bool) -> Result<(), StoreError> {
+    if !durable {
+        return Ok(());
+    }
+    log.db.flush().map_err(StoreError::sled)?;
+    log.data_file.sync_data().map_err(|e| StoreError::Io {
+        path: "db".into(),
+        message: e.to_string(),
+    })?;
+    log.commit += 1;
+    if log.manifest_at.elapsed() >= std::time::Duration::from_millis(100) {
+        manifest::write(&log.dir, log.commit)?;
+        log.manifest_at = std::time::Instant::now();
     }
     Ok(())
 }

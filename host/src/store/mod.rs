@@ -3,9 +3,11 @@
 //! # Layout
 //!
 //! One sled database in the data directory with three trees:
-//! - `messages`: key = queue id (u64 BE) ‖ message id (u64 BE); value =
-//!   an 8-byte expiry (ms since the epoch, 0 = none, so recovery can apply
-//!   TTLs without decoding) followed by the bincode-encoded [`StoredMessage`];
+//! - `messages`: key = queue id (u64 BE) ‖ first message id (u64 BE);
+//!   value = a chunk of consecutive messages of that queue ([`chunk`]),
+//!   each an 8-byte expiry (ms since the epoch, 0 = none, so recovery can
+//!   apply TTLs without decoding) followed by the bincode-encoded
+//!   [`StoredMessage`]; next to each partly acked chunk, its ack bitmap;
 //! - `meta`: broker metadata (tenants, queues, bindings, plugins) under
 //!   string keys, values encoded by the broker;
 //! - `blobs`: large metadata values (plugin components).
@@ -24,8 +26,10 @@
 //! data durable. Only after both does it answer the waiting publishers, so a
 //! confirm means "fsynced" (group commit). Removals (acks) are applied
 //! without waiting for a sync: a crash may redeliver an acked message, never
-//! lose an unacked one (at-least-once).
+//! lose an unacked one (at-least-once); a durable commit after them (an
+//! empty one is enough) makes them stick.
 
+mod chunk;
 mod commit;
 mod error;
 mod manifest;
@@ -95,6 +99,8 @@ pub struct Store {
     committer: Committer,
     dir: PathBuf,
     max_value: usize,
+    /// Live chunks per queue.
+    index: Arc<chunk::Index>,
 }
 
 impl std::fmt::Debug for Store {
@@ -103,6 +109,16 @@ impl std::fmt::Debug for Store {
             .field("dir", &self.dir)
             .finish_non_exhaustive()
     }
+}
+
+/// A chunk as its index entry describes it: first id, (size, expiry) per
+/// message, and its state with the ack bitmap.
+type IndexedChunk = (MsgId, Vec<(u32, u64)>, chunk::ChunkState);
+
+/// The first id of a chunk key (`None` for an ack bitmap's key).
+fn chunk_first(k: &[u8]) -> Option<MsgId> {
+    let k: &[u8; 16] = k.try_into().ok()?;
+    Some(u64::from_be_bytes(k[8..].try_into().ok()?))
 }
 
 fn key(queue: QueueId, id: MsgId) -> [u8; 16] {
@@ -134,10 +150,13 @@ impl Store {
         let data_file =
             Arc::new(File::open(&data_path).map_err(|e| StoreError::io(&data_path, e))?);
         let commit = manifest::check(&config.dir, &messages)?;
+        Self::migrate(&messages, &meta)?;
+        let index = Arc::new(chunk::Index::default());
         let committer = Committer::start(
             commit::CommitLog {
                 db: db.clone(),
                 messages: messages.clone(),
+                index: index.clone(),
                 data_file: data_file.clone(),
                 dir: config.dir.clone(),
                 commit,
@@ -157,7 +176,87 @@ impl Store {
             // sled inlines page updates up to segment_size / 4 (minus a
             // header); keep a margin for the key and node framing.
             max_value: (config.segment_size / 4).saturating_sub(4096),
+            index,
         })
+    }
+
+    /// A queue's chunks from their index entries: (first id, (size, expiry)
+    /// per message, state with the ack bitmap).
+    fn live_chunks(
+        &self,
+        queue: QueueId,
+    ) -> impl Iterator<Item = Result<IndexedChunk, StoreError>> + '_ {
+        let mut entries = self
+            .messages
+            .scan_prefix(chunk::index_prefix(queue))
+            .peekable();
+        std::iter::from_fn(move || {
+            loop {
+                let (k, v) = match entries.next()? {
+                    Ok(kv) => kv,
+                    Err(e) => return Some(Err(StoreError::sled(e))),
+                };
+                // An ack bitmap whose entry is gone cannot happen (they are
+                // removed in one batch); skip one anyway.
+                let Some(first) = k
+                    .get(9..)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes)
+                else {
+                    continue;
+                };
+                let acked = match entries.peek() {
+                    Some(Ok((next, bits))) if next.as_ref() == chunk::ack_key(queue, first) => {
+                        let bits = bits.to_vec();
+                        entries.next();
+                        bits
+                    }
+                    _ => Vec::new(),
+                };
+                return Some(chunk::decode_index(&v).map(|messages| {
+                    let state = chunk::ChunkState::new(messages.len() as u32, acked);
+                    (first, messages, state)
+                }));
+            }
+        })
+    }
+
+    /// Give every message stored by a version without chunks (one value per
+    /// message, no index entry) an index entry of its own, once, so that
+    /// start finds it: an upgrade must never hide stored messages.
+    fn migrate(messages: &sled::Tree, meta: &sled::Tree) -> Result<(), StoreError> {
+        const FORMAT: &str = "store/format";
+        if meta.get(FORMAT).map_err(StoreError::sled)?.is_some() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        let mut n = 0u64;
+        for entry in messages.iter() {
+            let (k, v) = entry.map_err(StoreError::sled)?;
+            let Some(first) = chunk_first(&k) else {
+                continue;
+            };
+            if k.as_ref() == manifest::COMMIT_KEY || k.first() == Some(&0xFE) {
+                continue;
+            }
+            let queue = u64::from_be_bytes(k[..8].try_into().unwrap_or_default());
+            let view = chunk::View::parse(&v)?;
+            let index = chunk::encode_index((0..view.len()).map(|i| {
+                let value = view.get(i).unwrap_or_default();
+                (value.len() as u32, decode_expiry(value).unwrap_or(0))
+            }));
+            batch.insert(&chunk::index_key(queue, first), index);
+            n += 1;
+        }
+        messages.apply_batch(batch).map_err(StoreError::sled)?;
+        meta.insert(FORMAT, "2").map_err(StoreError::sled)?;
+        if n > 0 {
+            tracing::info!(
+                messages = n,
+                "store: indexed messages stored by an earlier version"
+            );
+        }
+        Ok(())
     }
 
     /// The largest value the store keeps durably (larger ones are refused).
@@ -187,6 +286,10 @@ pub trait MessageStore: Send + Sync {
     fn remove(&self, queue: QueueId, ids: &[MsgId]) -> Result<(), StoreError>;
     /// Read one message's stored value.
     fn get(&self, queue: QueueId, id: MsgId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Read several messages of one queue (`None` for ids not stored).
+    fn get_many(&self, queue: QueueId, ids: &[MsgId]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        ids.iter().map(|id| self.get(queue, *id)).collect()
+    }
     /// Every message of `queue` in id order: (id, stored size, expiry ms or 0).
     fn scan_queue(
         &self,
@@ -223,7 +326,7 @@ impl MessageStore for Store {
                 max: self.max_value,
             });
         }
-        self.committer.submit(items, durable)
+        self.committer.submit(chunk::build(items), durable)
     }
 
     /// Remove messages (acks, expiries, drops). Not synced before returning.
@@ -231,48 +334,109 @@ impl MessageStore for Store {
         if ids.is_empty() {
             return Ok(());
         }
+        let chunks = self.index.queue(queue);
+        let mut chunks = chunk::lock(&chunks);
         let mut batch = sled::Batch::default();
-        for id in ids {
-            batch.remove(&key(queue, *id));
-        }
+        chunks.ack(ids, &mut batch);
+        // Written while the queue's chunks are locked, so bitmaps of one
+        // chunk reach sled in the order they were computed.
         self.messages.apply_batch(batch).map_err(StoreError::sled)
     }
 
     /// Read one message's stored value.
     fn get(&self, queue: QueueId, id: MsgId) -> Result<Option<Vec<u8>>, StoreError> {
-        self.messages
-            .get(key(queue, id))
-            .map(|v| v.map(|v| v.to_vec()))
-            .map_err(StoreError::sled)
+        Ok(self.get_many(queue, &[id])?.pop().flatten())
     }
 
-    /// Every message of `queue` in id order: (id, stored value size, expiry ms or 0).
+    /// Read several messages of one queue, one sled read per chunk.
+    fn get_many(&self, queue: QueueId, ids: &[MsgId]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        // Where each id lives: (chunk's first id, index in it), if live.
+        let places: Vec<Option<(MsgId, usize)>> = {
+            let chunks = self.index.queue(queue);
+            let chunks = chunk::lock(&chunks);
+            ids.iter()
+                .map(|&id| {
+                    let (first, c) = chunks.find(id)?;
+                    let i = (id - first) as usize;
+                    (!c.is_acked(i)).then_some((first, i))
+                })
+                .collect()
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        let mut current: Option<(MsgId, sled::IVec)> = None;
+        for place in places {
+            let Some((first, i)) = place else {
+                out.push(None);
+                continue;
+            };
+            if current.as_ref().is_none_or(|(f, _)| *f != first) {
+                current = self
+                    .messages
+                    .get(key(queue, first))
+                    .map_err(StoreError::sled)?
+                    .map(|v| (first, v));
+            }
+            match &current {
+                Some((_, value)) => out.push(chunk::View::parse(value)?.get(i).map(<[u8]>::to_vec)),
+                None => out.push(None),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every live message of `queue` in id order: (id, stored value size,
+    /// expiry ms or 0). Reads only the chunks' index entries, not the
+    /// messages, and rebuilds the queue's chunk index.
     fn scan_queue(
         &self,
         queue: QueueId,
     ) -> Box<dyn Iterator<Item = Result<(MsgId, u32, u64), StoreError>> + '_> {
-        Box::new(self.messages.scan_prefix(queue.to_be_bytes()).map(|r| {
-            let (k, v) = r.map_err(StoreError::sled)?;
-            let id = k
-                .get(8..16)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| StoreError::Corrupt(format!("message key of {} bytes", k.len())))?;
-            let expiry = decode_expiry(&v)?;
-            Ok((id, u32::try_from(v.len()).unwrap_or(u32::MAX), expiry))
+        self.index.forget(queue);
+        let chunks = self.index.queue(queue);
+        let mut entries = self.live_chunks(queue);
+        let mut ready: std::collections::VecDeque<(MsgId, u32, u64)> = Default::default();
+        Box::new(std::iter::from_fn(move || {
+            loop {
+                if let Some(e) = ready.pop_front() {
+                    return Some(Ok(e));
+                }
+                let (first, messages, state) = match entries.next()? {
+                    Ok(chunk) => chunk,
+                    Err(e) => return Some(Err(e)),
+                };
+                for (i, (size, expiry)) in messages.into_iter().enumerate() {
+                    if !state.is_acked(i) {
+                        ready.push_back((first + i as u64, size, expiry));
+                    }
+                }
+                if state.live > 0 {
+                    chunk::lock(&chunks).insert(first, state);
+                }
+            }
         }))
     }
 
     /// Delete every message of `queue` (queue delete or purge). Returns how
-    /// many were removed.
+    /// many live messages were removed.
     fn clear_queue(&self, queue: QueueId) -> Result<u64, StoreError> {
+        let chunks = self.index.queue(queue);
+        let _writes = chunk::lock(&chunks);
         let mut n = 0;
         let mut batch = sled::Batch::default();
+        for c in self.live_chunks(queue) {
+            let (first, _, state) = c?;
+            n += u64::from(state.live);
+            batch.remove(&key(queue, first));
+            batch.remove(&chunk::index_key(queue, first));
+            batch.remove(&chunk::ack_key(queue, first));
+        }
+        // Leftovers without an index entry (none are written, but a chunk
+        // must never outlive its queue).
         for k in self.messages.scan_prefix(queue.to_be_bytes()).keys() {
             batch.remove(k.map_err(StoreError::sled)?);
-            n += 1;
         }
         self.messages.apply_batch(batch).map_err(StoreError::sled)?;
+        self.index.forget(queue);
         Ok(n)
     }
 

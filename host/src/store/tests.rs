@@ -156,3 +156,97 @@ fn large_messages_stay_inline_and_durable() {
         .unwrap_err();
     assert!(matches!(err, StoreError::TooLarge { .. }), "{err}");
 }
+
+#[test]
+fn partly_acked_chunks_survive_reopen_with_their_acks() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig::new(dir.path());
+    let q;
+    {
+        let store = Store::open(&config).unwrap();
+        q = store.allocate_queue_id().unwrap();
+        // Two appends: ids 0..100 and 100..150, two chunks.
+        for range in [0..100u64, 100..150] {
+            let items = range
+                .map(|i| Append {
+                    queue: q,
+                    id: i,
+                    value: msg("t", &i.to_be_bytes(), 0).encode(),
+                })
+                .collect();
+            store.append(items, true).wait().unwrap();
+        }
+        let odd: Vec<u64> = (0..150).filter(|i| i % 2 == 1).collect();
+        store.remove(q, &odd).unwrap();
+        assert_eq!(store.get(q, 3).unwrap(), None, "acked ids read as gone");
+        let got = store.get_many(q, &[98, 99, 100, 102, 500]).unwrap();
+        let present: Vec<bool> = got.iter().map(Option::is_some).collect();
+        assert_eq!(present, [true, false, true, true, false]);
+        let m = StoredMessage::decode(got[2].as_ref().unwrap()).unwrap();
+        assert_eq!(m.payload, 100u64.to_be_bytes());
+        // Fully ack the second chunk: its value and bitmap go away.
+        store
+            .remove(q, &(100..150).filter(|i| i % 2 == 0).collect::<Vec<_>>())
+            .unwrap();
+        store.append(Vec::new(), true).wait().unwrap();
+    }
+    let store = Store::open(&config).unwrap();
+    let ids: Vec<u64> = store
+        .scan_queue(q)
+        .map(|r| r.map(|(id, _, _)| id).unwrap())
+        .collect();
+    assert_eq!(ids, (0..100).filter(|i| i % 2 == 0).collect::<Vec<_>>());
+    assert_eq!(
+        store.messages.len(),
+        4,
+        "one chunk, its index entry and bitmap, the commit number"
+    );
+    // The recovered index serves reads and further acks.
+    assert!(store.get(q, 4).unwrap().is_some());
+    store.remove(q, &ids).unwrap();
+    assert_eq!(store.scan_queue(q).count(), 0);
+    assert_eq!(store.clear_queue(q).unwrap(), 0);
+}
+
+#[test]
+fn purge_counts_live_messages_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&StoreConfig::new(dir.path())).unwrap();
+    let q = store.allocate_queue_id().unwrap();
+    let items = (0..10)
+        .map(|i| Append {
+            queue: q,
+            id: i,
+            value: msg("t", b"x", 0).encode(),
+        })
+        .collect();
+    store.append(items, false).wait().unwrap();
+    store.remove(q, &[0, 1, 2]).unwrap();
+    assert_eq!(store.clear_queue(q).unwrap(), 7);
+    assert_eq!(store.get(q, 5).unwrap(), None);
+}
+
+#[test]
+fn messages_stored_one_per_value_by_earlier_versions_are_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig::new(dir.path());
+    {
+        // The earlier layout: one value per message, no index entries.
+        let store = Store::open(&config).unwrap();
+        store.meta.remove("store/format").unwrap();
+        for id in [3u64, 4] {
+            store
+                .messages
+                .insert(key(9, id), msg("t", &[id as u8], 0).encode())
+                .unwrap();
+        }
+        store.sync().unwrap();
+    }
+    let store = Store::open(&config).unwrap();
+    let ids: Vec<u64> = store.scan_queue(9).map(|r| r.unwrap().0).collect();
+    assert_eq!(ids, [3, 4]);
+    let m = StoredMessage::decode(&store.get(9, 4).unwrap().unwrap()).unwrap();
+    assert_eq!(m.payload, [4]);
+    store.remove(9, &[3, 4]).unwrap();
+    assert_eq!(store.messages.len(), 0, "nothing left behind");
+}

@@ -624,6 +624,15 @@ impl Subscription {
         });
     }
 
+    /// Wait until every ack, nack and reject sent so far on this
+    /// subscription is applied and fsynced by the broker (like JetStream's
+    /// `AckSync`): an acked message is then never delivered again, even
+    /// after the broker crashes. Plain acks are applied without a sync, so a
+    /// crash may redeliver a recently acked message (at-least-once).
+    pub async fn sync_acks(&self) -> Result<(), ClientError> {
+        self.client.ok(Request::SyncAcks { sub: self.sub }).await
+    }
+
     /// Requeue a delivery (it comes back marked redelivered).
     pub fn nack(&self, tag: u64) {
         let _ = self.client.send(Frame::Nack {

@@ -141,6 +141,13 @@ pub enum Request {
         /// Tenant name.
         name: String,
     },
+    /// Answer once every ack, nack and reject sent on this connection for
+    /// subscription `sub` before this request is applied and fsynced: an
+    /// acked message is then never delivered again, even after a crash.
+    SyncAcks {
+        /// Subscription id.
+        sub: u64,
+    },
 }
 
 /// Per-tenant quotas; `None` is unlimited.
@@ -450,7 +457,7 @@ impl Frame {
                     | Request::TenantDelete { name }
                     | Request::TenantCreate { name, .. }
                     | Request::TenantLimits { name, .. } => check_name("name", name, limits),
-                    Request::TenantList => Ok(()),
+                    Request::TenantList | Request::SyncAcks { .. } => Ok(()),
                     Request::ListQueues | Request::ListPlugins | Request::Stats => Ok(()),
                 }
             }
