@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sluice_client::{Client, QueueSpec};
@@ -12,7 +12,7 @@ use sluice_client::{Client, QueueSpec};
 mod common;
 use common::{BIN, certs, connect, free_port};
 
-fn spawn(dir: &Path, addr: SocketAddr) -> Child {
+fn spawn(dir: &Path, addr: SocketAddr) -> common::Served {
     common::spawn(dir, addr, &[])
 }
 

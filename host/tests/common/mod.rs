@@ -31,9 +31,33 @@ pub fn certs(dir: &Path) {
     assert!(st.success());
 }
 
+/// A broker child process, killed when dropped (also when a test panics,
+/// so no broker outlives its test).
+pub struct Served(pub Child);
+
+impl std::ops::Deref for Served {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Served {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `sluice serve` on `addr` with data in `dir/data` and `extra` flags.
-pub fn spawn(dir: &Path, addr: SocketAddr, extra: &[&str]) -> Child {
-    Command::new(BIN)
+pub fn spawn(dir: &Path, addr: SocketAddr, extra: &[&str]) -> Served {
+    let child = Command::new(BIN)
         .args(["serve", "--listen", &addr.to_string(), "--data"])
         .arg(dir.join("data"))
         .arg("--certs")
@@ -42,7 +66,8 @@ pub fn spawn(dir: &Path, addr: SocketAddr, extra: &[&str]) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Served(child)
 }
 
 /// Connect as `acme`, retrying while the broker starts (at most 20 s).
