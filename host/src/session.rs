@@ -39,6 +39,8 @@ const CLOSE_ADMIN: u32 = 3;
 const PUBLISH_BUDGET: usize = 8 << 20;
 /// Frames queued for the control stream.
 const OUT_FRAMES: usize = 64;
+/// Publish batches of one connection routed and committing at once.
+const PIPELINE_DEPTH: usize = 4;
 /// Settle commands queued per subscription.
 const SUB_COMMANDS: usize = 256;
 /// How long a client may take to accept a new delivery stream.
@@ -642,18 +644,22 @@ fn frame_name(f: &Frame) -> &'static str {
     }
 }
 
-/// Run a connection's publishes strictly in order: everything queued for
-/// the same tenant is routed and group-committed as one broker call, and
-/// the next call starts only after it is committed. This keeps each
-/// publisher's messages in publish order in every queue (ids are reserved
-/// and messages enqueued in order) and confirms in order; concurrency comes
-/// from many connections sharing one group commit.
+/// Run a connection's publishes in order, as a two-stage pipeline:
+/// everything queued for the same tenant is routed and handed to the group
+/// commit as one broker call ([`Broker::prepare_publish`]), and while that
+/// commit runs the next batch is already routed; a second stage finishes
+/// the commits strictly in order (messages made ready, confirms sent).
+/// Ids are reserved and messages enqueued in publish order, so each
+/// publisher's messages stay in order in every queue and confirms go out in
+/// order; plugin time overlaps the fsync instead of adding to it.
 async fn publisher(
     mut rx: mpsc::UnboundedReceiver<PublishBatch>,
     broker: Broker,
     who: Principal,
     out: mpsc::Sender<Outgoing>,
 ) {
+    let (pending_tx, pending_rx) = mpsc::channel(PIPELINE_DEPTH);
+    tokio::spawn(confirmer(pending_rx, out));
     let mut next = None;
     loop {
         let Some(mut batch) = next.take().or(rx.recv().await) else {
@@ -669,13 +675,38 @@ async fn publisher(
                 break;
             }
         }
-        let results = match broker.scope(&who, batch.tenant.as_deref()) {
-            Ok(t) => broker.publish(&who, &t, batch.msgs).await,
-            Err(e) => batch.seqs.iter().map(|_| Err(e.clone())).collect(),
+        let pending = match broker.scope(&who, batch.tenant.as_deref()) {
+            Ok(t) => Ok(broker.prepare_publish(&who, &t, batch.msgs).await),
+            Err(e) => Err(batch.seqs.iter().map(|_| Err(e.clone())).collect()),
         };
-        let frames = answers(batch.seqs.into_iter().zip(results));
+        if pending_tx
+            .send((batch.seqs, batch.budget, pending))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Batches of one connection routed and submitted, waiting for their commit.
+type Pending = (
+    Vec<u64>,
+    OwnedSemaphorePermit,
+    Result<crate::broker::PendingPublish, Vec<Result<u32, BrokerError>>>,
+);
+
+/// The second stage of [`publisher`]: finish each batch in order and queue
+/// its confirms and refusals for the control stream.
+async fn confirmer(mut rx: mpsc::Receiver<Pending>, out: mpsc::Sender<Outgoing>) {
+    while let Some((seqs, budget, pending)) = rx.recv().await {
+        let results = match pending {
+            Ok(p) => p.finish().await,
+            Err(refused) => refused,
+        };
+        let frames = answers(seqs.into_iter().zip(results));
         let last = frames.len().saturating_sub(1);
-        let mut budget = Some(batch.budget);
+        let mut budget = Some(budget);
         for (i, frame) in frames.into_iter().enumerate() {
             let hold = if i == last { budget.take() } else { None };
             let outgoing = Outgoing {

@@ -21,7 +21,7 @@ pub use bindings::BindingTrie;
 pub use error::BrokerError;
 pub use names::{Token, check_name, check_tenant, check_topic, parse_pattern};
 pub use queue::{Delivery, Overflow, QueueOptions};
-pub use routing::Publish;
+pub use routing::{PendingPublish, Publish};
 
 pub use subscription::Subscription;
 pub use tenancy::{Admission, Closer, Quota, TenantInfo, TenantLimits, TenantUsage};

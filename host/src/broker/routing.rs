@@ -8,7 +8,7 @@ use super::queue::{MsgRef, Queue};
 use super::tenant::Tenant;
 use super::{Broker, BrokerError, now_ms};
 use crate::plugins::{Action, FailureKind, FilterVerdict, Message, Principal, Resource};
-use crate::store::{Append, StoredMessage};
+use crate::store::{Append, Commit, StoredMessage};
 
 /// A message to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +58,27 @@ impl Broker {
         tenant: &str,
         msgs: Vec<Publish>,
     ) -> Vec<Result<u32, BrokerError>> {
+        self.prepare_publish(who, tenant, msgs).await.finish().await
+    }
+
+    /// The first half of [`Broker::publish`]: route and filter, reserve
+    /// room and ids, and hand the messages to the group commit. The commit
+    /// runs while the caller prepares its next batch; [`PendingPublish::finish`]
+    /// waits for it and makes the messages ready. Finishing pending
+    /// publishes in the order they were prepared keeps every queue in
+    /// publish order.
+    pub async fn prepare_publish(
+        &self,
+        who: &Principal,
+        tenant: &str,
+        msgs: Vec<Publish>,
+    ) -> PendingPublish {
+        let refused = |results| PendingPublish {
+            broker: self.clone(),
+            results,
+            commit: None,
+            placed: Vec::new(),
+        };
         let t = self.tenant(tenant);
         let has_plugins = {
             let ts = t.read();
@@ -69,7 +90,7 @@ impl Broker {
             // keep them off the async workers, and run at most the tenant's
             // share of them at once so one tenant cannot occupy every worker.
             let Ok(permit) = t.plugin_slots.clone().acquire_owned().await else {
-                return (0..n).map(|_| Err(BrokerError::ShuttingDown)).collect();
+                return refused((0..n).map(|_| Err(BrokerError::ShuttingDown)).collect());
             };
             let (broker, who, tenant_name) = (self.clone(), who.clone(), tenant.to_string());
             match tokio::task::spawn_blocking(move || {
@@ -82,7 +103,7 @@ impl Broker {
                 Ok(r) => r,
                 Err(e) => {
                     let e = BrokerError::Conflict(format!("routing task failed: {e}"));
-                    return (0..n).map(|_| Err(e.clone())).collect();
+                    return refused((0..n).map(|_| Err(e.clone())).collect());
                 }
             }
         } else {
@@ -110,7 +131,7 @@ impl Broker {
                 }
             }
         }
-        self.commit_routed(routed).await
+        self.commit_routed(routed)
     }
 
     /// Validate, authorize, route and filter one message.
@@ -274,11 +295,8 @@ impl Broker {
         Ok(routed)
     }
 
-    /// Reserve room, append everything in one group commit, then enqueue.
-    async fn commit_routed(
-        &self,
-        routed: Vec<Result<Routed, BrokerError>>,
-    ) -> Vec<Result<u32, BrokerError>> {
+    /// Reserve room and ids, and submit everything as one append.
+    fn commit_routed(&self, routed: Vec<Result<Routed, BrokerError>>) -> PendingPublish {
         let mut results: Vec<Result<u32, BrokerError>> = Vec::with_capacity(routed.len());
         // Accepted copies, in publish order, grouped by queue afterwards.
         let mut accepted: Vec<(Arc<Queue>, Encoded)> = Vec::new();
@@ -314,7 +332,12 @@ impl Broker {
             results.push(Ok(stored_in));
         }
         if accepted.is_empty() {
-            return results;
+            return PendingPublish {
+                broker: self.clone(),
+                results,
+                commit: None,
+                placed: Vec::new(),
+            };
         }
         // Per queue, consecutive ids in publish order (one store chunk each).
         let mut groups: Vec<(Arc<Queue>, Vec<Encoded>)> = Vec::new();
@@ -348,7 +371,36 @@ impl Broker {
             }
             placed.push((q, refs));
         }
-        if let Err(e) = self.inner.store.append(appends, durable).await {
+        PendingPublish {
+            broker: self.clone(),
+            results,
+            commit: Some(self.inner.store.append(appends, durable)),
+            placed,
+        }
+    }
+}
+
+/// Publishes routed and submitted to the group commit, not yet confirmed
+/// (see [`Broker::prepare_publish`]). Dropping it unfinished gives the
+/// reserved room back; the messages may still be stored, and are then
+/// found again at the next start (at-least-once).
+pub struct PendingPublish {
+    broker: Broker,
+    results: Vec<Result<u32, BrokerError>>,
+    commit: Option<Commit>,
+    placed: Vec<(Arc<Queue>, Vec<MsgRef>)>,
+}
+
+impl PendingPublish {
+    /// Wait for the commit, make the messages ready and return, per
+    /// message, the number of queues it was stored in or why it was refused.
+    pub async fn finish(mut self) -> Vec<Result<u32, BrokerError>> {
+        let Some(commit) = self.commit.take() else {
+            return std::mem::take(&mut self.results);
+        };
+        let placed = std::mem::take(&mut self.placed);
+        let results = std::mem::take(&mut self.results);
+        if let Err(e) = commit.await {
             for (q, refs) in &placed {
                 q.unreserve(refs.len() as u64);
             }
@@ -357,9 +409,17 @@ impl Broker {
         }
         for (q, refs) in placed {
             let dead = q.enqueue(&refs, refs.len() as u64);
-            self.dead_letter(&q, dead);
-            self.dispatch(&q);
+            self.broker.dead_letter(&q, dead);
+            self.broker.dispatch(&q);
         }
         results
+    }
+}
+
+impl Drop for PendingPublish {
+    fn drop(&mut self) {
+        for (q, refs) in &self.placed {
+            q.unreserve(refs.len() as u64);
+        }
     }
 }
