@@ -1,7 +1,6 @@
 //! Group commit: one thread applies every waiting append as one batch, then
 //! flushes sled and fdatasyncs its data file, then answers every waiter.
 
-use std::fs::File;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,6 +10,7 @@ use std::task::{Context, Poll};
 use tokio::sync::oneshot;
 
 use super::chunk::{self, ChunkState, NewChunk};
+use super::handles::{Handles, Sled};
 use super::{StoreError, key, manifest};
 
 struct Request {
@@ -104,11 +104,9 @@ impl Committer {
 
 /// What the committer thread owns.
 pub(crate) struct CommitLog {
-    pub db: sled::Db,
-    pub messages: sled::Tree,
+    pub sled: Arc<Handles>,
     /// Chunks become visible here once written.
     pub index: Arc<chunk::Index>,
-    pub data_file: Arc<File>,
     pub dir: std::path::PathBuf,
     /// Last durable commit number.
     pub commit: u64,
@@ -142,28 +140,35 @@ fn messages(r: &Request) -> usize {
 
 fn commit(log: &mut CommitLog, requests: &[Request]) -> Result<(), StoreError> {
     let durable = requests.iter().any(|r| r.durable);
-    let mut batch = sled::Batch::default();
-    for r in requests {
-        for c in &r.items {
-            batch.insert(&key(c.queue, c.first), c.value.as_slice());
-            batch.insert(&chunk::index_key(c.queue, c.first), c.index.as_slice());
+    let sled = log.sled.clone();
+    sled.with(|s| {
+        // After a failure (and a reopen) the stored number may be ahead.
+        log.commit = log.commit.max(manifest::stored(&s.messages)?);
+        let mut batch = sled::Batch::default();
+        for r in requests {
+            for c in &r.items {
+                batch.insert(&key(c.queue, c.first), c.value.as_slice());
+                batch.insert(&chunk::index_key(c.queue, c.first), c.index.as_slice());
+            }
         }
-    }
-    if durable {
-        batch.insert(&manifest::COMMIT_KEY, &(log.commit + 1).to_be_bytes());
-    }
-    log.messages.apply_batch(batch).map_err(StoreError::sled)?;
-    if let Err(e) = sync(log, durable) {
-        // Not confirmed: take the chunks back out (best effort) so a refused
-        // publish does not come back after a restart.
-        let mut undo = sled::Batch::default();
-        for c in requests.iter().flat_map(|r| &r.items) {
-            undo.remove(&key(c.queue, c.first));
-            undo.remove(&chunk::index_key(c.queue, c.first));
+        if durable {
+            batch.insert(&manifest::COMMIT_KEY, &(log.commit + 1).to_be_bytes());
         }
-        let _ = log.messages.apply_batch(undo);
-        return Err(e);
-    }
+        s.messages.apply_batch(batch).map_err(StoreError::sled)?;
+        if let Err(e) = sync(log, s, durable) {
+            // Not confirmed: take the chunks back out (best effort) so a
+            // refused publish does not come back after a restart.
+            let mut undo = sled::Batch::default();
+            for c in requests.iter().flat_map(|r| &r.items) {
+                undo.remove(&key(c.queue, c.first));
+                undo.remove(&chunk::index_key(c.queue, c.first));
+            }
+            let _ = s.messages.apply_batch(undo);
+            return Err(e);
+        }
+        Ok(())
+    })?;
+    // Outside the handles' lock: readers take a chunk lock first.
     for c in requests.iter().flat_map(|r| &r.items) {
         chunk::lock(&log.index.queue(c.queue)).insert(c.first, ChunkState::new(c.len, Vec::new()));
     }
@@ -172,12 +177,12 @@ fn commit(log: &mut CommitLog, requests: &[Request]) -> Result<(), StoreError> {
 
 /// Make a durable commit stick: sled flush, fdatasync of its data file,
 /// and now and then the manifest.
-fn sync(log: &mut CommitLog, durable: bool) -> Result<(), StoreError> {
+fn sync(log: &mut CommitLog, s: &Sled, durable: bool) -> Result<(), StoreError> {
     if !durable {
         return Ok(());
     }
-    log.db.flush().map_err(StoreError::sled)?;
-    log.data_file.sync_data().map_err(|e| StoreError::Io {
+    s.db.flush().map_err(StoreError::sled)?;
+    s.data_file.sync_data().map_err(|e| StoreError::Io {
         path: "db".into(),
         message: e.to_string(),
     })?;

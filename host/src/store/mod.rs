@@ -32,6 +32,7 @@
 mod chunk;
 mod commit;
 mod error;
+mod handles;
 mod manifest;
 mod message;
 
@@ -39,7 +40,6 @@ pub use commit::Commit;
 pub use error::StoreError;
 pub use message::{StoredMessage, decode_expiry};
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -91,11 +91,7 @@ pub struct Append {
 
 /// The sled-backed store. Cheap to share behind an `Arc`.
 pub struct Store {
-    db: sled::Db,
-    messages: sled::Tree,
-    meta: sled::Tree,
-    blobs: sled::Tree,
-    data_file: Arc<File>,
+    sled: Arc<handles::Handles>,
     committer: Committer,
     dir: PathBuf,
     max_value: usize,
@@ -115,6 +111,43 @@ impl std::fmt::Debug for Store {
 /// message, and its state with the ack bitmap.
 type IndexedChunk = (MsgId, Vec<(u32, u64)>, chunk::ChunkState);
 
+/// A queue's chunks from their index entries in `messages`.
+fn live_chunks(
+    messages: &sled::Tree,
+    queue: QueueId,
+) -> impl Iterator<Item = Result<IndexedChunk, StoreError>> + '_ {
+    let mut entries = messages.scan_prefix(chunk::index_prefix(queue)).peekable();
+    std::iter::from_fn(move || {
+        loop {
+            let (k, v) = match entries.next()? {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(StoreError::sled(e))),
+            };
+            // An ack bitmap whose entry is gone cannot happen (they are
+            // removed in one batch); skip one anyway.
+            let Some(first) = k
+                .get(9..)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+            else {
+                continue;
+            };
+            let acked = match entries.peek() {
+                Some(Ok((next, bits))) if next.as_ref() == chunk::ack_key(queue, first) => {
+                    let bits = bits.to_vec();
+                    entries.next();
+                    bits
+                }
+                _ => Vec::new(),
+            };
+            return Some(chunk::decode_index(&v).map(|messages| {
+                let state = chunk::ChunkState::new(messages.len() as u32, acked);
+                (first, messages, state)
+            }));
+        }
+    })
+}
+
 /// The first id of a chunk key (`None` for an ack bitmap's key).
 fn chunk_first(k: &[u8]) -> Option<MsgId> {
     let k: &[u8; 16] = k.try_into().ok()?;
@@ -131,33 +164,15 @@ fn key(queue: QueueId, id: MsgId) -> [u8; 16] {
 impl Store {
     /// Open (or create) the store in `config.dir`.
     pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(&config.dir).map_err(|e| StoreError::io(&config.dir, e))?;
-        let db = sled::Config::new()
-            .path(&config.dir)
-            .cache_capacity(config.cache_capacity)
-            .segment_size(config.segment_size)
-            // Durability comes from the committer's explicit syncs; sled's
-            // background flusher only bounds how stale acks can be.
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|e| StoreError::open(&config.dir, e))?;
-        let tree = |name: &str| {
-            db.open_tree(name)
-                .map_err(|e| StoreError::open(&config.dir, e))
-        };
-        let (messages, meta, blobs) = (tree("messages")?, tree("meta")?, tree("blobs")?);
-        let data_path = config.dir.join("db");
-        let data_file =
-            Arc::new(File::open(&data_path).map_err(|e| StoreError::io(&data_path, e))?);
-        let commit = manifest::check(&config.dir, &messages)?;
-        Self::migrate(&messages, &meta)?;
+        let sled = handles::Sled::open(config)?;
+        let commit = manifest::check(&config.dir, &sled.messages)?;
+        Self::migrate(&sled.messages, &sled.meta)?;
+        let sled = Arc::new(handles::Handles::new(sled, config.clone()));
         let index = Arc::new(chunk::Index::default());
         let committer = Committer::start(
             commit::CommitLog {
-                db: db.clone(),
-                messages: messages.clone(),
+                sled: sled.clone(),
                 index: index.clone(),
-                data_file: data_file.clone(),
                 dir: config.dir.clone(),
                 commit,
                 manifest_at: std::time::Instant::now(),
@@ -166,11 +181,7 @@ impl Store {
         )
         .map_err(|e| StoreError::io(&config.dir, e))?;
         Ok(Self {
-            db,
-            messages,
-            meta,
-            blobs,
-            data_file,
+            sled,
             committer,
             dir: config.dir.clone(),
             // sled inlines page updates up to segment_size / 4 (minus a
@@ -182,43 +193,9 @@ impl Store {
 
     /// A queue's chunks from their index entries: (first id, (size, expiry)
     /// per message, state with the ack bitmap).
-    fn live_chunks(
-        &self,
-        queue: QueueId,
-    ) -> impl Iterator<Item = Result<IndexedChunk, StoreError>> + '_ {
-        let mut entries = self
-            .messages
-            .scan_prefix(chunk::index_prefix(queue))
-            .peekable();
-        std::iter::from_fn(move || {
-            loop {
-                let (k, v) = match entries.next()? {
-                    Ok(kv) => kv,
-                    Err(e) => return Some(Err(StoreError::sled(e))),
-                };
-                // An ack bitmap whose entry is gone cannot happen (they are
-                // removed in one batch); skip one anyway.
-                let Some(first) = k
-                    .get(9..)
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(u64::from_be_bytes)
-                else {
-                    continue;
-                };
-                let acked = match entries.peek() {
-                    Some(Ok((next, bits))) if next.as_ref() == chunk::ack_key(queue, first) => {
-                        let bits = bits.to_vec();
-                        entries.next();
-                        bits
-                    }
-                    _ => Vec::new(),
-                };
-                return Some(chunk::decode_index(&v).map(|messages| {
-                    let state = chunk::ChunkState::new(messages.len() as u32, acked);
-                    (first, messages, state)
-                }));
-            }
-        })
+    fn live_chunks(&self, queue: QueueId) -> Result<Vec<IndexedChunk>, StoreError> {
+        self.sled
+            .with(|s| live_chunks(&s.messages, queue).collect())
     }
 
     /// Give every message stored by a version without chunks (one value per
@@ -271,7 +248,9 @@ impl Store {
 
     /// Bytes sled uses on disk.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.sled
+            .with(|s| s.db.size_on_disk().map_err(StoreError::sled))
+            .unwrap_or(0)
     }
 }
 
@@ -340,7 +319,8 @@ impl MessageStore for Store {
         chunks.ack(ids, &mut batch);
         // Written while the queue's chunks are locked, so bitmaps of one
         // chunk reach sled in the order they were computed.
-        self.messages.apply_batch(batch).map_err(StoreError::sled)
+        self.sled
+            .with(|s| s.messages.apply_batch(batch).map_err(StoreError::sled))
     }
 
     /// Read one message's stored value.
@@ -362,26 +342,30 @@ impl MessageStore for Store {
                 })
                 .collect()
         };
-        let mut out = Vec::with_capacity(ids.len());
-        let mut current: Option<(MsgId, sled::IVec)> = None;
-        for place in places {
-            let Some((first, i)) = place else {
-                out.push(None);
-                continue;
-            };
-            if current.as_ref().is_none_or(|(f, _)| *f != first) {
-                current = self
-                    .messages
-                    .get(key(queue, first))
-                    .map_err(StoreError::sled)?
-                    .map(|v| (first, v));
+        self.sled.with(|s| {
+            let mut out = Vec::with_capacity(ids.len());
+            let mut current: Option<(MsgId, sled::IVec)> = None;
+            for place in places {
+                let Some((first, i)) = place else {
+                    out.push(None);
+                    continue;
+                };
+                if current.as_ref().is_none_or(|(f, _)| *f != first) {
+                    current = s
+                        .messages
+                        .get(key(queue, first))
+                        .map_err(StoreError::sled)?
+                        .map(|v| (first, v));
+                }
+                match &current {
+                    Some((_, value)) => {
+                        out.push(chunk::View::parse(value)?.get(i).map(<[u8]>::to_vec))
+                    }
+                    None => out.push(None),
+                }
             }
-            match &current {
-                Some((_, value)) => out.push(chunk::View::parse(value)?.get(i).map(<[u8]>::to_vec)),
-                None => out.push(None),
-            }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Every live message of `queue` in id order: (id, stored value size,
@@ -393,7 +377,10 @@ impl MessageStore for Store {
     ) -> Box<dyn Iterator<Item = Result<(MsgId, u32, u64), StoreError>> + '_> {
         self.index.forget(queue);
         let chunks = self.index.queue(queue);
-        let mut entries = self.live_chunks(queue);
+        let mut entries = match self.live_chunks(queue) {
+            Ok(all) => all.into_iter().map(Ok).collect::<Vec<_>>().into_iter(),
+            Err(e) => vec![Err(e)].into_iter(),
+        };
         let mut ready: std::collections::VecDeque<(MsgId, u32, u64)> = Default::default();
         Box::new(std::iter::from_fn(move || {
             loop {
@@ -423,82 +410,97 @@ impl MessageStore for Store {
         let _writes = chunk::lock(&chunks);
         let mut n = 0;
         let mut batch = sled::Batch::default();
-        for c in self.live_chunks(queue) {
-            let (first, _, state) = c?;
+        for (first, _, state) in self.live_chunks(queue)? {
             n += u64::from(state.live);
             batch.remove(&key(queue, first));
             batch.remove(&chunk::index_key(queue, first));
             batch.remove(&chunk::ack_key(queue, first));
         }
-        // Leftovers without an index entry (none are written, but a chunk
-        // must never outlive its queue).
-        for k in self.messages.scan_prefix(queue.to_be_bytes()).keys() {
-            batch.remove(k.map_err(StoreError::sled)?);
-        }
-        self.messages.apply_batch(batch).map_err(StoreError::sled)?;
+        self.sled.with(|s| {
+            // Leftovers without an index entry (none are written, but a
+            // chunk must never outlive its queue).
+            for k in s.messages.scan_prefix(queue.to_be_bytes()).keys() {
+                batch.remove(k.map_err(StoreError::sled)?);
+            }
+            s.messages.apply_batch(batch).map_err(StoreError::sled)
+        })?;
         self.index.forget(queue);
         Ok(n)
     }
 
     /// A new unique queue id (persisted by sled; never reused).
     fn allocate_queue_id(&self) -> Result<QueueId, StoreError> {
-        self.db.generate_id().map_err(StoreError::sled)
+        self.sled
+            .with(|s| s.db.generate_id().map_err(StoreError::sled))
     }
 
     /// Set a metadata value. Call [`Store::sync`] to make it durable.
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.meta
-            .insert(key, value)
-            .map(|_| ())
-            .map_err(StoreError::sled)
+        self.sled.with(|s| {
+            s.meta
+                .insert(key, value)
+                .map(|_| ())
+                .map_err(StoreError::sled)
+        })
     }
 
     /// Delete a metadata value.
     fn delete_meta(&self, key: &str) -> Result<(), StoreError> {
-        self.meta.remove(key).map(|_| ()).map_err(StoreError::sled)
+        self.sled
+            .with(|s| s.meta.remove(key).map(|_| ()).map_err(StoreError::sled))
     }
 
     /// Every metadata entry whose key starts with `prefix`.
     fn scan_meta(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.meta
-            .scan_prefix(prefix)
-            .map(|r| {
-                let (k, v) = r.map_err(StoreError::sled)?;
-                let k = String::from_utf8(k.to_vec())
-                    .map_err(|_| StoreError::Corrupt("metadata key is not UTF-8".into()))?;
-                Ok((k, v.to_vec()))
-            })
-            .collect()
+        self.sled.with(|s| {
+            s.meta
+                .scan_prefix(prefix)
+                .map(|r| {
+                    let (k, v) = r.map_err(StoreError::sled)?;
+                    let k = String::from_utf8(k.to_vec())
+                        .map_err(|_| StoreError::Corrupt("metadata key is not UTF-8".into()))?;
+                    Ok((k, v.to_vec()))
+                })
+                .collect()
+        })
     }
 
     /// Store a large value (a plugin component).
     fn put_blob(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.blobs
-            .insert(key, value)
-            .map(|_| ())
-            .map_err(StoreError::sled)
+        self.sled.with(|s| {
+            s.blobs
+                .insert(key, value)
+                .map(|_| ())
+                .map_err(StoreError::sled)
+        })
     }
 
     /// Read a large value.
     fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.blobs
-            .get(key)
-            .map(|v| v.map(|v| v.to_vec()))
-            .map_err(StoreError::sled)
+        self.sled.with(|s| {
+            s.blobs
+                .get(key)
+                .map(|v| v.map(|v| v.to_vec()))
+                .map_err(StoreError::sled)
+        })
     }
 
     /// Delete a large value.
     fn delete_blob(&self, key: &str) -> Result<(), StoreError> {
-        self.blobs.remove(key).map(|_| ()).map_err(StoreError::sled)
+        self.sled
+            .with(|s| s.blobs.remove(key).map(|_| ()).map_err(StoreError::sled))
     }
 
     /// Make everything written so far durable (flush + fdatasync).
     fn sync(&self) -> Result<(), StoreError> {
-        self.db.flush().map_err(StoreError::sled)?;
-        self.data_file
-            .sync_data()
-            .map_err(|e| StoreError::io(&self.dir.join("db"), e))?;
-        manifest::write(&self.dir, manifest::stored(&self.messages)?)
+        let stored = self.sled.with(|s| {
+            s.db.flush().map_err(StoreError::sled)?;
+            s.data_file
+                .sync_data()
+                .map_err(|e| StoreError::io(&self.dir.join("db"), e))?;
+            manifest::stored(&s.messages)
+        })?;
+        manifest::write(&self.dir, stored)
     }
 }
 
