@@ -227,7 +227,6 @@ struct Session {
 impl Session {
     async fn read_loop(&mut self, mut recv: quinn::RecvStream) -> Result<(), ErrorBody> {
         let mut decoder = Decoder::new(Limits::default());
-        let mut buf = vec![0u8; 64 << 10];
         let (ptx, prx) = mpsc::unbounded_channel::<PublishBatch>();
         tokio::spawn(publisher(
             prx,
@@ -236,8 +235,12 @@ impl Session {
             self.out.clone(),
         ));
         self.publishes = Some(ptx);
+        // quinn's own received chunks, as many as are there at once: no read
+        // buffer per connection (a 64 KiB one was most of an idle
+        // connection's memory), and still large batches under load.
+        let mut chunks: [bytes::Bytes; 64] = std::array::from_fn(|_| bytes::Bytes::new());
         loop {
-            let n = match recv.read(&mut buf).await {
+            let n = match recv.read_chunks(&mut chunks).await {
                 Ok(Some(n)) => n,
                 Ok(None) => {
                     return decoder
@@ -246,7 +249,10 @@ impl Session {
                 }
                 Err(_) => return Ok(()),
             };
-            decoder.push(&buf[..n]);
+            for chunk in &mut chunks[..n] {
+                decoder.push(chunk);
+                *chunk = bytes::Bytes::new();
+            }
             let mut publishes: Vec<(u64, Option<String>, Publish)> = Vec::new();
             loop {
                 let frame = match decoder.next_frame() {
