@@ -481,6 +481,34 @@ fn bench_reports_json_against_a_running_broker() {
     ] {
         assert!(v[key].as_f64().is_some(), "{key} in {v}");
     }
+    // Fan-out: every message reaches 3 queues, and is delivered 3 times.
+    let o = served.run(&[
+        "bench",
+        "--count",
+        "500",
+        "--fanout",
+        "3",
+        "--consumers",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(
+        (
+            v["confirmed"].as_u64(),
+            v["received"].as_u64(),
+            v["duplicates"].as_u64()
+        ),
+        (Some(500), Some(1500), Some(0))
+    );
+    // For a duration instead of a count: as many as fit in 0.5 s.
+    let o = served.run(&["bench", "--duration", "0.5", "--json"]);
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let sent = v["sent"].as_u64().unwrap();
+    assert!(sent > 0 && sent < 200_000, "{v}");
+    assert_eq!(v["received"].as_u64(), Some(sent));
     // The bench cleans up its queues.
     let o = served.run(&["queue", "list", "--json"]);
     assert_eq!(stdout(&o).trim(), "", "no bench queue left");

@@ -26,9 +26,12 @@ pub(crate) struct BenchArgs {
     /// Consumer connections.
     #[arg(long, default_value_t = 1)]
     consumers: u32,
-    /// Messages in total.
+    /// Messages published in total.
     #[arg(long, default_value_t = 200_000)]
     count: u64,
+    /// Publish for this many seconds instead of `--count` messages.
+    #[arg(long)]
+    duration: Option<f64>,
     /// Payload bytes (at least 16: send time and sequence).
     #[arg(long, default_value_t = 100)]
     size: usize,
@@ -44,6 +47,11 @@ pub(crate) struct BenchArgs {
     /// Queues (messages are spread over them; each is consumed).
     #[arg(long, default_value_t = 1)]
     queues: u32,
+    /// Fan-out: every message is routed to this many queues (each of the
+    /// `--queues` becomes a group of that many queues bound to one topic);
+    /// msgs/s counts deliveries.
+    #[arg(long, default_value_t = 1)]
+    fanout: u32,
     /// Load this router for the run (tenant-wide; unloaded at the end).
     #[arg(long)]
     router: Option<PathBuf>,
@@ -71,19 +79,30 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let size = args.size.max(16);
     let admin = args.conn.connect().await?;
     let run_id = std::process::id();
+    let fanout = args.fanout.max(1);
+    // Topics, one per group; each group's queues are all bound to it.
     let names: Vec<String> = (0..args.queues.max(1))
         .map(|i| format!("bench-{run_id}-{i}"))
         .collect();
-    for q in &names {
-        let mut spec = QueueSpec::new(q);
-        if args.transient {
-            spec = spec.transient();
+    let mut queues: Vec<String> = Vec::new();
+    for group in &names {
+        for copy in 0..fanout {
+            let q = if fanout == 1 {
+                group.clone()
+            } else {
+                format!("{group}-{copy}")
+            };
+            let mut spec = QueueSpec::new(&q);
+            if args.transient {
+                spec = spec.transient();
+            }
+            admin
+                .declare(spec)
+                .await
+                .with_context(|| format!("declaring {q}"))?;
+            admin.bind(&q, &format!("bench.{group}")).await?;
+            queues.push(q);
         }
-        admin
-            .declare(spec)
-            .await
-            .with_context(|| format!("declaring {q}"))?;
-        admin.bind(q, &format!("bench.{q}")).await?;
     }
     let router = format!("bench-router-{run_id}");
     if let Some(path) = &args.router {
@@ -96,7 +115,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.filter {
         let wasm =
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        for (i, q) in names.iter().enumerate() {
+        for (i, q) in queues.iter().enumerate() {
             admin
                 .load_plugin(
                     &format!("bench-filter-{run_id}-{i}"),
@@ -117,15 +136,25 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     });
     let epoch = Instant::now();
     let producers = args.producers.max(1) as u64;
+    let deadline = args
+        .duration
+        .map(|s| epoch + Duration::from_secs_f64(s.max(0.0)));
+    let count = if deadline.is_some() {
+        u64::MAX
+    } else {
+        args.count
+    };
 
     // Consumers first, so nothing waits in the queues longer than needed.
     let mut consumers = Vec::new();
     for c in 0..args.consumers.max(1) {
         let client = args.conn.connect().await?;
         let mut subs = Vec::new();
-        for (i, q) in names.iter().enumerate() {
-            if i as u32 % args.consumers.max(1) == c || args.consumers > args.queues {
-                subs.push(client.subscribe(q, args.prefetch).await?);
+        for (i, q) in queues.iter().enumerate() {
+            if i % args.consumers.max(1) as usize == c as usize
+                || args.consumers as usize > queues.len()
+            {
+                subs.push((i, client.subscribe(q, args.prefetch).await?));
             }
         }
         let counters = counters.clone();
@@ -134,29 +163,29 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             let mut seen = HashSet::new();
             let mut dups = 0u64;
             let mut streams: futures::stream::SelectAll<_> =
-                futures::stream::select_all(subs.into_iter().map(|s| {
-                    Box::pin(futures::stream::unfold(s, |mut s| async move {
+                futures::stream::select_all(subs.into_iter().map(|(queue, s)| {
+                    Box::pin(futures::stream::unfold(s, move |mut s| async move {
                         let d = s.next().await?;
                         s.ack(d.tag);
-                        Some((d, s))
+                        Some(((queue, d), s))
                     }))
                 }));
             let mut idle = Instant::now();
             while counters.received.load(Relaxed) < counters.target.load(Relaxed)
                 && idle.elapsed() < Duration::from_secs(10)
             {
-                let d = match tokio::time::timeout(Duration::from_millis(50), streams.next()).await
-                {
-                    Ok(Some(d)) => d,
-                    Ok(None) => break,
-                    Err(_) => continue,
-                };
+                let (queue, d) =
+                    match tokio::time::timeout(Duration::from_millis(50), streams.next()).await {
+                        Ok(Some(d)) => d,
+                        Ok(None) => break,
+                        Err(_) => continue,
+                    };
                 idle = Instant::now();
                 let now = epoch.elapsed().as_nanos() as u64;
                 let sent = u64::from_be_bytes(d.payload[..8].try_into().unwrap_or([0; 8]));
                 let seq = u64::from_be_bytes(d.payload[8..16].try_into().unwrap_or([0; 8]));
                 lat.push(now.saturating_sub(sent));
-                if !seen.insert(seq) {
+                if !seen.insert((queue, seq)) {
                     dups += 1;
                 }
                 counters.received.fetch_add(1, Relaxed);
@@ -172,13 +201,16 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let client = args.conn.connect().await?;
         let counters = counters.clone();
         let names = names.clone();
-        let per = args.count / producers + u64::from(p < args.count % producers);
+        let per = count / producers + u64::from(p < count % producers);
         let window = args.window.max(1);
         let rate = args.rate.map(|r| (r as f64 / producers as f64).max(1e-3));
         tasks.push(tokio::spawn(async move {
             let mut inflight = FuturesUnordered::new();
             let start = Instant::now();
             for i in 0..per {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
                 if let Some(r) = rate {
                     tokio::time::sleep_until(
                         (start + Duration::from_secs_f64(i as f64 / r)).into(),
@@ -209,7 +241,15 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let progress = std::io::stderr().is_terminal() && !args.json;
     let ticker = {
         let counters = counters.clone();
-        let total = args.count;
+        // Of how many, when known in advance.
+        let of = match deadline {
+            Some(_) => String::new(),
+            None => format!("/{}", args.count),
+        };
+        let of_deliveries = match deadline {
+            Some(_) => String::new(),
+            None => format!("/{}", args.count * u64::from(fanout)),
+        };
         tokio::spawn(async move {
             if !progress {
                 return;
@@ -221,7 +261,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     counters.received.load(Relaxed),
                 );
                 eprint!(
-                    "\r  confirmed {c:>9}/{total}  received {r:>9}/{total}  {:>5.1} s",
+                    "\r  confirmed {c:>9}{of}  received {r:>9}{of_deliveries}  {:>5.1} s",
                     epoch.elapsed().as_secs_f64()
                 );
             }
@@ -233,7 +273,11 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     let publish_secs = epoch.elapsed().as_secs_f64();
     let confirmed = counters.confirmed.load(Relaxed);
-    counters.target.store(confirmed, Relaxed);
+    let sent = confirmed + counters.refused.load(Relaxed);
+    // Every confirmed message is delivered once per queue of its group.
+    counters
+        .target
+        .store(confirmed * u64::from(fanout), Relaxed);
     let mut lat: Vec<u64> = Vec::new();
     let mut dups = 0;
     for c in consumers {
@@ -247,7 +291,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if progress {
         eprintln!();
     }
-    for q in &names {
+    for q in &queues {
         let _ = admin.delete(q).await;
     }
     if args.router.is_some() {
@@ -271,7 +315,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "p50_ms": (pct(0.5) * 1000.0).round() / 1000.0,
         "p99_ms": (pct(0.99) * 1000.0).round() / 1000.0,
         "p999_ms": (pct(0.999) * 1000.0).round() / 1000.0,
-        "sent": args.count,
+        "sent": sent,
         "confirmed": confirmed,
         "received": received,
         "duplicates": dups,
@@ -280,10 +324,15 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         println!("{report}");
     } else {
         println!(
-            "{} producer(s), {} consumer(s), {} queue(s), {} B messages, window {}, prefetch {}{}{}{}",
+            "{} producer(s), {} consumer(s), {} queue(s){}, {} B messages, window {}, prefetch {}{}{}{}",
             args.producers.max(1),
             args.consumers.max(1),
-            names.len(),
+            queues.len(),
+            if fanout > 1 {
+                format!(" (fan-out {fanout})")
+            } else {
+                String::new()
+            },
             size,
             args.window,
             args.prefetch,
@@ -315,14 +364,13 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             pct(0.99),
             pct(0.999)
         );
-        println!(
-            "  sent {}  confirmed {confirmed}  received {received}  duplicates {dups}",
-            args.count
-        );
+        println!("  sent {sent}  confirmed {confirmed}  received {received}  duplicates {dups}");
     }
-    Ok(if received >= confirmed && confirmed == args.count {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(
+        if received >= confirmed * u64::from(fanout) && confirmed == sent {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
 }
