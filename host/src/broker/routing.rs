@@ -73,12 +73,7 @@ impl Broker {
         tenant: &str,
         msgs: Vec<Publish>,
     ) -> PendingPublish {
-        let refused = |results| PendingPublish {
-            broker: self.clone(),
-            results,
-            commit: None,
-            placed: Vec::new(),
-        };
+        let refused = |results| PendingPublish::settled(self, results);
         let t = self.tenant(tenant);
         let has_plugins = {
             let ts = t.read();
@@ -332,12 +327,7 @@ impl Broker {
             results.push(Ok(stored_in));
         }
         if accepted.is_empty() {
-            return PendingPublish {
-                broker: self.clone(),
-                results,
-                commit: None,
-                placed: Vec::new(),
-            };
+            return PendingPublish::settled(self, results);
         }
         // Per queue, consecutive ids in publish order (one store chunk each).
         let mut groups: Vec<(Arc<Queue>, Vec<Encoded>)> = Vec::new();
@@ -392,6 +382,16 @@ pub struct PendingPublish {
 }
 
 impl PendingPublish {
+    /// Nothing to commit: every result is already known.
+    fn settled(broker: &Broker, results: Vec<Result<u32, BrokerError>>) -> Self {
+        PendingPublish {
+            broker: broker.clone(),
+            results,
+            commit: None,
+            placed: Vec::new(),
+        }
+    }
+
     /// Wait for the commit, make the messages ready and return, per
     /// message, the number of queues it was stored in or why it was refused.
     pub async fn finish(mut self) -> Vec<Result<u32, BrokerError>> {
