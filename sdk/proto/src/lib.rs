@@ -22,8 +22,10 @@
 //!
 //! Decoding is bounded before anything is allocated: a length prefix over
 //! [`Limits::max_frame`] is refused without reading the body; bincode runs
-//! with a byte limit so a lying inner length cannot allocate more than the
-//! frame; then every collection and name is checked against [`Limits`]
+//! with a byte limit sized to the body (the smallest of a few fixed limits at
+//! or above 64 × its length + 4 KiB), so a lying inner length cannot make a
+//! small frame reserve much more memory than it occupies; then every
+//! collection and name is checked against [`Limits`]
 //! ([`Frame::validate`]). Errors carry a stable [`ErrorCode`].
 //!
 //! # Flow
