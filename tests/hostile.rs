@@ -322,6 +322,20 @@ fn metrics(h: &Harness, name: &str) -> sluice::plugins::MetricsSnapshot {
         .metrics
 }
 
+/// Queue `queue` (bound to `pattern`, dead-lettering to `<queue>.dead`)
+/// with the hostile component loaded on it as filter `name`.
+async fn hostile_queue(c: &Client, queue: &str, pattern: &str, name: &str) {
+    let dead = format!("{queue}.dead");
+    c.declare(QueueSpec::new(&dead)).await.unwrap();
+    c.declare(QueueSpec::new(queue).dead_letter(&dead))
+        .await
+        .unwrap();
+    c.bind(queue, pattern).await.unwrap();
+    c.load_plugin(name, "filter", Some(queue), wasm("hostile"), vec![])
+        .await
+        .unwrap();
+}
+
 fn prometheus(h: &Harness) -> String {
     sluice::metrics::render(&h.running.as_ref().unwrap().broker)
 }
@@ -332,14 +346,7 @@ async fn every_hostile_filter_mode_is_contained_classified_and_reported() {
     let (mut other, mut same, globex) = background(&h).await;
 
     let c = h.client("acme").await;
-    c.declare(QueueSpec::new("hq.dead")).await.unwrap();
-    c.declare(QueueSpec::new("hq").dead_letter("hq.dead"))
-        .await
-        .unwrap();
-    c.bind("hq", "hostile.>").await.unwrap();
-    c.load_plugin(PLUGIN, "filter", Some("hq"), wasm("hostile"), vec![])
-        .await
-        .unwrap();
+    hostile_queue(&c, "hq", "hostile.>", PLUGIN).await;
     assert_eq!(plugin(&c, PLUGIN).await.state, "ready");
     let mut queue = c.subscribe("hq", 16).await.unwrap();
     let mut dead = c.subscribe("hq.dead", 16).await.unwrap();
@@ -573,16 +580,9 @@ async fn hostile_components_are_refused_at_load_and_the_broker_keeps_serving() {
     let (mut other, mut same, globex) = background(&h).await;
 
     let c = h.client("acme").await;
-    c.declare(QueueSpec::new("gq.dead")).await.unwrap();
-    c.declare(QueueSpec::new("gq").dead_letter("gq.dead"))
-        .await
-        .unwrap();
-    c.bind("gq", "guarded.>").await.unwrap();
     // A working version is in place; every refused load below targets the
     // same name and must leave it serving.
-    c.load_plugin("guard", "filter", Some("gq"), wasm("hostile"), vec![])
-        .await
-        .unwrap();
+    hostile_queue(&c, "gq", "guarded.>", "guard").await;
 
     let refusals: &[(&str, Pairs, &[&str])] = &[
         (

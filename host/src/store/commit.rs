@@ -110,6 +110,8 @@ pub(crate) struct CommitLog {
     pub dir: std::path::PathBuf,
     /// Last durable commit number.
     pub commit: u64,
+    /// The last commit failed: re-read the stored number before the next.
+    pub failed: bool,
     pub manifest_at: std::time::Instant,
 }
 
@@ -143,7 +145,10 @@ fn commit(log: &mut CommitLog, requests: &[Request]) -> Result<(), StoreError> {
     let sled = log.sled.clone();
     sled.with(|s| {
         // After a failure (and a reopen) the stored number may be ahead.
-        log.commit = log.commit.max(manifest::stored(&s.messages)?);
+        if log.failed {
+            log.commit = log.commit.max(manifest::stored(&s.messages)?);
+            log.failed = false;
+        }
         let mut batch = sled::Batch::default();
         for r in requests {
             for c in &r.items {
@@ -167,7 +172,8 @@ fn commit(log: &mut CommitLog, requests: &[Request]) -> Result<(), StoreError> {
             return Err(e);
         }
         Ok(())
-    })?;
+    })
+    .inspect_err(|_| log.failed = true)?;
     // Outside the handles' lock: readers take a chunk lock first.
     for c in requests.iter().flat_map(|r| &r.items) {
         chunk::lock(&log.index.queue(c.queue)).insert(c.first, ChunkState::new(c.len, Vec::new()));

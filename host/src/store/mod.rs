@@ -175,6 +175,7 @@ impl Store {
                 index: index.clone(),
                 dir: config.dir.clone(),
                 commit,
+                failed: false,
                 manifest_at: std::time::Instant::now(),
             },
             config.max_batch.max(1),
@@ -213,7 +214,7 @@ impl Store {
             let Some(first) = chunk_first(&k) else {
                 continue;
             };
-            if k.as_ref() == manifest::COMMIT_KEY || k.first() == Some(&0xFE) {
+            if k.as_ref() == manifest::COMMIT_KEY {
                 continue;
             }
             let queue = u64::from_be_bytes(k[..8].try_into().unwrap_or_default());
