@@ -36,9 +36,97 @@ pub struct FileConfig {
     pub strict_tenants: Option<bool>,
     /// Concurrent plugin tasks per tenant (default 1).
     pub plugin_concurrency_per_tenant: Option<usize>,
+    /// Largest prefetch of one subscription (default 10 000).
+    pub max_prefetch: Option<u32>,
+    /// Most stored bytes one subscription holds unacked (default 16 MiB).
+    pub max_prefetch_bytes: Option<u64>,
+    /// Sum of the prefetch of one connection's subscriptions (default 65 536).
+    pub max_unacked_per_connection: Option<u64>,
+    /// Most queues per tenant, whatever its quota (default 10 000).
+    pub max_queues_per_tenant: Option<usize>,
+    /// Most bindings per tenant (default 100 000).
+    pub max_bindings_per_tenant: Option<usize>,
+    /// Most queues one message is stored in (default 1024).
+    pub max_fanout: Option<usize>,
+    /// Most plugins per tenant (default 32).
+    pub max_plugins_per_tenant: Option<usize>,
+    /// Most client connections to the broker (default 16 384).
+    pub max_connections: Option<u64>,
+    /// Control requests of one tenant running at once (default 2).
+    pub control_concurrency_per_tenant: Option<usize>,
     /// Tenants registered (or updated) at start, with their quotas.
     #[serde(default)]
     pub tenants: Vec<TenantEntry>,
+}
+
+impl FileConfig {
+    /// Apply the file's broker settings to `config`; an out-of-range value
+    /// is an error naming its key.
+    pub fn apply(&self, config: &mut crate::broker::BrokerConfig) -> anyhow::Result<()> {
+        let wire = sluice_proto::Limits::default();
+        if let Some(m) = self.max_message_bytes {
+            anyhow::ensure!(
+                (1..=wire.max_payload).contains(&m),
+                "max_message_bytes = {m}: must be 1 to {} (the wire's payload limit)",
+                wire.max_payload
+            );
+            config.max_message_bytes = m;
+        }
+        if let Some(ms) = self.plugin_deadline_ms {
+            anyhow::ensure!(ms >= 1, "plugin_deadline_ms must be at least 1");
+            config.sandbox.call_deadline = std::time::Duration::from_millis(ms);
+        }
+        if let Some(mib) = self.plugin_memory_mib {
+            anyhow::ensure!(
+                (1..=4096).contains(&mib),
+                "plugin_memory_mib = {mib}: must be 1 to 4096"
+            );
+            config.sandbox.memory_limit = mib << 20;
+        }
+        if let Some(strict) = self.strict_tenants {
+            config.strict_tenants = strict;
+        }
+        fn at_least_one<T: PartialOrd + From<u8> + std::fmt::Display>(
+            key: &str,
+            v: T,
+        ) -> anyhow::Result<T> {
+            anyhow::ensure!(v >= T::from(1), "{key} = {v}: must be at least 1");
+            Ok(v)
+        }
+        if let Some(n) = self.plugin_concurrency_per_tenant {
+            config.plugin_concurrency_per_tenant =
+                at_least_one("plugin_concurrency_per_tenant", n)?;
+        }
+        if let Some(n) = self.max_prefetch {
+            config.max_prefetch = at_least_one("max_prefetch", n)?;
+        }
+        if let Some(n) = self.max_prefetch_bytes {
+            config.max_prefetch_bytes = at_least_one("max_prefetch_bytes", n)?;
+        }
+        if let Some(n) = self.max_unacked_per_connection {
+            config.max_unacked_per_connection = at_least_one("max_unacked_per_connection", n)?;
+        }
+        if let Some(n) = self.max_queues_per_tenant {
+            config.max_queues_per_tenant = at_least_one("max_queues_per_tenant", n)?;
+        }
+        if let Some(n) = self.max_bindings_per_tenant {
+            config.max_bindings_per_tenant = at_least_one("max_bindings_per_tenant", n)?;
+        }
+        if let Some(n) = self.max_fanout {
+            config.max_fanout = at_least_one("max_fanout", n)?;
+        }
+        if let Some(n) = self.max_plugins_per_tenant {
+            config.max_plugins_per_tenant = at_least_one("max_plugins_per_tenant", n)?;
+        }
+        if let Some(n) = self.max_connections {
+            config.max_connections = at_least_one("max_connections", n)?;
+        }
+        if let Some(n) = self.control_concurrency_per_tenant {
+            config.control_concurrency_per_tenant =
+                at_least_one("control_concurrency_per_tenant", n)?;
+        }
+        Ok(())
+    }
 }
 
 impl FileConfig {

@@ -88,6 +88,35 @@ pub fn render(broker: &Broker) -> String {
         }
     }
 
+    family(
+        &mut out,
+        "sluice_tenant_plugins_not_running",
+        "gauge",
+        "Plugins of the tenant configured but not running (they fail closed).",
+    );
+    for t in &tenants {
+        let _ = writeln!(
+            out,
+            "sluice_tenant_plugins_not_running{{tenant=\"{}\"}} {}",
+            label(&t.name),
+            t.plugins_not_running
+        );
+    }
+    family(
+        &mut out,
+        "sluice_tenant_log_lines_suppressed_total",
+        "counter",
+        "Log lines caused by the tenant that the per-tenant log limit suppressed.",
+    );
+    for t in &tenants {
+        let _ = writeln!(
+            out,
+            "sluice_tenant_log_lines_suppressed_total{{tenant=\"{}\"}} {}",
+            label(&t.name),
+            t.log_lines_suppressed
+        );
+    }
+
     type QueueField = fn(&crate::broker::QueueInfo) -> u64;
     let queue_metrics: [(&str, &str, &str, QueueField); 9] = [
         (
@@ -221,6 +250,23 @@ pub fn render(broker: &Broker) -> String {
             label(&p.tenant),
             label(&p.name),
             u8::from(errored)
+        );
+    }
+    family(
+        &mut out,
+        "sluice_plugin_not_running",
+        "gauge",
+        "1 when the plugin is configured but could not be loaded; it fails closed.",
+    );
+    for p in &plugins {
+        let down = matches!(p.state, PluginState::NotRunning { .. });
+        let _ = writeln!(
+            out,
+            "sluice_plugin_not_running{{tenant=\"{}\",plugin=\"{}\",kind=\"{}\"}} {}",
+            label(&p.tenant),
+            label(&p.name),
+            p.kind,
+            u8::from(down)
         );
     }
     family(

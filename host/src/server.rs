@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::broker::Broker;
 use crate::session;
@@ -36,15 +37,31 @@ impl Server {
     }
 
     /// Accept connections until [`Server::close`] (or the endpoint closes).
+    /// Beyond the broker's `max_connections` QUIC connections (handshaking,
+    /// refused but not yet closed, or in a session), new ones are refused
+    /// before any TLS work is done for them.
     pub async fn run(&self) {
+        let open = Arc::new(AtomicU64::new(0));
         while let Some(incoming) = self.endpoint.accept().await {
+            let max = self.broker.config().max_connections;
+            if open.load(Relaxed) >= max {
+                tracing::debug!(
+                    max,
+                    "refusing a connection: the broker is at max_connections"
+                );
+                incoming.refuse();
+                continue;
+            }
             let (broker, mapping) = (self.broker.clone(), self.mapping.clone());
+            open.fetch_add(1, Relaxed);
+            let open = open.clone();
             tokio::spawn(async move {
                 match incoming.await {
                     Ok(conn) => session::run(conn, broker, &mapping).await,
                     // A refused certificate ends here (alert 116 / 48).
-                    Err(e) => tracing::info!(error = %e, "handshake failed"),
+                    Err(e) => tracing::debug!(error = %e, "handshake failed"),
                 }
+                open.fetch_sub(1, Relaxed);
             });
         }
     }

@@ -26,7 +26,9 @@ use std::time::Duration;
 use sluice_proto::{self as proto, Decoder, ErrorBody, ErrorCode, Frame, Limits};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use crate::broker::{Broker, BrokerError, Overflow, Publish, QueueOptions, Subscription};
+use crate::broker::{
+    Broker, BrokerError, LOAD_BYTES, Overflow, Publish, QueueOptions, Subscription,
+};
 use crate::plugins::{Action, PluginKind, PluginState, Principal, Resource};
 use crate::tls::{IdentityMapping, peer_identity};
 
@@ -37,6 +39,17 @@ const CLOSE_ADMIN: u32 = 3;
 
 /// Publish bytes of one connection received and not yet answered.
 const PUBLISH_BUDGET: usize = 8 << 20;
+/// What a publish counts against the budget beyond its topic, headers and
+/// payload: the broker's own bookkeeping per message (so a flood of empty
+/// publishes is bounded too: at most 8 MiB / 256 B = 32 768 queued).
+const PUBLISH_OVERHEAD: usize = 256;
+/// Stored bytes of deliveries one connection loads and writes at once,
+/// across its subscriptions (each batch at most [`LOAD_BYTES`]).
+const DELIVERY_BUDGET: u64 = 8 << 20;
+/// `SyncAcks` requests of one connection waiting for their fsync.
+const PENDING_SYNCS: usize = 64;
+/// Ranges merged into one settle of a subscription.
+const SETTLE_RANGES: usize = 8192;
 /// Frames queued for the control stream.
 const OUT_FRAMES: usize = 64;
 /// Publish batches of one connection routed and committing at once.
@@ -131,12 +144,21 @@ impl sluice_client::FrameSource for Outbox {
     }
 }
 
+/// Inclusive delivery-tag ranges, as they came on the wire (never expanded).
+type Ranges = Vec<(u64, u64)>;
+
 enum SubCmd {
-    Ack(Vec<u64>),
-    Nack(Vec<u64>),
-    Reject(Vec<u64>),
+    Ack(Ranges),
+    Nack(Ranges),
+    Reject(Ranges),
     /// Answer once every settle queued before it is applied and fsynced.
     Sync(oneshot::Sender<Result<(), BrokerError>>),
+}
+
+/// A subscription as its session sees it.
+struct SubHandle {
+    cmds: mpsc::Sender<SubCmd>,
+    prefetch: u32,
 }
 
 /// Run a session until the connection ends.
@@ -149,12 +171,21 @@ pub(crate) async fn run(conn: quinn::Connection, broker: Broker, mapping: &Ident
             return;
         }
     };
-    if let Err(e) = broker.authorize(
-        &who,
-        &who.tenant.clone(),
-        Action::Connect,
-        &Resource::Broker,
-    ) {
+    // The authorizer may run a plugin: off the async workers, within the
+    // tenant's share of control requests.
+    let allowed = match broker.control_permit(&who.tenant).await {
+        Ok(permit) => {
+            let (b, w) = (broker.clone(), who.clone());
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                b.authorize(&w, &w.tenant, Action::Connect, &Resource::Broker)
+            })
+            .await
+            .unwrap_or_else(|e| Err(BrokerError::Conflict(format!("connect check failed: {e}"))))
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = allowed {
         conn.close(CLOSE_IDENTITY.into(), e.to_string().as_bytes());
         return;
     }
@@ -192,6 +223,8 @@ pub(crate) async fn run(conn: quinn::Connection, broker: Broker, mapping: &Ident
         next_sub: 1,
         publishes: None,
         budget: Arc::new(Semaphore::new(PUBLISH_BUDGET)),
+        delivery_budget: Arc::new(Semaphore::new(DELIVERY_BUDGET as usize)),
+        syncs: Arc::new(Semaphore::new(PENDING_SYNCS)),
         welcomed: false,
     };
     if let Err(e) = session.read_loop(recv).await {
@@ -216,11 +249,15 @@ struct Session {
     broker: Broker,
     who: Principal,
     out: mpsc::Sender<Outgoing>,
-    subs: HashMap<u64, mpsc::Sender<SubCmd>>,
+    subs: HashMap<u64, SubHandle>,
     next_sub: u64,
     publishes: Option<mpsc::UnboundedSender<PublishBatch>>,
     /// Bytes of publishes this connection may have unanswered.
     budget: Arc<Semaphore>,
+    /// Stored bytes of deliveries being loaded and written.
+    delivery_budget: Arc<Semaphore>,
+    /// `SyncAcks` waiting for their commit.
+    syncs: Arc<Semaphore>,
     welcomed: bool,
 }
 
@@ -311,7 +348,10 @@ impl Session {
             }
         }
         for (tenant, seqs, msgs) in groups {
-            let bytes: usize = msgs.iter().map(publish_size).sum();
+            let bytes: usize = msgs
+                .iter()
+                .map(|p| publish_size(p) + PUBLISH_OVERHEAD)
+                .sum();
             let permits = bytes.clamp(1, PUBLISH_BUDGET) as u32;
             let Ok(budget) = self.budget.clone().acquire_many_owned(permits).await else {
                 return;
@@ -389,9 +429,14 @@ impl Session {
     /// is sent when the store has fsynced them, without holding up the
     /// control stream meanwhile.
     async fn sync_acks(&mut self, id: u64, sub: u64) {
+        // At most PENDING_SYNCS wait at once; beyond, the control stream is
+        // not read until one is answered.
+        let Ok(permit) = self.syncs.clone().acquire_owned().await else {
+            return;
+        };
         let (tx, rx) = oneshot::channel();
         let queued = match self.subs.get(&sub) {
-            Some(cmds) => cmds.send(SubCmd::Sync(tx)).await.is_ok(),
+            Some(s) => s.cmds.send(SubCmd::Sync(tx)).await.is_ok(),
             None => false,
         };
         let gone = move || error_body(&BrokerError::not_found("subscription", sub.to_string()));
@@ -405,6 +450,7 @@ impl Session {
         }
         let out = self.out.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let body = match rx.await {
                 Ok(Ok(())) => Ok(proto::Response::Ok),
                 Ok(Err(e)) => Err(error_body(&e)),
@@ -417,15 +463,40 @@ impl Session {
     async fn settle(
         &mut self,
         sub: u64,
-        ranges: Vec<(u64, u64)>,
-        cmd: fn(Vec<u64>) -> SubCmd,
+        ranges: Ranges,
+        cmd: fn(Ranges) -> SubCmd,
     ) -> Result<(), ErrorBody> {
-        let tags = proto::from_ranges(&ranges, 1 << 20)
-            .map_err(|e| ErrorBody::new(e.code(), e.to_string()))?;
-        if let Some(tx) = self.subs.get(&sub) {
-            let _ = tx.send(cmd(tags)).await;
+        // Ranges are resolved against the tags the subscription holds, so
+        // a frame's cost is bounded by its range count (decoder limit) and
+        // the prefetch, whatever the ranges span.
+        if let Some(&(a, b)) = ranges.iter().find(|(a, b)| b < a) {
+            return Err(ErrorBody::new(
+                ErrorCode::BadFrame,
+                format!("tag range {a}..={b} is reversed"),
+            ));
+        }
+        if let Some(s) = self.subs.get(&sub) {
+            let _ = s.cmds.send(cmd(ranges)).await;
         }
         Ok(())
+    }
+
+    /// Run a broker call that may block (authorizer plugin, store sync) on
+    /// a blocking thread, at most the tenant's share of them at once, so no
+    /// tenant stalls the async workers or another tenant's requests.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        tenant: &str,
+        f: impl FnOnce(&Broker, &Principal) -> Result<T, BrokerError> + Send + 'static,
+    ) -> Result<T, BrokerError> {
+        let permit = self.broker.control_permit(tenant).await?;
+        let (b, who) = (self.broker.clone(), self.who.clone());
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f(&b, &who)
+        })
+        .await
+        .map_err(|e| BrokerError::Conflict(format!("request task failed: {e}")))?
     }
 
     async fn request(
@@ -455,6 +526,7 @@ impl Session {
                         published: s.published,
                         delivered: s.delivered,
                         plugins: s.plugins,
+                        plugins_not_running: s.plugins_not_running,
                     })
                     .collect(),
             ));
@@ -466,17 +538,24 @@ impl Session {
             max_publish_rate: q.max_publish_rate,
             max_message_bytes: q.max_message_bytes,
         };
+        // Tenant administration is for admins only (checked by the broker);
+        // it runs under the admin scope's slots.
         match body {
             R::TenantCreate { name, limits } => {
-                b.create_tenant(&who, &name, quota(limits))?;
+                let limits = quota(limits);
+                self.blocking("", move |b, who| b.create_tenant(who, &name, limits))
+                    .await?;
                 return Ok(S::Ok);
             }
             R::TenantLimits { name, limits } => {
-                b.set_tenant_limits(&who, &name, quota(limits))?;
+                let limits = quota(limits);
+                self.blocking("", move |b, who| b.set_tenant_limits(who, &name, limits))
+                    .await?;
                 return Ok(S::Ok);
             }
             R::TenantDelete { name } => {
-                b.delete_tenant(&who, &name)?;
+                self.blocking("", move |b, who| b.delete_tenant(who, &name))
+                    .await?;
                 return Ok(S::Ok);
             }
             R::TenantList => {
@@ -502,6 +581,7 @@ impl Session {
             _ => {}
         }
         let t = b.scope(&who, tenant)?;
+        let scope = t.clone();
         Ok(match body {
             R::Declare(d) => {
                 let options = QueueOptions {
@@ -515,22 +595,31 @@ impl Session {
                     dead_letter: d.dead_letter,
                     delivery_limit: d.delivery_limit,
                 };
-                b.declare_queue(&who, &t, &d.name, options)?;
+                self.blocking(&scope, move |b, who| {
+                    b.declare_queue(who, &t, &d.name, options)
+                })
+                .await?;
                 S::Ok
             }
             R::Bind { queue, pattern } => {
-                b.bind(&who, &t, &queue, &pattern)?;
+                self.blocking(&scope, move |b, who| b.bind(who, &t, &queue, &pattern))
+                    .await?;
                 S::Ok
             }
             R::Unbind { queue, pattern } => {
-                b.unbind(&who, &t, &queue, &pattern)?;
+                self.blocking(&scope, move |b, who| b.unbind(who, &t, &queue, &pattern))
+                    .await?;
                 S::Ok
             }
             R::Delete { queue } => {
-                b.delete_queue(&who, &t, &queue)?;
+                self.blocking(&scope, move |b, who| b.delete_queue(who, &t, &queue))
+                    .await?;
                 S::Ok
             }
-            R::Purge { queue } => S::Count(b.purge_queue(&who, &t, &queue)?),
+            R::Purge { queue } => S::Count(
+                self.blocking(&scope, move |b, who| b.purge_queue(who, &t, &queue))
+                    .await?,
+            ),
             R::ListQueues => S::Queues(
                 b.list_queues(&who, &t)?
                     .into_iter()
@@ -548,14 +637,27 @@ impl Session {
                     .collect(),
             ),
             R::Subscribe { queue, prefetch } => {
-                self.subs.retain(|_, tx| !tx.is_closed());
+                self.subs.retain(|_, s| !s.cmds.is_closed());
                 if self.subs.len() >= proto::MAX_SUBSCRIPTIONS as usize {
                     return Err(BrokerError::Limit(format!(
                         "a connection may hold at most {} subscriptions",
                         proto::MAX_SUBSCRIPTIONS
                     )));
                 }
-                let sub = b.subscribe(&who, &t, &queue, prefetch)?;
+                // Every subscription may hold its prefetch unacked: bound
+                // what one connection holds in all.
+                let held: u64 = self.subs.values().map(|s| u64::from(s.prefetch)).sum();
+                let max = b.config().max_unacked_per_connection;
+                let prefetch = prefetch.max(1);
+                if held + u64::from(prefetch) > max {
+                    return Err(BrokerError::Limit(format!(
+                        "the subscriptions of one connection may hold at most {max} unacked \
+                         messages ({held} taken, {prefetch} asked)"
+                    )));
+                }
+                let sub = self
+                    .blocking(&scope, move |b, who| b.subscribe(who, &t, &queue, prefetch))
+                    .await?;
                 let id = self.next_sub;
                 self.next_sub += 1;
                 let stream =
@@ -573,8 +675,8 @@ impl Session {
                         }
                     };
                 let (tx, rx) = mpsc::channel(SUB_COMMANDS);
-                self.subs.insert(id, tx);
-                tokio::spawn(deliver(id, sub, stream, rx));
+                self.subs.insert(id, SubHandle { cmds: tx, prefetch });
+                tokio::spawn(deliver(id, sub, stream, rx, self.delivery_budget.clone()));
                 S::Subscribed { sub: id }
             }
             R::LoadPlugin {
@@ -595,12 +697,8 @@ impl Session {
                     wasm,
                     config,
                 };
-                let t2 = t.clone();
-                tokio::task::spawn_blocking(move || b.load_plugin(&who, &t2, load))
-                    .await
-                    .map_err(|e| {
-                        BrokerError::Conflict(format!("plugin load task failed: {e}"))
-                    })??;
+                self.blocking(&scope, move |b, who| b.load_plugin(who, &t, load))
+                    .await?;
                 S::Ok
             }
             R::ListPlugins => S::Plugins(
@@ -613,6 +711,9 @@ impl Session {
                         state: match p.state {
                             PluginState::Ready => "ready".into(),
                             PluginState::Errored { reason } => format!("errored: {reason}"),
+                            PluginState::NotRunning { reason } => {
+                                format!("not running (fails closed): {reason}")
+                            }
                         },
                         calls: p.metrics.calls,
                         errors: p.metrics.guest_errors + p.metrics.output_rejected,
@@ -622,7 +723,8 @@ impl Session {
                     .collect(),
             ),
             R::UnloadPlugin { name } => {
-                b.unload_plugin(&who, &t, &name)?;
+                self.blocking(&scope, move |b, who| b.unload_plugin(who, &t, &name))
+                    .await?;
                 S::Ok
             }
             R::Stats
@@ -771,11 +873,16 @@ fn answers(results: impl Iterator<Item = (u64, Result<u32, BrokerError>)>) -> Ve
 }
 
 /// Push a subscription's deliveries on its own stream and apply acks.
+/// Deliveries are loaded from the store only with the connection's
+/// delivery budget in hand (at most [`LOAD_BYTES`] per batch), so a
+/// connection whose client reads nothing holds at most [`DELIVERY_BUDGET`]
+/// bytes of loaded payloads, whatever its prefetch and subscriptions.
 async fn deliver(
     id: u64,
     mut sub: Subscription,
     mut stream: quinn::SendStream,
     mut cmds: mpsc::Receiver<SubCmd>,
+    budget: Arc<Semaphore>,
 ) {
     let mut buf = Vec::with_capacity(64 << 10);
     proto::encode(&Frame::StreamStart { sub: id }, &mut buf);
@@ -786,38 +893,19 @@ async fn deliver(
         tokio::select! {
             cmd = cmds.recv() => {
                 let Some(first) = cmd else { break };
-                // Settle everything already queued in one go: consecutive
-                // acks become one store removal and one dispatch.
-                let mut acks = Vec::new();
-                let mut next = Some(first);
-                while let Some(cmd) = next {
-                    match cmd {
-                        SubCmd::Ack(t) => acks.extend(t),
-                        other => {
-                            if !acks.is_empty() {
-                                sub.ack(&std::mem::take(&mut acks));
-                            }
-                            match other {
-                                SubCmd::Nack(t) => sub.nack(&t),
-                                SubCmd::Reject(t) => sub.reject(&t),
-                                SubCmd::Sync(reply) => {
-                                    let commit = sub.sync();
-                                    tokio::spawn(async move {
-                                        let _ = reply.send(commit.await.map_err(BrokerError::from));
-                                    });
-                                }
-                                SubCmd::Ack(_) => {}
-                            }
-                        }
-                    }
-                    next = cmds.try_recv().ok();
-                }
-                if !acks.is_empty() {
-                    sub.ack(&acks);
-                }
+                settle(&sub, first, &mut cmds);
             }
-            batch = sub.next() => {
-                let Some(batch) = batch else { break };
+            ready = sub.wait() => {
+                if !ready {
+                    break;
+                }
+                let Ok(_permit) = budget.clone().acquire_many_owned(LOAD_BYTES as u32).await else {
+                    break;
+                };
+                let batch = sub.load(LOAD_BYTES);
+                if batch.is_empty() {
+                    continue;
+                }
                 buf.clear();
                 // Cut frames by count and by bytes so that no Deliver frame
                 // exceeds the decoder's frame limit, whatever the sizes.
@@ -849,4 +937,41 @@ async fn deliver(
     }
     let _ = stream.finish();
     // Dropping `sub` requeues whatever it still holds.
+}
+
+/// Apply `first` and every settle command already queued behind it:
+/// consecutive acks become one store removal and one dispatch.
+fn settle(sub: &Subscription, first: SubCmd, cmds: &mut mpsc::Receiver<SubCmd>) {
+    let mut acks: Ranges = Vec::new();
+    let mut next = Some(first);
+    while let Some(cmd) = next {
+        match cmd {
+            SubCmd::Ack(r) => {
+                acks.extend(r);
+                if acks.len() >= SETTLE_RANGES {
+                    sub.ack_ranges(&std::mem::take(&mut acks));
+                }
+            }
+            other => {
+                if !acks.is_empty() {
+                    sub.ack_ranges(&std::mem::take(&mut acks));
+                }
+                match other {
+                    SubCmd::Nack(r) => sub.nack_ranges(&r),
+                    SubCmd::Reject(r) => sub.reject_ranges(&r),
+                    SubCmd::Sync(reply) => {
+                        let commit = sub.sync();
+                        tokio::spawn(async move {
+                            let _ = reply.send(commit.await.map_err(BrokerError::from));
+                        });
+                    }
+                    SubCmd::Ack(_) => {}
+                }
+            }
+        }
+        next = cmds.try_recv().ok();
+    }
+    if !acks.is_empty() {
+        sub.ack_ranges(&acks);
+    }
 }

@@ -297,6 +297,70 @@ async fn confirms_follow_fdatasync_of_the_data_file() {
     );
 }
 
+/// Large messages make sled write blob files (a leaf of 16 one-MiB values
+/// is larger than its inline limit) that sled itself never fsyncs: every
+/// blob file must be fsynced by the broker before the publishes it holds
+/// are confirmed. Checked with strace on the real binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_blob_files_are_fsynced_before_confirms() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install strace (see .ci/run)"
+        );
+        eprintln!("strace not installed: skipping (install it with apt-get install strace)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    certs(dir.path());
+    let addr = free_port();
+    let trace = dir.path().join("trace");
+    let mut broker = spawn(dir.path(), addr);
+    let c = connect(dir.path(), addr).await;
+    c.declare(QueueSpec::new("q")).await.unwrap();
+    c.bind("q", "t").await.unwrap();
+    let mut strace = Command::new("strace")
+        .args(["-f", "-y", "-e", "trace=fdatasync,fsync", "-o"])
+        .arg(&trace)
+        .args(["-p", &broker.id().to_string()])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let attached = Instant::now() + Duration::from_secs(10);
+    while !trace.exists() && Instant::now() < attached {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..40u8 {
+        c.publish("t", vec![], vec![i; 1 << 20]).await.unwrap();
+    }
+    // Everything on disk now was needed by a confirmed publish (or is
+    // newer); the last confirm came after the last commit's syncs.
+    let blobs: Vec<String> = std::fs::read_dir(dir.path().join("data/store/blobs"))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = strace.kill();
+    let _ = strace.wait();
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    let text = std::fs::read_to_string(&trace).unwrap_or_default();
+    assert!(
+        !blobs.is_empty(),
+        "40 one-MiB messages should make sled write blob files"
+    );
+    for b in &blobs {
+        assert!(
+            text.lines()
+                .any(|l| l.contains("fsync(") && l.contains(&format!("store/blobs/{b}>"))),
+            "blob file {b} was never fsynced:\n{text}"
+        );
+    }
+}
+
 /// `sluice certs revoke` + SIGHUP: the connected revoked client is
 /// disconnected and refused afterwards; other clients carry on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -123,6 +123,25 @@ impl BindingTrie {
         out.into_iter().collect()
     }
 
+    /// Whether `queue` is bound with `pattern`.
+    pub fn contains(&self, pattern: &[Token], queue: &str) -> bool {
+        let mut node = &self.root;
+        for t in pattern {
+            node = match t {
+                Token::Literal(l) => match node.literal.get(l) {
+                    Some(n) => n,
+                    None => return false,
+                },
+                Token::One => match &node.one {
+                    Some(n) => n,
+                    None => return false,
+                },
+                Token::Rest => return node.rest.contains(queue),
+            };
+        }
+        node.end.contains(queue)
+    }
+
     /// Number of bindings.
     pub fn len(&self) -> usize {
         self.count

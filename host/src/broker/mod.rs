@@ -9,7 +9,9 @@
 //! after that boundary check, so it can never widen access across tenants.
 
 mod bindings;
+mod dead_letter;
 mod error;
+mod limits;
 mod names;
 mod queue;
 mod routing;
@@ -23,7 +25,7 @@ pub use names::{Token, check_name, check_tenant, check_topic, parse_pattern};
 pub use queue::{Delivery, Overflow, QueueOptions};
 pub use routing::{PendingPublish, Publish};
 
-pub use subscription::Subscription;
+pub use subscription::{LOAD_BYTES, Subscription};
 pub use tenancy::{Admission, Closer, Quota, TenantInfo, TenantLimits, TenantUsage};
 
 use std::collections::HashMap;
@@ -35,8 +37,8 @@ use crate::plugins::{
     Action, Decision, MetricsSnapshot, PluginKind, PluginRegistry, PluginRuntime, PluginSpec,
     PluginState, Principal, Resource, SandboxConfig,
 };
-use crate::store::{Append, MessageStore, MsgId, Store, StoreConfig, StoredMessage};
-use queue::{DeadLetters, MsgRef, Queue};
+use crate::store::{MessageStore, MsgId, Store, StoreConfig, StoredMessage};
+use queue::{MsgRef, Queue};
 use tenant::Tenant;
 
 /// Broker settings.
@@ -56,6 +58,24 @@ pub struct BrokerConfig {
     /// Concurrent plugin tasks per tenant. Default 1: a tenant's plugins use
     /// at most one core, whatever they do.
     pub plugin_concurrency_per_tenant: usize,
+    /// Largest prefetch (unacked deliveries) of one subscription. Default 10 000.
+    pub max_prefetch: u32,
+    /// Most stored bytes one subscription holds unacked (at least one
+    /// message is always delivered). Default 16 MiB.
+    pub max_prefetch_bytes: u64,
+    /// Sum of the prefetch of one connection's subscriptions. Default 65 536.
+    pub max_unacked_per_connection: u64,
+    /// Most bindings per tenant. Default 100 000.
+    pub max_bindings_per_tenant: usize,
+    /// Most queues one message is stored in (bindings and router). Default 1024.
+    pub max_fanout: usize,
+    /// Most plugins per tenant. Default 32.
+    pub max_plugins_per_tenant: usize,
+    /// Most client connections to the broker. Default 16 384.
+    pub max_connections: u64,
+    /// Control requests (declare, bind, plugin load, ...) of one tenant
+    /// running at once on blocking threads. Default 2.
+    pub control_concurrency_per_tenant: usize,
 }
 
 impl BrokerConfig {
@@ -72,6 +92,14 @@ impl BrokerConfig {
             max_queues_per_tenant: 10_000,
             strict_tenants: false,
             plugin_concurrency_per_tenant: 1,
+            max_prefetch: 10_000,
+            max_prefetch_bytes: 16 << 20,
+            max_unacked_per_connection: 65_536,
+            max_bindings_per_tenant: 100_000,
+            max_fanout: 1024,
+            max_plugins_per_tenant: 32,
+            max_connections: 16_384,
+            control_concurrency_per_tenant: 2,
         }
     }
 }
@@ -175,6 +203,28 @@ pub(crate) struct Inner {
 
 /// Cached authorizer decisions per tenant before the cache is reset.
 const AUTH_CACHE_ENTRIES: usize = 10_000;
+
+/// The cache key of an authorizer question: everything the plugin sees of
+/// the principal (two certificates with one client name but different
+/// subjects or SANs may get different answers), the action and the resource.
+fn auth_key(who: &Principal, action: Action, resource: &Resource) -> String {
+    let mut key = format!(
+        "{}\u{0}{}\u{0}{}\u{0}{}",
+        who.tenant, who.client, who.subject, who.admin
+    );
+    for san in &who.sans {
+        key.push('\u{0}');
+        key.push_str(san);
+    }
+    key.push_str(&format!("\u{1}{action:?}\u{0}{resource:?}"));
+    key
+}
+
+/// When a message stored at `now` with `ttl_ms` expires (0: never). Any TTL
+/// a client declares is fine: the sum saturates instead of wrapping.
+fn expiry(now: u64, ttl_ms: Option<u64>) -> u64 {
+    ttl_ms.map_or(0, |ttl| now.saturating_add(ttl))
+}
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -292,7 +342,7 @@ impl Broker {
                 tenant: tenant.to_string(),
                 name: name.to_string(),
                 kind: rec.kind,
-                wasm,
+                wasm: wasm.clone(),
                 config: rec.config.clone(),
             };
             match self.inner.runtime.load(spec) {
@@ -303,7 +353,22 @@ impl Broker {
                         .attach(name, rec.kind, rec.queue);
                 }
                 Err(e) => {
-                    tracing::error!(tenant, plugin = name, error = %e, "cannot reload plugin at start")
+                    // It keeps its role and fails closed (an authorizer
+                    // denies, a router refuses, a filter dead-letters)
+                    // until an administrator reloads or unloads it.
+                    tracing::error!(tenant, plugin = name, error = %e, "cannot reload plugin at start; it stays configured and fails closed");
+                    let t = self.tenant(tenant);
+                    let mut tw = t.write();
+                    tw.attach(name, rec.kind, rec.queue.clone());
+                    tw.not_running.insert(
+                        name.to_string(),
+                        tenant::NotRunning {
+                            kind: rec.kind,
+                            queue: rec.queue,
+                            digest: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&wasm)),
+                            reason: e.to_string(),
+                        },
+                    );
                 }
             }
         }
@@ -350,6 +415,7 @@ impl Broker {
                 Arc::new(Tenant::new(
                     name,
                     self.inner.config.plugin_concurrency_per_tenant,
+                    self.inner.config.control_concurrency_per_tenant,
                 ))
             })
             .clone()
@@ -372,6 +438,21 @@ impl Broker {
             .iter()
             .flat_map(|t| t.read().queues.values().cloned().collect::<Vec<_>>())
             .collect()
+    }
+
+    /// A slot for one control request of `tenant` (see
+    /// [`BrokerConfig::control_concurrency_per_tenant`]); `""` is the
+    /// administrators' scope.
+    pub async fn control_permit(
+        &self,
+        tenant: &str,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, BrokerError> {
+        self.tenant(tenant)
+            .control_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| BrokerError::ShuttingDown)
     }
 
     /// The plugin runtime.
@@ -421,9 +502,25 @@ impl Broker {
         }
     }
 
+    /// The running plugin `name` of tenant `t`, or why it is not running.
+    fn running(&self, t: &Tenant, name: &str) -> Result<Arc<crate::plugins::Plugin>, String> {
+        if let Some(p) = self.inner.plugins.get(&t.name, name) {
+            return Ok(p);
+        }
+        Err(match t.read().not_running.get(name) {
+            Some(n) => format!(
+                "plugin `{name}` is configured but not running: {}",
+                n.reason
+            ),
+            None => format!("plugin `{name}` is not loaded"),
+        })
+    }
+
     /// Check `action` on `resource` in `tenant`: first the tenant boundary,
-    /// then the tenant's authorizer plugin if one is loaded (a failing
-    /// authorizer denies).
+    /// then the tenant's authorizer plugin if one is configured. A failing
+    /// authorizer denies, and so does one that is configured but not
+    /// running: the check fails closed. Administrators are not asked (they
+    /// are the repair path).
     pub fn authorize(
         &self,
         who: &Principal,
@@ -436,19 +533,30 @@ impl Broker {
             return Ok(());
         }
         let t = self.tenant(tenant);
+        // The generation is read before the authorizer is looked up: a
+        // decision of an authorizer swapped out meanwhile is not cached.
+        let generation = t
+            .auth_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .generation;
         let Some(name) = t.read().authorizer.clone() else {
             return Ok(());
         };
-        let Some(plugin) = self.inner.plugins.get(tenant, &name) else {
-            return Ok(());
-        };
-        // Decisions are cached per client until the authorizer changes; a
-        // failing call is not cached.
-        let key = format!("{}\u{0}{action:?}\u{0}{resource:?}", who.client);
+        let plugin = self.running(&t, &name).map_err(|why| {
+            BrokerError::Unauthorized(format!(
+                "{why}; every request of tenant `{tenant}` is denied until an administrator \
+                 reloads or unloads it"
+            ))
+        })?;
+        // Decisions are cached per principal (everything the plugin sees)
+        // until the authorizer changes; a failing call is not cached.
+        let key = auth_key(who, action, resource);
         if let Some(cached) = t
             .auth_cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .decisions
             .get(&key)
         {
             return cached.clone().map_err(BrokerError::Unauthorized);
@@ -463,10 +571,12 @@ impl Broker {
             }
         };
         let mut cache = t.auth_cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= AUTH_CACHE_ENTRIES {
-            cache.clear();
+        if cache.generation == generation {
+            if cache.decisions.len() >= AUTH_CACHE_ENTRIES {
+                cache.decisions.clear();
+            }
+            cache.decisions.insert(key, decision.clone());
         }
-        cache.insert(key, decision.clone());
         decision.map_err(BrokerError::Unauthorized)
     }
 
@@ -479,10 +589,19 @@ impl Broker {
         options: QueueOptions,
     ) -> Result<QueueInfo, BrokerError> {
         check_name("queue name", name)?;
+        self.authorize(who, tenant, Action::Declare, &Resource::Queue(name.into()))?;
         if let Some(dl) = &options.dead_letter {
             check_name("dead-letter queue name", dl)?;
+            if dl == name {
+                return Err(BrokerError::invalid(
+                    "dead-letter queue",
+                    format!("queue `{name}` cannot be its own dead-letter queue"),
+                ));
+            }
+            // Dead letters enter that queue without a topic or binding:
+            // the declaring client must be allowed to put messages there.
+            self.authorize(who, tenant, Action::Publish, &Resource::Queue(dl.clone()))?;
         }
-        self.authorize(who, tenant, Action::Declare, &Resource::Queue(name.into()))?;
         let t = self.tenant(tenant);
         let mut tw = t.write();
         if let Some(q) = tw.queues.get(name) {
@@ -519,7 +638,7 @@ impl Broker {
                 options: options.clone(),
             }),
         )?;
-        self.inner.store.sync()?;
+        self.inner.store.sync_meta()?;
         let q = Arc::new(Queue::new(tenant, name, id, options));
         tw.queues.insert(name.to_string(), q.clone());
         drop(tw);
@@ -567,7 +686,7 @@ impl Broker {
         }
         store.delete_meta(&format!("queue/{tenant}/{name}"))?;
         store.clear_queue(q.id)?;
-        store.sync()?;
+        store.sync_meta()?;
         Ok(())
     }
 
@@ -616,11 +735,18 @@ impl Broker {
         if !tw.queues.contains_key(queue) {
             return Err(BrokerError::not_found("queue", queue));
         }
+        let max = self.inner.config.max_bindings_per_tenant;
+        if tw.bindings.len() >= max && !tw.bindings.contains(&tokens, queue) {
+            return Err(BrokerError::Limit(format!(
+                "tenant `{tenant}` has {} bindings (max {max})",
+                tw.bindings.len()
+            )));
+        }
         if tw.bindings.insert(&tokens, queue) {
             self.inner
                 .store
                 .put_meta(&format!("binding/{tenant}/{queue}/{pattern}"), b"")?;
-            self.inner.store.sync()?;
+            self.inner.store.sync_meta()?;
         }
         Ok(())
     }
@@ -644,7 +770,7 @@ impl Broker {
         self.inner
             .store
             .delete_meta(&format!("binding/{tenant}/{queue}/{pattern}"))?;
-        self.inner.store.sync()?;
+        self.inner.store.sync_meta()?;
         Ok(())
     }
 
@@ -726,6 +852,15 @@ impl Broker {
             }
             (_, None) => None,
         };
+        let replaces = self.inner.plugins.get(tenant, name).is_some()
+            || self.tenant(tenant).read().not_running.contains_key(name);
+        let max = self.inner.config.max_plugins_per_tenant;
+        let count = self.plugin_count(tenant);
+        if !replaces && count >= max {
+            return Err(BrokerError::Limit(format!(
+                "tenant `{tenant}` has {count} plugins (max {max})"
+            )));
+        }
         let key = format!("plugin/{tenant}/{name}");
         let record = PluginRecord {
             kind,
@@ -741,13 +876,25 @@ impl Broker {
         })?;
         self.inner.store.put_blob(&key, &wasm)?;
         self.inner.store.put_meta(&key, &encode(&record))?;
-        self.inner.store.sync()?;
-        if let Some(old) = self.inner.plugins.install(plugin) {
-            self.tenant(tenant).write().detach(name, old.kind());
+        self.inner.store.sync_meta()?;
+        let t = self.tenant(tenant);
+        {
+            let mut tw = t.write();
+            if let Some(old) = tw.not_running.get(name).map(|n| n.kind) {
+                tw.detach(name, old);
+            }
+            if let Some(old) = self.inner.plugins.install(plugin) {
+                tw.detach(name, old.kind());
+            }
+            tw.attach(name, kind, queue);
         }
-        self.tenant(tenant).write().attach(name, kind, queue);
-        self.tenant(tenant).clear_auth_cache();
+        t.clear_auth_cache();
         self.plugin_info(tenant, name)
+    }
+
+    /// Plugins of `tenant`, running or not.
+    fn plugin_count(&self, tenant: &str) -> usize {
+        self.inner.plugins.list(Some(tenant)).len() + self.tenant(tenant).read().not_running.len()
     }
 
     /// Unload a plugin.
@@ -758,26 +905,44 @@ impl Broker {
         name: &str,
     ) -> Result<(), BrokerError> {
         self.authorize(who, tenant, Action::Admin, &Resource::Plugin(name.into()))?;
-        let p = self
-            .inner
-            .plugins
-            .remove(tenant, name)
-            .ok_or_else(|| BrokerError::not_found("plugin", name))?;
-        self.tenant(tenant).write().detach(name, p.kind());
-        self.tenant(tenant).clear_auth_cache();
+        let t = self.tenant(tenant);
+        let kind = match self.inner.plugins.remove(tenant, name) {
+            Some(p) => p.kind(),
+            None => t
+                .read()
+                .not_running
+                .get(name)
+                .map(|n| n.kind)
+                .ok_or_else(|| BrokerError::not_found("plugin", name))?,
+        };
+        t.write().detach(name, kind);
+        t.clear_auth_cache();
         let key = format!("plugin/{tenant}/{name}");
         self.inner.store.delete_meta(&key)?;
         self.inner.store.delete_blob(&key)?;
-        self.inner.store.sync()?;
+        self.inner.store.sync_meta()?;
         Ok(())
     }
 
     fn plugin_info(&self, tenant: &str, name: &str) -> Result<PluginInfo, BrokerError> {
-        let p = self
-            .inner
-            .plugins
-            .get(tenant, name)
-            .ok_or_else(|| BrokerError::not_found("plugin", name))?;
+        let Some(p) = self.inner.plugins.get(tenant, name) else {
+            let n = self
+                .tenant(tenant)
+                .read()
+                .not_running
+                .get(name)
+                .cloned()
+                .ok_or_else(|| BrokerError::not_found("plugin", name))?;
+            return Ok(PluginInfo {
+                tenant: tenant.into(),
+                name: name.into(),
+                kind: n.kind,
+                queue: n.queue,
+                digest: n.digest,
+                state: PluginState::NotRunning { reason: n.reason },
+                metrics: MetricsSnapshot::default(),
+            });
+        };
         let queue = self.tenant(tenant).read().filter_queue(name);
         Ok(PluginInfo {
             tenant: tenant.into(),
@@ -797,11 +962,24 @@ impl Broker {
         tenant: &str,
     ) -> Result<Vec<PluginInfo>, BrokerError> {
         self.check_boundary(who, tenant)?;
-        self.inner
+        Ok(self.tenant_plugins(tenant))
+    }
+
+    /// Every plugin of `tenant`, running or not, by name.
+    fn tenant_plugins(&self, tenant: &str) -> Vec<PluginInfo> {
+        let mut names: Vec<String> = self
+            .inner
             .plugins
             .list(Some(tenant))
             .iter()
-            .map(|p| self.plugin_info(tenant, &p.id().name))
+            .map(|p| p.id().name.to_string())
+            .collect();
+        names.extend(self.tenant(tenant).read().not_running.keys().cloned());
+        names.sort();
+        names.dedup();
+        names
+            .iter()
+            .filter_map(|n| self.plugin_info(tenant, n).ok())
             .collect()
     }
 
@@ -819,10 +997,16 @@ impl Broker {
             Action::Subscribe,
             &Resource::Queue(queue.into()),
         )?;
+        let max = self.inner.config.max_prefetch;
+        if prefetch > max {
+            return Err(BrokerError::Limit(format!(
+                "prefetch {prefetch} is above the broker's maximum of {max}"
+            )));
+        }
         let q = self.queue(tenant, queue)?;
         let id = self.inner.next_consumer.fetch_add(1, Relaxed);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        q.add_consumer(id, prefetch, tx);
+        q.add_consumer(id, prefetch, self.inner.config.max_prefetch_bytes, tx);
         let sub = Subscription::new(self.clone(), q.clone(), id, rx);
         self.dispatch(&q);
         Ok(sub)
@@ -872,106 +1056,6 @@ impl Broker {
             .collect()
     }
 
-    /// Move messages to the queue's dead-letter queue (or drop them).
-    pub(crate) fn dead_letter(&self, q: &Arc<Queue>, dead: DeadLetters) {
-        if dead.is_empty() {
-            return;
-        }
-        let ids: Vec<MsgId> = dead.iter().map(|(r, _)| r.id).collect();
-        let target = q
-            .options
-            .dead_letter
-            .as_deref()
-            .and_then(|dl| self.queue(&q.tenant, dl).ok());
-        let Some(dlq) = target else {
-            q.counters.dropped.fetch_add(ids.len() as u64, Relaxed);
-            if let Err(e) = self.inner.store.remove(q.id, &ids) {
-                tracing::error!(queue = %q.name, error = %e, "cannot drop dead messages");
-            }
-            return;
-        };
-        let mut items = Vec::new();
-        for (r, reason) in &dead {
-            match self
-                .inner
-                .store
-                .get(q.id, r.id)
-                .map(|v| v.map(|v| StoredMessage::decode(&v)))
-            {
-                Ok(Some(Ok(mut m))) => {
-                    m.headers.push(("x-death-reason".into(), (*reason).into()));
-                    m.headers.push(("x-death-queue".into(), q.name.clone()));
-                    m.expires_at_ms = dlq.options.ttl_ms.map(|t| now_ms() + t).unwrap_or(0);
-                    items.push(m);
-                }
-                other => {
-                    tracing::error!(queue = %q.name, id = r.id, ?other, "cannot read a dead-lettered message")
-                }
-            }
-        }
-        q.counters
-            .dead_lettered
-            .fetch_add(ids.len() as u64, Relaxed);
-        let broker = self.clone();
-        let (q, dlq) = (q.clone(), dlq.clone());
-        let task = async move {
-            if let Err(e) = broker.store_messages(&dlq, items).await {
-                tracing::error!(queue = %dlq.name, error = %e, "dead-lettering failed; messages stay in the source queue's store");
-                return;
-            }
-            if let Err(e) = broker.inner.store.remove(q.id, &ids) {
-                tracing::error!(queue = %q.name, error = %e, "cannot remove dead-lettered messages");
-            }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) => {
-                h.spawn(task);
-            }
-            Err(_) => tracing::error!("dead-lettering needs a tokio runtime"),
-        }
-    }
-
-    /// Append messages to a queue (durably if it is durable) and make them
-    /// ready. Used for dead letters; publishes go through [`routing`].
-    async fn store_messages(
-        &self,
-        q: &Arc<Queue>,
-        msgs: Vec<StoredMessage>,
-    ) -> Result<(), BrokerError> {
-        let n = msgs.len() as u64;
-        let first = match q.reserve(n) {
-            Ok(f) => f,
-            Err(()) => return Err(BrokerError::QueueFull(q.name.clone())),
-        };
-        let mut refs = Vec::with_capacity(msgs.len());
-        let items: Vec<Append> = msgs
-            .iter()
-            .zip(first..)
-            .map(|(m, id)| {
-                let value = m.encode();
-                refs.push(MsgRef {
-                    id,
-                    size: value.len() as u32,
-                    expires_at: m.expires_at_ms,
-                    deliveries: 0,
-                });
-                Append {
-                    queue: q.id,
-                    id,
-                    value,
-                }
-            })
-            .collect();
-        if let Err(e) = self.inner.store.append(items, q.options.durable).await {
-            q.unreserve(n);
-            return Err(e.into());
-        }
-        let dead = q.enqueue(&refs, n);
-        self.dead_letter(q, dead);
-        self.dispatch(q);
-        Ok(())
-    }
-
     /// Per-tenant totals (admins see every tenant, tenants only their own).
     pub fn stats(&self, who: &Principal) -> Vec<TenantStats> {
         let tenants = self.all_tenants();
@@ -989,7 +1073,8 @@ impl Broker {
                     bytes: infos.iter().map(|i| i.bytes).sum(),
                     published: infos.iter().map(|i| i.published).sum(),
                     delivered: infos.iter().map(|i| i.delivered).sum(),
-                    plugins: self.inner.plugins.list(Some(&t.name)).len() as u64,
+                    plugins: self.plugin_count(&t.name) as u64,
+                    plugins_not_running: t.read().not_running.len() as u64,
                     bindings: t.read().bindings.len() as u64,
                 }
             })
@@ -1007,13 +1092,11 @@ impl Broker {
             queues.extend(qs.iter().map(|q| self.info(q, t)));
         }
         queues.sort_by(|a, b| (&a.tenant, &a.name).cmp(&(&b.tenant, &b.name)));
-        let plugins = self
-            .inner
-            .plugins
-            .list(None)
+        let mut plugins: Vec<PluginInfo> = tenants
             .iter()
-            .filter_map(|p| self.plugin_info(&p.id().tenant, &p.id().name).ok())
+            .flat_map(|t| self.tenant_plugins(&t.name))
             .collect();
+        plugins.sort_by(|a, b| (&a.tenant, &a.name).cmp(&(&b.tenant, &b.name)));
         (queues, plugins)
     }
 
@@ -1045,8 +1128,10 @@ pub struct TenantStats {
     pub published: u64,
     /// Deliveries since start.
     pub delivered: u64,
-    /// Loaded plugins.
+    /// Plugins (running or not).
     pub plugins: u64,
+    /// Plugins configured but not running (they fail closed).
+    pub plugins_not_running: u64,
     /// Bindings.
     pub bindings: u64,
 }

@@ -4,7 +4,7 @@
 //! are read when delivered. All state sits behind one mutex held for
 //! bookkeeping only (never across I/O or a plugin call).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -83,8 +83,24 @@ pub struct Delivery {
 
 pub(crate) struct Consumer {
     pub id: u64,
+    /// Deliveries it may still receive (prefetch minus what it holds).
     pub credit: u32,
+    /// Tags it holds unacked, so a settle range is resolved against what
+    /// the consumer holds, never expanded tag by tag.
+    pub held: BTreeSet<MsgId>,
+    /// Stored bytes it holds unacked.
+    pub held_bytes: u64,
+    /// Most stored bytes it may hold unacked (always at least one message).
+    pub max_bytes: u64,
     pub tx: mpsc::UnboundedSender<Vec<MsgRef>>,
+}
+
+impl Consumer {
+    /// Whether a message of `size` bytes may be handed to it now.
+    fn takes(&self, size: u32) -> bool {
+        self.credit > 0
+            && (self.held.is_empty() || self.held_bytes + u64::from(size) <= self.max_bytes)
+    }
 }
 
 #[derive(Default)]
@@ -148,13 +164,6 @@ impl Queue {
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Reserve room and ids for `n` messages about to be stored. `Err` when
-    /// full with reject-publish.
-    pub fn reserve(&self, n: u64) -> Result<MsgId, ()> {
-        self.reserve_room(n)?;
-        Ok(self.allocate_ids(n))
     }
 
     /// Reserve room for `n` messages (refused when max-length would be
@@ -225,23 +234,28 @@ impl Queue {
         if n > 0 {
             let mut idle = 0;
             while idle < n {
+                let Some(&head) = st.ready.front() else {
+                    break;
+                };
+                if head.expires_at != 0 && head.expires_at <= now_ms {
+                    st.ready.pop_front();
+                    st.bytes -= u64::from(head.size);
+                    dead.push((head, "expired"));
+                    continue;
+                }
                 let i = st.rr % n;
                 st.rr = st.rr.wrapping_add(1);
-                if st.consumers[i].credit == 0 {
+                if !st.consumers[i].takes(head.size) {
                     idle += 1;
                     continue;
                 }
-                let Some(mut r) = st.ready.pop_front() else {
-                    break;
-                };
-                if r.expires_at != 0 && r.expires_at <= now_ms {
-                    st.bytes -= u64::from(r.size);
-                    dead.push((r, "expired"));
-                    continue;
-                }
                 idle = 0;
+                st.ready.pop_front();
+                let mut r = head;
                 let c = &mut st.consumers[i];
                 c.credit -= 1;
+                c.held.insert(r.id);
+                c.held_bytes += u64::from(r.size);
                 let cid = c.id;
                 r.deliveries += 1;
                 out[i].push(r);
@@ -261,64 +275,81 @@ impl Queue {
         (batches, dead)
     }
 
-    /// Expire ready messages whose TTL passed (any position).
+    /// Expire ready messages at the head whose TTL passed. Messages enter a
+    /// queue in expiry order (one TTL per queue; requeued ones go back to
+    /// the front with an earlier expiry), so the expired ones are at the
+    /// head: the sweep costs what it expires, never a scan of the backlog
+    /// (one out of order is expired when it reaches the head, as in
+    /// RabbitMQ).
     pub fn expire(&self, now_ms: u64) -> DeadLetters {
-        let mut st = self.lock();
         if self.options.ttl_ms.is_none() {
             return Vec::new();
         }
+        let mut st = self.lock();
         let mut dead = Vec::new();
-        let mut bytes = 0;
-        st.ready.retain(|r| {
-            let expired = r.expires_at != 0 && r.expires_at <= now_ms;
-            if expired {
-                bytes += u64::from(r.size);
-                dead.push((*r, "expired"));
+        while let Some(&r) = st.ready.front() {
+            if r.expires_at == 0 || r.expires_at > now_ms {
+                break;
             }
-            !expired
-        });
-        st.bytes -= bytes;
+            st.ready.pop_front();
+            st.bytes -= u64::from(r.size);
+            dead.push((r, "expired"));
+        }
         dead
     }
 
-    /// Settle deliveries of `consumer`: remove them from unacked and return
-    /// the references (ignoring tags it does not hold).
-    fn settle(&self, st: &mut QueueState, consumer: u64, tags: &[u64]) -> Vec<MsgRef> {
+    /// Settle deliveries of `consumer` in the inclusive tag `ranges`:
+    /// remove them from unacked and return their references. A range is
+    /// resolved against the tags the consumer holds (at most its prefetch),
+    /// so a huge range costs no more than a small one; tags it does not
+    /// hold are ignored.
+    fn settle(&self, st: &mut QueueState, consumer: u64, ranges: &[(u64, u64)]) -> Vec<MsgRef> {
+        let Some(c) = st.consumers.iter_mut().find(|c| c.id == consumer) else {
+            return Vec::new();
+        };
+        let mut tags = Vec::new();
+        for &(a, b) in ranges {
+            if a <= b {
+                tags.extend(c.held.range(a..=b).copied());
+            }
+        }
+        for t in &tags {
+            c.held.remove(t);
+        }
         let mut refs = Vec::with_capacity(tags.len());
         for tag in tags {
-            if let Some((cid, _)) = st.unacked.get(tag)
-                && *cid == consumer
-                && let Some((_, r)) = st.unacked.remove(tag)
-            {
+            if let Some((_, r)) = st.unacked.remove(&tag) {
                 refs.push(r);
             }
         }
+        let bytes: u64 = refs.iter().map(|r| u64::from(r.size)).sum();
         if let Some(c) = st.consumers.iter_mut().find(|c| c.id == consumer) {
             c.credit += refs.len() as u32;
+            c.held_bytes = c.held_bytes.saturating_sub(bytes);
         }
         refs
     }
 
     /// Ack: returns the ids to delete from the store.
-    pub fn ack(&self, consumer: u64, tags: &[u64]) -> Vec<MsgId> {
+    pub fn ack(&self, consumer: u64, ranges: &[(u64, u64)]) -> Vec<MsgId> {
         let mut st = self.lock();
-        let refs = self.settle(&mut st, consumer, tags);
+        let refs = self.settle(&mut st, consumer, ranges);
         st.bytes -= refs.iter().map(|r| u64::from(r.size)).sum::<u64>();
         self.counters.acked.fetch_add(refs.len() as u64, Relaxed);
         refs.into_iter().map(|r| r.id).collect()
     }
 
     /// Nack: requeue at the front (or dead-letter past the delivery limit).
-    pub fn nack(&self, consumer: u64, tags: &[u64]) -> DeadLetters {
+    pub fn nack(&self, consumer: u64, ranges: &[(u64, u64)]) -> DeadLetters {
         let mut st = self.lock();
-        let refs = self.settle(&mut st, consumer, tags);
+        let refs = self.settle(&mut st, consumer, ranges);
         self.requeue(&mut st, refs)
     }
 
     /// Reject: dead-letter.
-    pub fn reject(&self, consumer: u64, tags: &[u64]) -> DeadLetters {
+    pub fn reject(&self, consumer: u64, ranges: &[(u64, u64)]) -> DeadLetters {
         let mut st = self.lock();
-        let refs = self.settle(&mut st, consumer, tags);
+        let refs = self.settle(&mut st, consumer, ranges);
         st.bytes -= refs.iter().map(|r| u64::from(r.size)).sum::<u64>();
         refs.into_iter().map(|r| (r, "rejected")).collect()
     }
@@ -341,11 +372,21 @@ impl Queue {
         dead
     }
 
-    /// Add a consumer with `prefetch` credit.
-    pub fn add_consumer(&self, id: u64, prefetch: u32, tx: mpsc::UnboundedSender<Vec<MsgRef>>) {
+    /// Add a consumer with `prefetch` credit that holds at most `max_bytes`
+    /// stored bytes unacked (always at least one message).
+    pub fn add_consumer(
+        &self,
+        id: u64,
+        prefetch: u32,
+        max_bytes: u64,
+        tx: mpsc::UnboundedSender<Vec<MsgRef>>,
+    ) {
         self.lock().consumers.push(Consumer {
             id,
             credit: prefetch.max(1),
+            held: BTreeSet::new(),
+            held_bytes: 0,
+            max_bytes,
             tx,
         });
     }
@@ -353,19 +394,31 @@ impl Queue {
     /// Remove a consumer; its unacked messages are requeued as redelivered.
     pub fn remove_consumer(&self, id: u64) -> DeadLetters {
         let mut st = self.lock();
-        st.consumers.retain(|c| c.id != id);
-        let tags: Vec<MsgId> = st
-            .unacked
-            .iter()
-            .filter(|(_, (cid, _))| *cid == id)
-            .map(|(tag, _)| *tag)
-            .collect();
-        let refs: Vec<MsgRef> = tags
+        let Some(i) = st.consumers.iter().position(|c| c.id == id) else {
+            return Vec::new();
+        };
+        let c = st.consumers.remove(i);
+        let refs: Vec<MsgRef> = c
+            .held
             .iter()
             .filter_map(|t| st.unacked.remove(t))
             .map(|(_, r)| r)
             .collect();
         self.requeue(&mut st, refs)
+    }
+
+    /// Put messages that could not leave the queue back at its front (a
+    /// dead-lettering that failed to store), so none is orphaned.
+    pub fn restore(&self, mut refs: Vec<MsgRef>) {
+        let mut st = self.lock();
+        if st.deleted {
+            return;
+        }
+        refs.sort_by_key(|r| r.id);
+        for r in refs.into_iter().rev() {
+            st.bytes += u64::from(r.size);
+            st.ready.push_front(r);
+        }
     }
 
     /// Drop every ready message; returns their ids.

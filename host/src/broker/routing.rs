@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
+use super::limits::{check_storable, with_death_headers};
 use super::queue::{MsgRef, Queue};
 use super::tenant::Tenant;
-use super::{Broker, BrokerError, now_ms};
+use super::{Broker, BrokerError, expiry, now_ms};
 use crate::plugins::{Action, FailureKind, FilterVerdict, Message, Principal, Resource};
 use crate::store::{Append, Commit, StoredMessage};
 
@@ -132,25 +133,25 @@ impl Broker {
     /// Validate, authorize, route and filter one message.
     fn route(&self, t: &Tenant, who: &Principal, msg: &Publish) -> Result<Routed, BrokerError> {
         super::names::check_topic(&msg.topic)?;
-        let size = msg.payload.len()
-            + msg
-                .headers
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>();
         let limits = t.limits();
         let global = self.inner.config.max_message_bytes;
-        let max = limits
-            .max_message_bytes
-            .map_or(global, |m| (m as usize).min(global));
-        if size > max {
-            let e = format!("message of {size} bytes exceeds the maximum of {max} bytes");
-            return Err(match limits.max_message_bytes {
-                Some(_) => {
+        let tenant_max = limits.max_message_bytes.map(|m| m as usize);
+        let max = tenant_max.map_or(global, |m| m.min(global));
+        if let Err(e) = check_storable(&msg.headers, &msg.payload, max) {
+            let size = msg.payload.len()
+                + msg
+                    .headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>();
+            // Over the tenant's own quota (and within the broker's limit):
+            // a quota refusal; anything else is the broker's limit.
+            return Err(match tenant_max {
+                Some(m) if size > m && size <= global => {
                     t.refused(super::Quota::MessageBytes, 1);
                     BrokerError::Quota(e)
                 }
-                None => BrokerError::Limit(e),
+                _ => BrokerError::Limit(e),
             });
         }
         self.check_rate(t, 1)?;
@@ -176,17 +177,31 @@ impl Broker {
             redelivery_count: 0,
         };
         let mut wit: Option<Message> = None;
-        let targets = match router
-            .as_deref()
-            .and_then(|name| self.inner.plugins.get(&t.name, name))
-        {
+        let mut targets = match router.as_deref() {
             None => candidates,
-            Some(plugin) => plugin
-                .route(wit.get_or_insert_with(wit_message), &candidates)
-                .map_err(|f| BrokerError::router(&f))?,
+            Some(name) => {
+                // A configured router that is not running refuses: the
+                // bindings alone are not the tenant's routing policy.
+                let plugin = self.running(t, name).map_err(BrokerError::Router)?;
+                plugin
+                    .route(wit.get_or_insert_with(wit_message), &candidates)
+                    .map_err(|f| BrokerError::router(&f))?
+            }
         };
+        // A queue named twice is stored in once.
+        let mut seen = std::collections::HashSet::with_capacity(targets.len());
+        targets.retain(|q| seen.insert(q.clone()));
+        drop(seen);
         if targets.is_empty() {
             return Err(BrokerError::NoRoute(msg.topic.clone()));
+        }
+        let max_fanout = self.inner.config.max_fanout;
+        if targets.len() > max_fanout {
+            return Err(BrokerError::Limit(format!(
+                "a message on `{}` would be stored in {} queues (at most {max_fanout})",
+                msg.topic,
+                targets.len()
+            )));
         }
         // Resolve the targets under one read lock: queue, its filters and
         // its dead-letter queue (no copy of the tenant's queue map).
@@ -219,8 +234,14 @@ impl Broker {
             let (mut headers, mut payload) = (msg.headers.clone(), msg.payload.clone());
             let mut outcome = Ok(true);
             for fname in filters {
-                let Some(f) = self.inner.plugins.get(&t.name, fname) else {
-                    continue;
+                // A configured filter that is not running fails closed: the
+                // message is dead-lettered, never stored unfiltered.
+                let f = match self.running(t, fname) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        outcome = Err(format!("filter {fname} is not running: {e}"));
+                        break;
+                    }
                 };
                 let wit = wit.get_or_insert_with(wit_message);
                 wit.headers = headers.clone();
@@ -236,6 +257,13 @@ impl Broker {
                         break;
                     }
                     Ok(FilterVerdict::Replace(r)) => {
+                        // What a filter returns is stored and delivered:
+                        // it meets the same limits as a publish.
+                        if let Err(e) = check_storable(&r.headers, &r.payload, max) {
+                            outcome =
+                                Err(format!("filter {fname} failed (output): it returned {e}"));
+                            break;
+                        }
                         headers = r.headers;
                         payload = r.payload;
                     }
@@ -260,7 +288,7 @@ impl Broker {
                     payload,
                     publisher: who.client.clone(),
                     timestamp_ms: now,
-                    expires_at_ms: q.options.ttl_ms.map(|ttl| now + ttl).unwrap_or(0),
+                    expires_at_ms: expiry(now, q.options.ttl_ms),
                 })
             };
             match outcome {
@@ -269,8 +297,7 @@ impl Broker {
                 Err(reason) => match dlq {
                     Some(dlq) => {
                         let mut headers = msg.headers.clone();
-                        headers.push(("x-death-reason".into(), reason));
-                        headers.push(("x-death-queue".into(), q.name.clone()));
+                        with_death_headers(&mut headers, &reason, &q.name);
                         q.counters
                             .dead_lettered
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -279,7 +306,7 @@ impl Broker {
                             .push((dlq.clone(), stored(headers, msg.payload.clone(), dlq)));
                     }
                     None => {
-                        tracing::warn!(tenant = %t.name, queue = %name, %reason, "filter failed and the queue has no dead-letter queue: message dropped");
+                        t.log_limited(|| tracing::warn!(tenant = %t.name, queue = %name, %reason, "filter failed and the queue has no dead-letter queue: message dropped"));
                         q.counters
                             .dropped
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

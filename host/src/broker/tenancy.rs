@@ -93,6 +93,10 @@ pub struct TenantUsage {
     pub bytes: u64,
     /// Requests refused per quota since start, in [`Quota::ALL`] order.
     pub refused: [u64; 5],
+    /// Plugins configured but not running.
+    pub plugins_not_running: u64,
+    /// Log lines this tenant's actions caused that the log limit suppressed.
+    pub log_lines_suppressed: u64,
 }
 
 /// A tenant as listed.
@@ -133,6 +137,14 @@ impl Default for Bucket {
 }
 
 impl Bucket {
+    /// A bucket holding a full second of `rate`.
+    pub fn full(rate: u32) -> Self {
+        Self {
+            tokens: f64::from(rate),
+            last: Instant::now(),
+        }
+    }
+
     /// Take `n` tokens at `rate` per second (capacity one second of rate).
     pub fn take(&mut self, rate: u32, n: u32) -> bool {
         let now = Instant::now();
@@ -204,6 +216,12 @@ impl Broker {
         } else {
             self.registered(&tenant_name)?
         };
+        let max = self.inner.config.max_connections;
+        if self.inner.connections.load(Relaxed) >= max {
+            return Err(BrokerError::Limit(format!(
+                "the broker has {max} connections (max_connections)"
+            )));
+        }
         let limits = tenant.limits();
         let n = tenant.connections.fetch_add(1, Relaxed) + 1;
         if !who.admin && limits.max_connections.is_some_and(|max| n > u64::from(max)) {
@@ -260,7 +278,7 @@ impl Broker {
                 limits: limits.clone(),
             }),
         )?;
-        self.inner.store.sync()?;
+        self.inner.store.sync_meta()?;
         *t.limits.write().unwrap_or_else(|p| p.into_inner()) = limits;
         t.registered.store(true, Relaxed);
         Ok(())
@@ -317,6 +335,8 @@ impl Broker {
                 queues: t.read().queues.len() as u64,
                 bytes: t.stored_bytes(),
                 refused: Quota::ALL.map(|q| t.refusals[q as usize].load(Relaxed)),
+                plugins_not_running: t.read().not_running.len() as u64,
+                log_lines_suppressed: t.logs_suppressed.load(Relaxed),
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -362,7 +382,7 @@ impl Broker {
             self.unload_plugin(who, name, &p.id().name)?;
         }
         self.inner.store.delete_meta(&format!("tenant/{name}"))?;
-        self.inner.store.sync()?;
+        self.inner.store.sync_meta()?;
         t.registered.store(false, Relaxed);
         self.inner
             .tenants

@@ -26,9 +26,41 @@ pub(crate) struct Tenant {
     /// Plugin work of this tenant runs with at most this many permits, so
     /// one tenant's slow plugins cannot occupy every worker.
     pub plugin_slots: Arc<tokio::sync::Semaphore>,
-    /// Authorizer decisions: (client, action, resource) → allowed or the
-    /// deny reason. Cleared whenever the authorizer changes.
-    pub auth_cache: Mutex<HashMap<String, Result<(), String>>>,
+    /// Control requests (declare, bind, plugin load, ...) of this tenant
+    /// running at once on blocking threads.
+    pub control_slots: Arc<tokio::sync::Semaphore>,
+    /// Authorizer decisions: (principal, action, resource) → allowed or the
+    /// deny reason, for the authorizer of one generation.
+    pub auth_cache: Mutex<AuthCache>,
+    /// Log lines this tenant's actions may cause per second (the rest are
+    /// counted in `logs_suppressed`), so no tenant floods the broker's log.
+    logs: Mutex<Bucket>,
+    /// Log lines suppressed by the limit.
+    pub logs_suppressed: AtomicU64,
+}
+
+/// Log lines per second (and burst) one tenant's actions may cause.
+pub(crate) const LOG_LINES_PER_SEC: u32 = 50;
+
+/// Cached authorizer decisions. The generation changes whenever the
+/// tenant's authorizer does; a decision computed under an older generation
+/// is never stored, so a hot swap cannot leave a stale decision behind.
+#[derive(Default)]
+pub(crate) struct AuthCache {
+    pub generation: u64,
+    pub decisions: HashMap<String, Result<(), String>>,
+}
+
+/// A plugin that is configured (stored) but not running: it failed to
+/// load at start. It keeps its role, failing closed, until an
+/// administrator reloads or unloads it.
+#[derive(Debug, Clone)]
+pub(crate) struct NotRunning {
+    pub kind: PluginKind,
+    pub queue: Option<String>,
+    /// SHA-256 (hex) of the stored component.
+    pub digest: String,
+    pub reason: String,
 }
 
 /// Everything a tenant owns, behind one lock.
@@ -42,10 +74,12 @@ pub(crate) struct TenantState {
     pub authorizer: Option<String>,
     /// Filter plugins per queue, in load order.
     pub filters: HashMap<String, Vec<String>>,
+    /// Plugins configured but not running, by name.
+    pub not_running: HashMap<String, NotRunning>,
 }
 
 impl Tenant {
-    pub fn new(name: &str, plugin_slots: usize) -> Self {
+    pub fn new(name: &str, plugin_slots: usize, control_slots: usize) -> Self {
         Self {
             name: name.to_string(),
             state: RwLock::new(TenantState::default()),
@@ -55,7 +89,26 @@ impl Tenant {
             bucket: Mutex::new(Bucket::default()),
             refusals: Default::default(),
             plugin_slots: Arc::new(tokio::sync::Semaphore::new(plugin_slots.max(1))),
-            auth_cache: Mutex::new(HashMap::new()),
+            control_slots: Arc::new(tokio::sync::Semaphore::new(control_slots.max(1))),
+            auth_cache: Mutex::new(AuthCache::default()),
+            logs: Mutex::new(Bucket::full(LOG_LINES_PER_SEC)),
+            logs_suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Run `log` (a tracing call) unless this tenant already caused
+    /// [`LOG_LINES_PER_SEC`] log lines in the last second.
+    pub fn log_limited(&self, log: impl FnOnce()) {
+        let ok = self
+            .logs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(LOG_LINES_PER_SEC, 1);
+        if ok {
+            log();
+        } else {
+            self.logs_suppressed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -78,12 +131,12 @@ impl Tenant {
         queues.iter().map(|q| q.lock().bytes).sum()
     }
 
-    /// Forget cached authorizer decisions.
+    /// Forget cached authorizer decisions and start a new generation
+    /// (after the authorizer changed).
     pub fn clear_auth_cache(&self) {
-        self.auth_cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        let mut cache = self.auth_cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.generation += 1;
+        cache.decisions.clear();
     }
 
     pub fn read(&self) -> RwLockReadGuard<'_, TenantState> {
@@ -114,6 +167,7 @@ impl TenantState {
 
     /// Detach plugin `name` from whatever role it had.
     pub fn detach(&mut self, name: &str, kind: PluginKind) {
+        self.not_running.remove(name);
         match kind {
             PluginKind::Router if self.router.as_deref() == Some(name) => self.router = None,
             PluginKind::Authorizer if self.authorizer.as_deref() == Some(name) => {

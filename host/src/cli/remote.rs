@@ -413,17 +413,26 @@ async fn print_stats(client: &Client, json: bool) -> anyhow::Result<()> {
             println!(
                 "{}",
                 serde_json::json!({"tenant": s.tenant, "queues": s.queues, "ready": s.ready, "unacked": s.unacked,
-                    "bytes": s.bytes, "published": s.published, "delivered": s.delivered, "plugins": s.plugins})
+                    "bytes": s.bytes, "published": s.published, "delivered": s.delivered, "plugins": s.plugins,
+                    "plugins_not_running": s.plugins_not_running})
             );
         }
     } else {
         println!(
-            "{:<16} {:>7} {:>9} {:>8} {:>10} {:>10} {:>10} {:>7}",
-            "tenant", "queues", "ready", "unacked", "bytes", "published", "delivered", "plugins"
+            "{:<16} {:>7} {:>9} {:>8} {:>10} {:>10} {:>10} {:>7} {:>11}",
+            "tenant",
+            "queues",
+            "ready",
+            "unacked",
+            "bytes",
+            "published",
+            "delivered",
+            "plugins",
+            "not-running"
         );
         for s in stats {
             println!(
-                "{:<16} {:>7} {:>9} {:>8} {:>10} {:>10} {:>10} {:>7}",
+                "{:<16} {:>7} {:>9} {:>8} {:>10} {:>10} {:>10} {:>7} {:>11}",
                 s.tenant,
                 s.queues,
                 s.ready,
@@ -431,7 +440,8 @@ async fn print_stats(client: &Client, json: bool) -> anyhow::Result<()> {
                 s.bytes,
                 s.published,
                 s.delivered,
-                s.plugins
+                s.plugins,
+                s.plugins_not_running
             );
         }
     }

@@ -88,21 +88,13 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .or(file.certs.clone())
         .unwrap_or_else(|| data.join("certs"));
     let mut config = BrokerConfig::new(&data);
-    if let Some(m) = file.max_message_bytes {
-        config.max_message_bytes = m;
-    }
-    if let Some(ms) = file.plugin_deadline_ms {
-        config.sandbox.call_deadline = std::time::Duration::from_millis(ms);
-    }
-    if let Some(mib) = file.plugin_memory_mib {
-        config.sandbox.memory_limit = mib << 20;
-    }
-    if let Some(strict) = file.strict_tenants {
-        config.strict_tenants = strict;
-    }
-    if let Some(n) = file.plugin_concurrency_per_tenant {
-        config.plugin_concurrency_per_tenant = n;
-    }
+    file.apply(&mut config).with_context(|| {
+        args.config
+            .as_deref()
+            .unwrap_or(Path::new("config"))
+            .display()
+            .to_string()
+    })?;
     for t in &file.tenants {
         crate::broker::check_tenant(&t.name).with_context(|| {
             format!(

@@ -56,6 +56,7 @@ pub use registry::PluginRegistry;
 pub use runtime::{PluginRuntime, PluginSpec, RuntimeError};
 pub use sandbox::{OutputLimits, SandboxConfig};
 pub use store::PluginId;
+pub(crate) use store::truncate;
 
 use std::fmt;
 use std::str::FromStr;

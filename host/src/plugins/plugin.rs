@@ -47,6 +47,12 @@ pub enum PluginState {
         /// The last failure.
         reason: String,
     },
+    /// Configured but not running: it could not be loaded at start. It
+    /// keeps its role and fails closed until it is reloaded or unloaded.
+    NotRunning {
+        /// Why it could not be loaded.
+        reason: String,
+    },
 }
 
 /// A loaded plugin. Calls are synchronous and may run on many threads at

@@ -16,7 +16,28 @@ use super::{StoreError, key, manifest};
 struct Request {
     items: Vec<NewChunk>,
     durable: bool,
-    reply: oneshot::Sender<Result<(), StoreError>>,
+    /// Also record the commit in the manifest now (explicit syncs).
+    manifest: bool,
+    reply: Reply,
+}
+
+/// How a waiter is answered.
+enum Reply {
+    Async(oneshot::Sender<Result<(), StoreError>>),
+    Blocking(std::sync::mpsc::SyncSender<Result<(), StoreError>>),
+}
+
+impl Reply {
+    fn send(self, result: Result<(), StoreError>) {
+        match self {
+            Reply::Async(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Blocking(tx) => {
+                let _ = tx.send(result);
+            }
+        }
+    }
 }
 
 /// Resolves when an append is committed (durable appends: fsynced).
@@ -84,20 +105,36 @@ impl Committer {
 
     pub(crate) fn submit(&self, items: Vec<NewChunk>, durable: bool) -> Commit {
         let (reply, rx) = oneshot::channel();
-        let sent = match &self.tx {
+        if self.send(items, durable, false, Reply::Async(reply)) {
+            Commit(CommitInner::Waiting(rx))
+        } else {
+            Commit(CommitInner::Failed(Some(StoreError::Closed)))
+        }
+    }
+
+    /// A durable commit of nothing, waited for on this thread (any thread,
+    /// async or not): everything written before it becomes durable with the
+    /// next group commit, sharing its fsync with whatever else commits.
+    /// With `manifest`, the commit is also recorded in the manifest.
+    pub(crate) fn sync_blocking(&self, manifest: bool) -> Result<(), StoreError> {
+        let (reply, rx) = std::sync::mpsc::sync_channel(1);
+        if !self.send(Vec::new(), true, manifest, Reply::Blocking(reply)) {
+            return Err(StoreError::Closed);
+        }
+        rx.recv().unwrap_or(Err(StoreError::Closed))
+    }
+
+    fn send(&self, items: Vec<NewChunk>, durable: bool, manifest: bool, reply: Reply) -> bool {
+        match &self.tx {
             Some(tx) => tx
                 .send(Request {
                     items,
                     durable,
+                    manifest,
                     reply,
                 })
                 .is_ok(),
             None => false,
-        };
-        if sent {
-            Commit(CommitInner::Waiting(rx))
-        } else {
-            Commit(CommitInner::Failed(Some(StoreError::Closed)))
         }
     }
 }
@@ -113,6 +150,8 @@ pub(crate) struct CommitLog {
     /// The last commit failed: re-read the stored number before the next.
     pub failed: bool,
     pub manifest_at: std::time::Instant,
+    /// sled blob files already fsynced.
+    pub synced_blobs: std::collections::HashMap<std::ffi::OsString, u64>,
 }
 
 fn run(rx: mpsc::Receiver<Request>, mut log: CommitLog, max_batch: usize) {
@@ -131,7 +170,7 @@ fn run(rx: mpsc::Receiver<Request>, mut log: CommitLog, max_batch: usize) {
         }
         let result = commit(&mut log, &waiting);
         for r in waiting.drain(..) {
-            let _ = r.reply.send(result.clone());
+            r.reply.send(result.clone());
         }
     }
 }
@@ -142,6 +181,7 @@ fn messages(r: &Request) -> usize {
 
 fn commit(log: &mut CommitLog, requests: &[Request]) -> Result<(), StoreError> {
     let durable = requests.iter().any(|r| r.durable);
+    let manifest = requests.iter().any(|r| r.manifest);
     let sled = log.sled.clone();
     sled.with(|s| {
         // After a failure (and a reopen) the stored number may be ahead.
@@ -160,7 +200,7 @@ fn commit(log: &mut CommitLog, requests: &[Request]) -> Result<(), StoreError> {
             batch.insert(&manifest::COMMIT_KEY, &(log.commit + 1).to_be_bytes());
         }
         s.messages.apply_batch(batch).map_err(StoreError::sled)?;
-        if let Err(e) = sync(log, s, durable) {
+        if let Err(e) = sync(log, s, durable, manifest) {
             // Not confirmed: take the chunks back out (best effort) so a
             // refused publish does not come back after a restart.
             let mut undo = sled::Batch::default();
@@ -183,19 +223,73 @@ fn commit(log: &mut CommitLog, requests: &[Request]) -> Result<(), StoreError> {
 
 /// Make a durable commit stick: sled flush, fdatasync of its data file,
 /// and now and then the manifest.
-fn sync(log: &mut CommitLog, s: &Sled, durable: bool) -> Result<(), StoreError> {
+fn sync(log: &mut CommitLog, s: &Sled, durable: bool, manifest: bool) -> Result<(), StoreError> {
     if !durable {
         return Ok(());
     }
     s.db.flush().map_err(StoreError::sled)?;
+    sync_blob_files(&log.dir, &mut log.synced_blobs)?;
     s.data_file.sync_data().map_err(|e| StoreError::Io {
         path: "db".into(),
         message: e.to_string(),
     })?;
     log.commit += 1;
-    if log.manifest_at.elapsed() >= std::time::Duration::from_millis(100) {
+    if manifest || log.manifest_at.elapsed() >= std::time::Duration::from_millis(100) {
         manifest::write(&log.dir, log.commit)?;
         log.manifest_at = std::time::Instant::now();
     }
+    Ok(())
+}
+
+/// fsync every sled blob file not fsynced yet (or grown since), and the
+/// blobs directory.
+///
+/// sled 0.34 writes a page larger than a quarter of a segment (a large
+/// value, or a leaf node holding several: leaves split by entry count, not
+/// size) to its own file under `<dir>/blobs` and never fsyncs it, while the
+/// log record pointing at it is made durable by our fdatasync. A blob a
+/// commit needs is complete once `flush()` returned; syncing it (and the
+/// directory entry) before the log makes the commit durable. A file seen
+/// while another thread still writes it is synced again when its length
+/// changed.
+pub(crate) fn sync_blob_files(
+    dir: &std::path::Path,
+    synced: &mut std::collections::HashMap<std::ffi::OsString, u64>,
+) -> Result<(), StoreError> {
+    let blobs = dir.join("blobs");
+    let entries = match std::fs::read_dir(&blobs) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StoreError::io(&blobs, e)),
+    };
+    let mut present = std::collections::HashMap::new();
+    let mut new = false;
+    for entry in entries {
+        let entry = entry.map_err(|e| StoreError::io(&blobs, e))?;
+        let name = entry.file_name();
+        let path = entry.path();
+        let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+        // Removed by sled's blob GC meanwhile: nothing to sync.
+        let len = match entry.metadata() {
+            Ok(m) => m.len(),
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(StoreError::io(&path, e)),
+        };
+        if synced.get(&name) != Some(&len) {
+            match std::fs::File::open(&path).and_then(|f| f.sync_all()) {
+                Ok(()) => new = true,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(StoreError::io(&path, e)),
+            }
+        }
+        present.insert(name, len);
+    }
+    if new {
+        std::fs::File::open(&blobs)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StoreError::io(&blobs, e))?;
+    }
+    // Forget files sled has removed.
+    *synced = present;
     Ok(())
 }

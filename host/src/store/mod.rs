@@ -177,6 +177,7 @@ impl Store {
                 commit,
                 failed: false,
                 manifest_at: std::time::Instant::now(),
+                synced_blobs: Default::default(),
             },
             config.max_batch.max(1),
         )
@@ -291,8 +292,15 @@ pub trait MessageStore: Send + Sync {
     fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Delete a large value.
     fn delete_blob(&self, key: &str) -> Result<(), StoreError>;
-    /// Make everything written so far durable.
+    /// Make everything written so far durable, and record it in the
+    /// manifest (shutdown, start).
     fn sync(&self) -> Result<(), StoreError>;
+    /// Make metadata written so far durable (a declare, a bind, a plugin
+    /// load), sharing the fsync of the next group commit: a flood of
+    /// metadata changes costs one fsync per commit, not one each.
+    fn sync_meta(&self) -> Result<(), StoreError> {
+        self.sync()
+    }
 }
 
 impl MessageStore for Store {
@@ -466,7 +474,9 @@ impl MessageStore for Store {
         })
     }
 
-    /// Store a large value (a plugin component).
+    /// Store a large value (a plugin component). Durable after a sync
+    /// (values too large for sled's log go to its blob files, which the
+    /// committer fsyncs, see [`commit`]).
     fn put_blob(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.sled.with(|s| {
             s.blobs
@@ -492,16 +502,15 @@ impl MessageStore for Store {
             .with(|s| s.blobs.remove(key).map(|_| ()).map_err(StoreError::sled))
     }
 
-    /// Make everything written so far durable (flush + fdatasync).
+    /// Make everything written so far durable (a group commit: flush +
+    /// fdatasync) and record it in the manifest.
     fn sync(&self) -> Result<(), StoreError> {
-        let stored = self.sled.with(|s| {
-            s.db.flush().map_err(StoreError::sled)?;
-            s.data_file
-                .sync_data()
-                .map_err(|e| StoreError::io(&self.dir.join("db"), e))?;
-            manifest::stored(&s.messages)
-        })?;
-        manifest::write(&self.dir, stored)
+        self.committer.sync_blocking(true)
+    }
+
+    /// Make metadata durable with the next group commit.
+    fn sync_meta(&self) -> Result<(), StoreError> {
+        self.committer.sync_blocking(false)
     }
 }
 

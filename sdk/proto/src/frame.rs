@@ -265,6 +265,9 @@ pub struct TenantUsage {
     pub delivered: u64,
     /// Plugins.
     pub plugins: u64,
+    /// Plugins configured but not running (they fail closed: an authorizer
+    /// denies, a router refuses, a filter dead-letters).
+    pub plugins_not_running: u64,
 }
 
 /// One delivered message.
