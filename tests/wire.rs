@@ -4,123 +4,14 @@
 //! reading its deliveries. The broker answers with error codes, holds a
 //! bounded amount for each, and a well-behaved client is served throughout.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sluice_client::{ErrorCode, QueueSpec};
 use sluice_proto::{self as proto, Frame, Request};
 use sluice_tests::Harness;
+use sluice_tests::raw::{connect, flood, hello, raw, read_frames, stalls};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// A raw connection with its control stream, after hello/welcome.
-struct Raw {
-    _endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-}
-
-/// Connect as `acme` with a control-stream receive window of `window` bytes
-/// (the client's own choice: how many answers it lets the broker send
-/// before it reads them), and say hello.
-async fn raw(h: &Harness, window: u32) -> Raw {
-    let mut r = connect(h, window).await;
-    r.send.write_all(&hello()).await.unwrap();
-    let welcome = read_frames(&mut r.recv, 1).await;
-    assert!(matches!(welcome[0], Frame::Welcome { .. }), "{welcome:?}");
-    r
-}
-
-/// Connect as `acme` and open the control stream, sending nothing yet.
-async fn connect(h: &Harness, window: u32) -> Raw {
-    let identity = sluice_client::Identity::load(&h.certs.join("acme")).unwrap();
-    let mut config = identity.quinn_config().unwrap();
-    let mut transport = quinn::TransportConfig::default();
-    transport.stream_receive_window(window.into());
-    transport.receive_window(window.into());
-    transport.max_concurrent_uni_streams(proto::MAX_SUBSCRIPTIONS.into());
-    config.transport_config(Arc::new(transport));
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(config);
-    let conn = endpoint
-        .connect(h.addr, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
-    let (send, recv) = conn.open_bi().await.unwrap();
-    Raw {
-        _endpoint: endpoint,
-        conn,
-        send,
-        recv,
-    }
-}
-
-/// Read until `n` frames arrived (or the stream ends / WAIT passes).
-async fn read_frames(recv: &mut quinn::RecvStream, n: usize) -> Vec<Frame> {
-    let mut decoder = proto::Decoder::new(proto::Limits::default());
-    let mut frames = Vec::new();
-    let mut buf = [0u8; 4096];
-    let _ = tokio::time::timeout(WAIT, async {
-        while frames.len() < n {
-            while let Ok(Some(f)) = decoder.next_frame() {
-                frames.push(f);
-            }
-            if frames.len() >= n {
-                break;
-            }
-            match recv.read(&mut buf).await {
-                Ok(Some(k)) => decoder.push(&buf[..k]),
-                _ => break,
-            }
-        }
-    })
-    .await;
-    frames
-}
-
-/// Write `frame` forever from a task; returns the bytes written so far.
-fn flood(
-    mut send: quinn::SendStream,
-    frame: impl Fn(u64) -> Frame + Send + 'static,
-) -> Arc<AtomicU64> {
-    let written = Arc::new(AtomicU64::new(0));
-    let counter = written.clone();
-    tokio::spawn(async move {
-        let mut buf = Vec::with_capacity(256 << 10);
-        for i in 0u64.. {
-            buf.clear();
-            for j in 0..64 {
-                proto::encode(&frame(i * 64 + j), &mut buf);
-            }
-            if send.write_all(&buf).await.is_err() {
-                return;
-            }
-            counter.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        }
-    });
-    written
-}
-
-/// Wait until `written` stops growing for a second; its final value.
-async fn stalls(written: &AtomicU64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = written.load(Ordering::Relaxed);
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = written.load(Ordering::Relaxed);
-        if now == last && now > 0 {
-            return now;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the flood was never flow-controlled: {now} bytes written"
-        );
-        last = now;
-    }
-}
 
 /// A well-behaved client publishes and consumes `n` messages on its own queue.
 async fn served(h: &Harness, queue: &str, n: usize) {
@@ -206,14 +97,6 @@ async fn out_of_order_and_unknown_frames_get_error_codes() {
         assert!(!error.message.is_empty(), "{what}");
     }
     served(&h, "fine", 10).await;
-}
-
-fn hello() -> Vec<u8> {
-    proto::encode_frame(&Frame::Hello {
-        min_version: 1,
-        max_version: 1,
-        agent: "raw".into(),
-    })
 }
 
 /// A producer that publishes as fast as it can and never reads a confirm:

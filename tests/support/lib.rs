@@ -1,5 +1,7 @@
 //! Shared helpers for the end-to-end tests in `tests/`.
 
+pub mod raw;
+
 use std::time::Duration;
 
 use sluice::plugins::{Message, Plugin, PluginKind, PluginRuntime, PluginSpec, SandboxConfig};

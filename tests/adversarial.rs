@@ -1,0 +1,692 @@
+//! The adversarial-tenant suite: tenant A (`acme`) tries the abuses of the
+//! security table (docs/security.md) against a real broker over real QUIC,
+//! while tenant B (`globex`) publishes and consumes at a fixed rate the
+//! whole time. Every abuse is refused with its error code or bounded; B
+//! loses nothing; the process stays under a stated memory bound. B's
+//! latency per phase is printed (the figures in BENCHMARKS.md), never
+//! asserted: a timed assertion would depend on the machine.
+//!
+//! Focused tests below the suite cover what needs a restart or a special
+//! broker configuration.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sluice_client::{ErrorCode, QueueSpec};
+use sluice_proto::{self as proto, Frame, Request, Response};
+use sluice_tests::Harness;
+use sluice_tests::raw::{Raw, flood, raw, read_frames, stalls};
+
+const WAIT: Duration = Duration::from_secs(20);
+/// B's steady rate, messages per second.
+const B_RATE: u64 = 200;
+/// Bound on the test process's resident memory growth over the suite
+/// (broker and clients run in this process, so it bounds the broker too).
+const RSS_GROWTH_MIB: u64 = 512;
+
+/// Resident memory of this process, MiB.
+fn rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib / 1024)
+        .unwrap_or(0)
+}
+
+/// The code of a refused request.
+fn code<T>(r: Result<T, sluice_client::ClientError>) -> ErrorCode {
+    match r {
+        Err(e) => e
+            .code()
+            .unwrap_or_else(|| panic!("expected a refusal with a code, got {e}")),
+        Ok(_) => panic!("expected a refusal, the request succeeded"),
+    }
+}
+
+/// Tenant B's steady traffic: a publisher at [`B_RATE`] and a consumer
+/// that acks everything, with the publish→deliver latency of each message.
+struct Steady {
+    stop: Arc<AtomicBool>,
+    publisher: tokio::task::JoinHandle<(BTreeSet<u64>, u64)>,
+    received: Arc<Mutex<Vec<(u64, Instant, f64)>>>,
+    consumer: tokio::task::JoinHandle<()>,
+}
+
+impl Steady {
+    async fn start(h: &Harness) -> Steady {
+        let b = h.client("globex").await;
+        b.declare(QueueSpec::new("steady")).await.unwrap();
+        b.bind("steady", "steady").await.unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let epoch = Instant::now();
+        let mut sub = b.subscribe("steady", 64).await.unwrap();
+        let consumer = {
+            let received = received.clone();
+            tokio::spawn(async move {
+                while let Some(d) = sub.next().await {
+                    let seq = u64::from_be_bytes(d.payload[..8].try_into().unwrap());
+                    let sent = u64::from_be_bytes(d.payload[8..16].try_into().unwrap());
+                    let now = epoch.elapsed().as_nanos() as u64;
+                    let ms = now.saturating_sub(sent) as f64 / 1e6;
+                    received.lock().unwrap().push((seq, Instant::now(), ms));
+                    sub.ack(d.tag);
+                }
+            })
+        };
+        let publisher = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut confirmed = BTreeSet::new();
+                let mut refused = 0;
+                let mut pending = Vec::new();
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep_until(
+                        (epoch + Duration::from_micros(seq * 1_000_000 / B_RATE)).into(),
+                    )
+                    .await;
+                    let sent = epoch.elapsed().as_nanos() as u64;
+                    let mut payload = seq.to_be_bytes().to_vec();
+                    payload.extend_from_slice(&sent.to_be_bytes());
+                    payload.resize(100, 0);
+                    pending.push((seq, b.publish("steady", vec![], payload)));
+                    seq += 1;
+                    if pending.len() >= 32 {
+                        for (s, f) in pending.drain(..) {
+                            match f.await {
+                                Ok(1) => {
+                                    confirmed.insert(s);
+                                }
+                                _ => refused += 1,
+                            }
+                        }
+                    }
+                }
+                for (s, f) in pending {
+                    match f.await {
+                        Ok(1) => {
+                            confirmed.insert(s);
+                        }
+                        _ => refused += 1,
+                    }
+                }
+                (confirmed, refused)
+            })
+        };
+        Steady {
+            stop,
+            publisher,
+            received,
+            consumer,
+        }
+    }
+
+    /// Stop publishing, wait for every confirmed message, and check that
+    /// B lost nothing and was refused nothing.
+    async fn finish(self) -> Vec<(u64, Instant, f64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let (confirmed, refused) = self.publisher.await.unwrap();
+        assert_eq!(refused, 0, "tenant B had publishes refused");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let got: BTreeSet<u64> = self.received.lock().unwrap().iter().map(|r| r.0).collect();
+            let missing: Vec<&u64> = confirmed.difference(&got).collect();
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tenant B lost {} confirmed messages, e.g. {:?}",
+                missing.len(),
+                &missing[..missing.len().min(5)]
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.consumer.abort();
+        let out = self.received.lock().unwrap().clone();
+        assert!(out.len() >= confirmed.len());
+        out
+    }
+}
+
+/// Phases of the suite: a name and when it started.
+#[derive(Default)]
+struct Phases(Vec<(String, Instant)>);
+
+impl Phases {
+    fn start(&mut self, name: &str) {
+        eprintln!("phase: {name}");
+        self.0.push((name.to_string(), Instant::now()));
+    }
+
+    /// B's latency percentiles per phase.
+    fn report(&self, samples: &[(u64, Instant, f64)]) {
+        println!(
+            "tenant B at {B_RATE} msg/s, publish->deliver latency per phase of tenant A's abuse:"
+        );
+        println!(
+            "{:<28} {:>6} {:>9} {:>9}",
+            "phase", "msgs", "p50 ms", "p99 ms"
+        );
+        for (i, (name, from)) in self.0.iter().enumerate() {
+            let to = self.0.get(i + 1).map(|p| p.1);
+            let mut lat: Vec<f64> = samples
+                .iter()
+                .filter(|s| s.1 >= *from && to.is_none_or(|t| s.1 < t))
+                .map(|s| s.2)
+                .collect();
+            if lat.is_empty() {
+                continue;
+            }
+            lat.sort_by(|a, b| a.total_cmp(b));
+            let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+            println!(
+                "{name:<28} {:>6} {:>9.2} {:>9.2}",
+                lat.len(),
+                q(0.5),
+                q(0.99)
+            );
+        }
+    }
+}
+
+/// The broker settings of the suite: the defaults, with bounds small
+/// enough to reach quickly.
+fn suite_config(c: &mut sluice::broker::BrokerConfig) {
+    c.max_bindings_per_tenant = 300;
+    c.max_fanout = 16;
+    c.max_prefetch_bytes = 1 << 20;
+    c.max_plugins_per_tenant = 8;
+}
+
+/// A raw request on a raw connection; its response.
+async fn raw_request(r: &mut Raw, id: u64, body: Request) -> Frame {
+    r.send
+        .write_all(&proto::encode_frame(&Frame::Request {
+            id,
+            tenant: None,
+            body,
+        }))
+        .await
+        .unwrap();
+    loop {
+        let frames = read_frames(&mut r.recv, 1).await;
+        match frames.into_iter().next() {
+            Some(f @ Frame::Response { .. }) => return f,
+            Some(_) => continue,
+            None => panic!("no response"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_tenant_is_bounded_while_another_is_served() {
+    let h = Harness::start_with(suite_config).await;
+    let rss_start = rss_mib();
+    let steady = Steady::start(&h).await;
+    let mut phases = Phases::default();
+    let a = h.client("acme").await;
+
+    phases.start("alone");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Settle ranges are resolved against what the subscription holds: a
+    // range spanning every tag settles the held ones and costs nothing more.
+    phases.start("huge ack ranges");
+    a.declare(QueueSpec::new("acks")).await.unwrap();
+    a.bind("acks", "acks").await.unwrap();
+    for i in 0..100u32 {
+        a.publish("acks", vec![], i.to_be_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    let mut r = raw(&h, 1 << 20).await;
+    let sub = match raw_request(
+        &mut r,
+        1,
+        Request::Subscribe {
+            queue: "acks".into(),
+            prefetch: 10,
+        },
+    )
+    .await
+    {
+        Frame::Response {
+            body: Ok(Response::Subscribed { sub }),
+            ..
+        } => sub,
+        other => panic!("{other:?}"),
+    };
+    let mut deliveries = r.conn.accept_uni().await.unwrap();
+    let got = read_frames(&mut deliveries, 2).await;
+    assert!(matches!(got[1], Frame::Deliver { .. }), "{got:?}");
+    let every = Frame::Ack {
+        sub,
+        ranges: vec![(0, u64::MAX); 4096],
+    };
+    let mut buf = Vec::new();
+    for _ in 0..64 {
+        proto::encode(&every, &mut buf);
+    }
+    for _ in 0..20 {
+        r.send.write_all(&buf).await.unwrap();
+    }
+    // The connection still answers, and every delivery it held was acked
+    // by the ranges (each ack frees credit for the next ten, which the
+    // following frames ack in turn).
+    assert!(matches!(
+        raw_request(&mut r, 2, Request::ListQueues).await,
+        Frame::Response { body: Ok(_), .. }
+    ));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let q = a.list_queues().await.unwrap();
+        let acks = q.iter().find(|q| q.name == "acks").unwrap();
+        if acks.published == 100 && acks.ready + acks.unacked == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "held deliveries not acked: {acks:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(r);
+
+    // SyncAcks requests without reading the answers: a bounded number
+    // wait for their fsync, then the broker stops reading.
+    phases.start("sync_acks flood");
+    let mut r = raw(&h, 64 << 10).await;
+    let sub = match raw_request(
+        &mut r,
+        1,
+        Request::Subscribe {
+            queue: "acks".into(),
+            prefetch: 1,
+        },
+    )
+    .await
+    {
+        Frame::Response {
+            body: Ok(Response::Subscribed { sub }),
+            ..
+        } => sub,
+        other => panic!("{other:?}"),
+    };
+    let written = flood(r.send, move |i| Frame::Request {
+        id: 10 + i,
+        tenant: None,
+        body: Request::SyncAcks { sub },
+    });
+    let stalled = stalls(&written).await;
+    assert!(
+        stalled < 16 << 20,
+        "SyncAcks flood not bounded: {stalled} bytes"
+    );
+    drop(r.recv);
+
+    // Empty publishes without reading confirms: each counts a fixed
+    // overhead against the connection's publish budget.
+    phases.start("empty publish flood");
+    a.declare(QueueSpec::new("empty").transient())
+        .await
+        .unwrap();
+    a.bind("empty", "empty").await.unwrap();
+    let r = raw(&h, 64 << 10).await;
+    let written = flood(r.send, |i| Frame::Publish {
+        seq: i,
+        tenant: None,
+        topic: "empty".into(),
+        headers: vec![],
+        payload: vec![],
+    });
+    let stalled = stalls(&written).await;
+    // 8 MiB budget / 256 B per publish = 32 768 publishes of ~10 bytes,
+    // plus the client's windows: far below what 8 MiB of 1-byte budget
+    // entries (millions of publishes) would take.
+    assert!(
+        stalled < 8 << 20,
+        "empty publishes not bounded: {stalled} bytes"
+    );
+    drop(r.recv);
+
+    // Prefetch: by count per subscription, by sum per connection, and by
+    // bytes (a subscription holds at most max_prefetch_bytes unacked).
+    phases.start("prefetch bounds");
+    assert_eq!(
+        code(a.subscribe("acks", u32::MAX).await),
+        ErrorCode::LimitExceeded
+    );
+    let mut subs = Vec::new();
+    for _ in 0..6 {
+        subs.push(a.subscribe("acks", 10_000).await.unwrap());
+    }
+    assert_eq!(
+        code(a.subscribe("acks", 10_000).await),
+        ErrorCode::LimitExceeded,
+        "seven subscriptions of 10 000 exceed 65 536 unacked per connection"
+    );
+    drop(subs);
+    a.declare(QueueSpec::new("big")).await.unwrap();
+    a.bind("big", "big").await.unwrap();
+    for i in 0..16u8 {
+        a.publish("big", vec![], vec![i; 256 << 10]).await.unwrap();
+    }
+    let held = a.subscribe("big", 10_000).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let q = a.list_queues().await.unwrap();
+    let big = q.iter().find(|q| q.name == "big").unwrap();
+    // 1 MiB of prefetch bytes: four 256 KiB messages (plus framing).
+    assert!(
+        (1..=4).contains(&big.unacked),
+        "a subscription held {} unacked 256 KiB messages with 1 MiB of prefetch bytes",
+        big.unacked
+    );
+    drop(held);
+
+    // Bindings and fan-out.
+    phases.start("bindings and fan-out");
+    a.declare(QueueSpec::new("fan")).await.unwrap();
+    let mut bound = 0;
+    let refusal = loop {
+        match a.bind("fan", &format!("fan.{bound}")).await {
+            Ok(()) => bound += 1,
+            Err(e) => break e,
+        }
+        assert!(
+            bound <= 300,
+            "more than max_bindings_per_tenant = 300 bindings"
+        );
+    };
+    assert_eq!(refusal.code(), Some(ErrorCode::LimitExceeded), "{refusal}");
+    assert!(bound >= 290, "only {bound} bindings before the limit");
+    for i in 0..17 {
+        a.declare(QueueSpec::new(&format!("f{i}"))).await.unwrap();
+    }
+    for i in 0..17 {
+        a.unbind("fan", &format!("fan.{i}")).await.unwrap();
+        a.bind(&format!("f{i}"), "wide.>").await.unwrap();
+    }
+    assert_eq!(
+        code(a.publish("wide.x", vec![], b"x".to_vec()).await),
+        ErrorCode::LimitExceeded,
+        "17 target queues exceed max_fanout = 16"
+    );
+    for i in 17..bound {
+        a.unbind("fan", &format!("fan.{i}")).await.unwrap();
+    }
+
+    // Messages are checked as they will be stored and delivered: room for
+    // the dead-letter headers is kept, so a rejected message at the limit
+    // is still delivered from its dead-letter queue.
+    phases.start("dead-letter headers");
+    a.declare(QueueSpec::new("dead")).await.unwrap();
+    a.declare(QueueSpec::new("work").dead_letter("dead"))
+        .await
+        .unwrap();
+    a.bind("work", "work").await.unwrap();
+    let headers = |n: usize| -> Vec<(String, String)> {
+        (0..n).map(|i| (format!("h{i}"), "v".into())).collect()
+    };
+    let wire = proto::Limits::default();
+    assert_eq!(
+        code(
+            a.publish("work", headers(wire.max_headers), b"x".to_vec())
+                .await
+        ),
+        ErrorCode::LimitExceeded
+    );
+    a.publish("work", headers(wire.max_headers - 2), b"x".to_vec())
+        .await
+        .unwrap();
+    let mut work = a.subscribe("work", 1).await.unwrap();
+    let d = tokio::time::timeout(WAIT, work.next())
+        .await
+        .unwrap()
+        .unwrap();
+    work.reject(d.tag);
+    let mut dead = a.subscribe("dead", 1).await.unwrap();
+    let d = tokio::time::timeout(WAIT, dead.next())
+        .await
+        .expect("the dead-lettered copy is delivered")
+        .unwrap();
+    assert_eq!(d.headers.len(), wire.max_headers);
+    assert!(
+        d.headers
+            .iter()
+            .any(|(k, v)| k == "x-death-reason" && v == "rejected")
+    );
+    dead.ack(d.tag);
+    drop((work, dead));
+
+    // A TTL near u64::MAX milliseconds saturates instead of wrapping into
+    // the past (which expired every message at once).
+    phases.start("ttl overflow");
+    a.declare(QueueSpec::new("forever").ttl(Duration::from_millis(u64::MAX)))
+        .await
+        .unwrap();
+    a.bind("forever", "forever").await.unwrap();
+    a.publish("forever", vec![], b"kept".to_vec())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut sub = a.subscribe("forever", 1).await.unwrap();
+    let d = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .expect("not expired")
+        .unwrap();
+    assert_eq!(d.payload, b"kept");
+    drop(sub);
+
+    // Control requests that fsync (bind/unbind) in a loop on several
+    // connections run on blocking threads within A's share.
+    phases.start("bind/unbind loop x4");
+    let stop = Instant::now() + Duration::from_secs(3);
+    let mut loops = Vec::new();
+    for c in 0..4 {
+        let a = h.client("acme").await;
+        loops.push(tokio::spawn(async move {
+            let mut n = 0;
+            while Instant::now() < stop {
+                a.bind("acks", &format!("loop.{c}")).await.unwrap();
+                a.unbind("acks", &format!("loop.{c}")).await.unwrap();
+                n += 2;
+            }
+            n
+        }));
+    }
+    let mut binds = 0;
+    for l in loops {
+        binds += l.await.unwrap();
+    }
+    eprintln!("A made {binds} bind/unbind requests");
+
+    phases.start("after");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let samples = steady.finish().await;
+    phases.report(&samples);
+    let growth = rss_mib().saturating_sub(rss_start);
+    println!("process RSS grew by {growth} MiB over the suite (bound {RSS_GROWTH_MIB} MiB)");
+    assert!(growth < RSS_GROWTH_MIB, "RSS grew by {growth} MiB");
+}
+
+/// A tenant at its connection quota is refused with `quota_exceeded`, and
+/// the broker refuses connections beyond `max_connections` altogether.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_bounded_per_tenant_and_per_broker() {
+    let h = Harness::start_with(|c| c.max_connections = 6).await;
+    let admin = h.client("admin").await;
+    admin
+        .create_tenant(
+            "acme",
+            proto::TenantQuota {
+                max_connections: Some(2),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let _a1 = h.client("acme").await;
+    let _a2 = h.client("acme").await;
+    match h.try_client("acme").await {
+        Err(e) => assert!(e.to_string().contains("quota"), "{e}"),
+        Ok(_) => panic!("a third acme connection was admitted"),
+    }
+    // The refused connection counts until the broker closed it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut others = Vec::new();
+    for _ in 0..3 {
+        others.push(h.client("globex").await);
+    }
+    // admin + 2 acme + 3 globex = 6: the broker is full.
+    assert!(
+        h.try_client("globex").await.is_err(),
+        "a connection beyond max_connections was admitted"
+    );
+    drop(others);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = h.client("globex").await;
+    c.declare(QueueSpec::new("ok")).await.unwrap();
+}
+
+/// Dead letters never leave orphans: into a full dead-letter queue they
+/// are dropped and counted, and after a restart nothing reappears in the
+/// source queue (they used to stay in its store, outside every count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_dead_letter_queue_orphans_nothing() {
+    let mut h = Harness::start().await;
+    let a = h.client("acme").await;
+    a.declare(QueueSpec::new("dlq").max_length(2))
+        .await
+        .unwrap();
+    a.declare(QueueSpec::new("src").dead_letter("dlq"))
+        .await
+        .unwrap();
+    a.bind("src", "src").await.unwrap();
+    for i in 0..5u8 {
+        a.publish("src", vec![], vec![i; 100]).await.unwrap();
+    }
+    let mut sub = a.subscribe("src", 5).await.unwrap();
+    for _ in 0..5 {
+        let d = tokio::time::timeout(WAIT, sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        sub.reject(d.tag);
+    }
+    drop(sub);
+    let deadline = Instant::now() + WAIT;
+    let (src, dlq) = loop {
+        let qs = a.list_queues().await.unwrap();
+        let get = |n: &str| qs.iter().find(|q| q.name == n).unwrap().clone();
+        let (src, dlq) = (get("src"), get("dlq"));
+        if dlq.ready == 2 && src.ready + src.unacked == 0 {
+            break (src, dlq);
+        }
+        assert!(Instant::now() < deadline, "{src:?} {dlq:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(src.bytes, 0);
+    assert_eq!(src.dead_lettered, 2, "{src:?}");
+    let stats = a.stats().await.unwrap();
+    assert_eq!(
+        stats[0].bytes, dlq.bytes,
+        "stored bytes = what the queues hold"
+    );
+    drop(a);
+    h.restart().await;
+    let a = h.client("acme").await;
+    let qs = a.list_queues().await.unwrap();
+    let src = qs.iter().find(|q| q.name == "src").unwrap();
+    assert_eq!(
+        src.ready, 0,
+        "rejected messages came back after a restart: {src:?}"
+    );
+    assert_eq!(qs.iter().find(|q| q.name == "dlq").unwrap().ready, 2);
+}
+
+/// A dead-letter queue receives messages without a topic: declaring a
+/// queue that dead-letters into it needs `publish` on that queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letter_target_is_authorized() {
+    let h = Harness::start().await;
+    let a = h.client("acme").await;
+    a.declare(QueueSpec::new("secret")).await.unwrap();
+    a.declare(QueueSpec::new("open")).await.unwrap();
+    a.load_plugin(
+        "acl",
+        "authorizer",
+        None,
+        sluice::bundled::wasm("acl-authorizer").unwrap().to_vec(),
+        vec![
+            ("deny".into(), "* publish queue:secret".into()),
+            ("default".into(), "allow".into()),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        code(
+            a.declare(QueueSpec::new("sneaky").dead_letter("secret"))
+                .await
+        ),
+        ErrorCode::Unauthorized
+    );
+    a.declare(QueueSpec::new("fine").dead_letter("open"))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(a.declare(QueueSpec::new("self").dead_letter("self")).await),
+        ErrorCode::Invalid
+    );
+}
+
+/// A tenant whose authorizer is configured but cannot be loaded at start
+/// is denied (it was allowed everything before), says why, and shows it in
+/// `plugin list` and `stats`; an administrator repairs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorizer_that_is_not_running_fails_closed() {
+    let small = Arc::new(AtomicU64::new(16 << 20));
+    let memory = small.clone();
+    let mut h = Harness::start_with(move |c| {
+        c.sandbox.memory_limit = memory.load(Ordering::Relaxed) as usize;
+    })
+    .await;
+    let a = h.client("acme").await;
+    a.declare(QueueSpec::new("q")).await.unwrap();
+    a.load_plugin(
+        "acl",
+        "authorizer",
+        None,
+        sluice::bundled::wasm("acl-authorizer").unwrap().to_vec(),
+        vec![
+            ("deny".into(), "* purge queue:q".into()),
+            ("default".into(), "allow".into()),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(code(a.purge("q").await), ErrorCode::Unauthorized);
+    drop(a);
+    // Restart with a memory cap the authorizer cannot start under: the
+    // tenant used to run with the default allow-all.
+    small.store(64 << 10, Ordering::Relaxed);
+    h.restart().await;
+    // Even connecting is denied, with the reason.
+    let e = h.try_client("acme").await.err().expect("refused");
+    assert!(e.to_string().contains("not running"), "{e}");
+    let admin = h.client("admin").await.for_tenant(Some("acme".into()));
+    let plugins = admin.list_plugins().await.unwrap();
+    assert!(plugins[0].state.starts_with("not running"), "{plugins:?}");
+    let stats = admin.stats().await.unwrap();
+    assert_eq!(stats[0].plugins_not_running, 1, "{stats:?}");
+    // The repair path: an administrator unloads (or reloads) it.
+    admin.unload_plugin("acl").await.unwrap();
+    let a = h.client("acme").await;
+    a.purge("q").await.unwrap();
+}
