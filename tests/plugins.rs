@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sluice::plugins::{
-    Action, Binding, Decision, FailureKind, FilterVerdict, LoadError, PluginKind, PluginRegistry,
-    PluginSpec, PluginState, Principal, Resource, RouteRequest, SandboxConfig,
+    Abi, Action, Binding, Decision, FailureKind, FilterVerdict, LoadError, PluginKind, PluginRef,
+    PluginRegistry, PluginSpec, PluginState, Principal, Resource, RouteRequest, SandboxConfig,
+    WitPluginKind,
 };
 use sluice_tests::{c_header_filter, load, msg, relaxed, runtime, spec, strings, workspace_root};
 
@@ -269,6 +270,75 @@ fn acl_authorizer_applies_rules_in_order() {
     assert!(matches!(d, Decision::Deny(_)), "{d:?}");
 }
 
+/// The 0.2.0 authorizer sees kind and attachment of a plugin across the
+/// component boundary (`plugin:NAME@QUEUE` rules) and `manage-policy`.
+#[test]
+fn acl_authorizer_sees_plugin_kind_and_queue() {
+    let rt = runtime(relaxed());
+    let acl = load(
+        &rt,
+        "acl-authorizer",
+        PluginKind::Authorizer,
+        &[
+            ("allow", "ci admin plugin:ci.*@ci.>"),
+            ("allow", "lead manage-policy plugin:>"),
+            ("deny", "* * *"),
+        ],
+    );
+    assert_eq!(acl.abi(), Abi::V0_2);
+    let ci = principal("ci");
+    let ask = |who: &Principal, action, kind, queue: Option<&str>| {
+        let on = Resource::Plugin(PluginRef {
+            name: "ci.x".into(),
+            kind,
+            queue: queue.map(Into::into),
+        });
+        acl.authorize(who, action, &on).unwrap()
+    };
+    let filter = WitPluginKind::Filter;
+    assert_eq!(
+        ask(&ci, Action::Admin, filter, Some("ci.jobs")),
+        Decision::Allow
+    );
+    assert!(matches!(
+        ask(&ci, Action::Admin, filter, Some("orders")),
+        Decision::Deny(_)
+    ));
+    assert!(matches!(
+        ask(&ci, Action::ManagePolicy, WitPluginKind::Authorizer, None),
+        Decision::Deny(_)
+    ));
+    assert_eq!(
+        ask(
+            &principal("lead"),
+            Action::ManagePolicy,
+            WitPluginKind::Router,
+            None
+        ),
+        Decision::Allow
+    );
+}
+
+// ---------------------------------------------------------------- sluice:plugin@0.1.0
+
+/// `wit/` holds only the 0.2.0 package (`wit/0.1.0/` is a subdirectory
+/// wit-parser does not read), `wit/0.1.0/` only the 0.1.0 one.
+#[test]
+fn wit_directories_hold_one_version_each() {
+    use wit_bindgen_core::wit_parser::Resolve;
+    let root = workspace_root();
+    for (dir, version) in [("wit", "0.2.0"), ("wit/0.1.0", "0.1.0")] {
+        let mut resolve = Resolve::default();
+        resolve.push_path(root.join(dir)).unwrap();
+        let names: Vec<String> = resolve
+            .packages
+            .iter()
+            .map(|(_, p)| p.name.to_string())
+            .collect();
+        assert_eq!(names, [format!("sluice:plugin@{version}")], "{dir}");
+    }
+}
+
 // ---------------------------------------------------------------- hostile
 
 /// Deadlines long enough that legitimate work (copying a 12 MiB result in an
@@ -485,10 +555,16 @@ fn component_for_another_contract_version_is_refused() {
     let err = rt
         .load(spec("future-abi", PluginKind::Filter, &[]))
         .unwrap_err();
+    assert!(
+        matches!(err, LoadError::WrongVersion { ref found, .. } if found == "0.3.0"),
+        "{err}"
+    );
     let text = err.to_string();
     assert!(
-        text.contains("0.2.0") && text.contains("0.1.0"),
-        "names both versions: {text}"
+        text.contains("sluice:plugin@0.3.0")
+            && text.contains("sluice:plugin@0.2.0")
+            && text.contains("sluice:plugin@0.1.0"),
+        "names the version found and both supported ones: {text}"
     );
 }
 

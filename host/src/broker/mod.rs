@@ -704,28 +704,39 @@ impl Broker {
             wasm,
             config,
         } = load;
-        let (name, queue) = (name.as_str(), queue.as_deref());
+        let name = name.as_str();
         check_name("plugin name", name)?;
-        self.authorize(who, tenant, Action::Admin, &Resource::Plugin(name.into()))?;
-        let queue = match (kind, queue) {
+        match (kind, &queue) {
             (PluginKind::Filter, None) => {
                 return Err(BrokerError::invalid(
                     "plugin",
                     "a filter must be attached to a queue (--queue)",
                 ));
             }
-            (PluginKind::Filter, Some(q)) => {
-                self.queue(tenant, q)?;
-                Some(q.to_string())
-            }
-            (_, Some(_)) => {
+            (PluginKind::Router | PluginKind::Authorizer, Some(_)) => {
                 return Err(BrokerError::invalid(
                     "plugin",
                     format!("a {kind} is tenant-wide; --queue applies to filters only"),
                 ));
             }
-            (_, None) => None,
-        };
+            _ => {}
+        }
+        // The authorizer sees what is loaded and where: `admin` for a filter
+        // on its queue, `manage-policy` for the tenant's router or authorizer.
+        let (action, resource) = kind.management_question(name, queue.clone());
+        self.authorize(who, tenant, action, &resource)?;
+        if let Some(q) = &queue {
+            self.queue(tenant, q)?;
+        }
+        // Loading over a plugin of the same name with another kind or queue
+        // removes that one: it needs the permission to remove it, too.
+        if let Some(old) = self.inner.plugins.get(tenant, name) {
+            let old_queue = self.tenant(tenant).read().filter_queue(name);
+            if (old.kind(), &old_queue) != (kind, &queue) {
+                let (action, resource) = old.kind().management_question(name, old_queue);
+                self.authorize(who, tenant, action, &resource)?;
+            }
+        }
         let key = format!("plugin/{tenant}/{name}");
         let record = PluginRecord {
             kind,
@@ -757,7 +768,17 @@ impl Broker {
         tenant: &str,
         name: &str,
     ) -> Result<(), BrokerError> {
-        self.authorize(who, tenant, Action::Admin, &Resource::Plugin(name.into()))?;
+        // The boundary first: a tenant must not learn another's plugin names.
+        self.check_boundary(who, tenant)?;
+        // The question names what is removed. For an unknown name it is a
+        // filter attached nowhere, which a rule about queues cannot allow by
+        // accident; the answer is `not_found` only if that is allowed.
+        let (kind, queue) = match self.inner.plugins.get(tenant, name) {
+            Some(p) => (p.kind(), self.tenant(tenant).read().filter_queue(name)),
+            None => (PluginKind::Filter, None),
+        };
+        let (action, resource) = kind.management_question(name, queue);
+        self.authorize(who, tenant, action, &resource)?;
         let p = self
             .inner
             .plugins

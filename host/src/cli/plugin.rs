@@ -89,7 +89,7 @@ pub(crate) enum PluginCommand {
         /// For an authorizer: the client asking.
         #[arg(long, default_value = "client")]
         client: String,
-        /// For an authorizer: the action (connect, publish, subscribe, declare, bind, delete, purge, admin).
+        /// For an authorizer: the action (connect, publish, subscribe, declare, bind, delete, purge, admin, manage-policy).
         #[arg(long, default_value = "publish")]
         action: String,
         /// Print one JSON object instead of text.
@@ -290,6 +290,7 @@ fn parse_action(s: &str) -> anyhow::Result<Action> {
         "delete" => Action::Delete,
         "purge" => Action::Purge,
         "admin" => Action::Admin,
+        "manage-policy" => Action::ManagePolicy,
         other => bail!("unknown action `{other}`"),
     })
 }
