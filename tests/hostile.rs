@@ -629,6 +629,11 @@ async fn hostile_components_are_refused_at_load_and_the_broker_keeps_serving() {
                 "implements sluice:plugin@0.2.0 and sluice:plugin@0.1.0",
             ],
         ),
+        (
+            "mixed-abi",
+            &[],
+            &["mixes contract versions", "@0.1.0`", "@0.2.0`"],
+        ),
     ];
     for (component, config, expected) in refusals {
         let e = tokio::time::timeout(
