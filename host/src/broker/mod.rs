@@ -133,6 +133,8 @@ pub struct PluginInfo {
     pub kind: PluginKind,
     /// Queue a filter is attached to.
     pub queue: Option<String>,
+    /// The contract version the component was built against (`0.2.0`, `0.1.0`).
+    pub abi: String,
     /// SHA-256 of the component.
     pub digest: String,
     /// Ready or errored.
@@ -805,6 +807,7 @@ impl Broker {
             name: name.into(),
             kind: p.kind(),
             queue,
+            abi: p.abi().version().into(),
             digest: p.digest().into(),
             state: p.state(),
             metrics: p.metrics(),
