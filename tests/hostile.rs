@@ -617,14 +617,22 @@ async fn hostile_components_are_refused_at_load_and_the_broker_keeps_serving() {
             &[],
             &[
                 "imports `wasi:cli/environment@",
-                "sluice:plugin/host@0.1.0",
+                "`sluice:plugin/host` (versions 0.2.0 and 0.1.0",
                 "no WASI",
             ],
         ),
         (
             "future-abi",
             &[],
-            &["sluice:plugin@0.2.0", "implements sluice:plugin@0.1.0"],
+            &[
+                "sluice:plugin@0.3.0",
+                "implements sluice:plugin@0.2.0 and sluice:plugin@0.1.0",
+            ],
+        ),
+        (
+            "mixed-abi",
+            &[],
+            &["mixes contract versions", "@0.1.0`", "@0.2.0`"],
         ),
     ];
     for (component, config, expected) in refusals {

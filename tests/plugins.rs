@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sluice::plugins::{
-    Action, Binding, Decision, FailureKind, FilterVerdict, LoadError, PluginKind, PluginRegistry,
-    PluginSpec, PluginState, Principal, Resource, RouteRequest, SandboxConfig,
+    Abi, Action, Binding, Decision, FailureKind, FilterVerdict, LoadError, PluginKind, PluginRef,
+    PluginRegistry, PluginSpec, PluginState, Principal, Replacement, Resource, RouteRequest,
+    SandboxConfig, WitPluginKind,
 };
 use sluice_tests::{c_header_filter, load, msg, relaxed, runtime, spec, strings, workspace_root};
 
@@ -269,14 +270,306 @@ fn acl_authorizer_applies_rules_in_order() {
     assert!(matches!(d, Decision::Deny(_)), "{d:?}");
 }
 
+/// The 0.2.0 authorizer sees kind and attachment of a plugin across the
+/// component boundary (`plugin:NAME@QUEUE` rules) and `manage-policy`.
+#[test]
+fn acl_authorizer_sees_plugin_kind_and_queue() {
+    let rt = runtime(relaxed());
+    let acl = load(
+        &rt,
+        "acl-authorizer",
+        PluginKind::Authorizer,
+        &[
+            ("allow", "ci admin plugin:ci.*@ci.>"),
+            ("allow", "lead manage-policy plugin:>"),
+            ("deny", "* * *"),
+        ],
+    );
+    assert_eq!(acl.abi(), Abi::V0_2);
+    let ci = principal("ci");
+    let ask = |who: &Principal, action, kind, queue: Option<&str>| {
+        let on = Resource::Plugin(PluginRef {
+            name: "ci.x".into(),
+            kind,
+            queue: queue.map(Into::into),
+        });
+        acl.authorize(who, action, &on).unwrap()
+    };
+    let filter = WitPluginKind::Filter;
+    assert_eq!(
+        ask(&ci, Action::Admin, filter, Some("ci.jobs")),
+        Decision::Allow
+    );
+    assert!(matches!(
+        ask(&ci, Action::Admin, filter, Some("orders")),
+        Decision::Deny(_)
+    ));
+    assert!(matches!(
+        ask(&ci, Action::ManagePolicy, WitPluginKind::Authorizer, None),
+        Decision::Deny(_)
+    ));
+    assert_eq!(
+        ask(
+            &principal("lead"),
+            Action::ManagePolicy,
+            WitPluginKind::Router,
+            None
+        ),
+        Decision::Allow
+    );
+}
+
+// ---------------------------------------------------------------- sluice:plugin@0.1.0
+
+/// `wit/` holds only the 0.2.0 package (`wit/0.1.0/` is a subdirectory
+/// wit-parser does not read), `wit/0.1.0/` only the 0.1.0 one.
+#[test]
+fn wit_directories_hold_one_version_each() {
+    use wit_bindgen_core::wit_parser::Resolve;
+    let root = workspace_root();
+    for (dir, version) in [("wit", "0.2.0"), ("wit/0.1.0", "0.1.0")] {
+        let mut resolve = Resolve::default();
+        resolve.push_path(root.join(dir)).unwrap();
+        let names: Vec<String> = resolve
+            .packages
+            .iter()
+            .map(|(_, p)| p.name.to_string())
+            .collect();
+        assert_eq!(names, [format!("sluice:plugin@{version}")], "{dir}");
+    }
+}
+
+#[test]
+fn v01_filter_loads_and_filters() {
+    let rt = runtime(relaxed());
+    let filter = load(
+        &rt,
+        "v01-filter",
+        PluginKind::Filter,
+        &[("tag", "seen=v01"), ("fail", "boom")],
+    );
+    assert_eq!(filter.abi(), Abi::V0_1);
+    assert_eq!(filter.abi().version(), "0.1.0");
+    let debug = filter
+        .filter(&msg("t", &[("level", "debug")], b"x"))
+        .unwrap();
+    assert_eq!(
+        debug,
+        FilterVerdict::Drop("v01-filter drops level=debug".into())
+    );
+    let tagged = filter.filter(&msg("t", &[("k", "v")], b"body")).unwrap();
+    assert_eq!(
+        tagged,
+        FilterVerdict::Replace(Replacement {
+            headers: vec![("k".into(), "v".into()), ("seen".into(), "v01".into())],
+            payload: b"body".to_vec(),
+        })
+    );
+    let failed = filter.filter(&msg("t", &[("boom", "")], b"")).unwrap_err();
+    assert_eq!(failed.kind, FailureKind::Guest);
+    assert!(failed.message.contains("header boom"), "{failed}");
+
+    let batch = filter
+        .filter_batch(&[
+            msg("t", &[("level", "debug")], b""),
+            msg("t", &[("boom", "1")], b""),
+            msg("t", &[], b"p"),
+        ])
+        .unwrap();
+    assert!(matches!(batch[0], Ok(FilterVerdict::Drop(_))), "{batch:?}");
+    assert!(batch[1].as_ref().unwrap_err().contains("header boom"));
+    assert!(
+        matches!(batch[2], Ok(FilterVerdict::Replace(_))),
+        "{batch:?}"
+    );
+
+    let plain = load(&rt, "v01-filter", PluginKind::Filter, &[]);
+    assert_eq!(
+        plain.filter(&msg("t", &[], b"")).unwrap(),
+        FilterVerdict::Accept
+    );
+    let m = plain.metrics();
+    assert_eq!((m.traps(), m.instantiations), (0, 1));
+}
+
+#[test]
+fn v01_router_loads_and_routes() {
+    let rt = runtime(relaxed());
+    let router = load(
+        &rt,
+        "v01-router",
+        PluginKind::Router,
+        &[
+            ("add", "audit"),
+            ("reject-if", "x-block"),
+            ("topic-queue", "yes"),
+        ],
+    );
+    assert_eq!(router.abi(), Abi::V0_1);
+    let targets = router
+        .route(&msg("orders.eu", &[], b""), &strings(&["main"]))
+        .unwrap();
+    assert_eq!(targets, strings(&["main", "audit", "orders"]));
+    let refused = router
+        .route(&msg("orders.eu", &[("x-block", "1")], b""), &[])
+        .unwrap_err();
+    assert!(
+        refused.message.contains("rejected by v01-router"),
+        "{refused}"
+    );
+    let batch = router
+        .route_batch(&[
+            RouteRequest {
+                msg: msg("a.b", &[], b""),
+                candidates: strings(&["audit"]),
+            },
+            RouteRequest {
+                msg: msg("a.b", &[("x-block", "")], b""),
+                candidates: vec![],
+            },
+        ])
+        .unwrap();
+    assert_eq!(batch[0], Ok(strings(&["audit", "a"])));
+    assert!(batch[1].as_ref().unwrap_err().contains("v01-router"));
+}
+
+/// A 0.1.0 authorizer answers 0.2.0 questions through the compat mapping:
+/// `manage-policy` on a plugin also needs `admin` on the tenant, `admin` on a
+/// filter also needs `admin` on its queue; the rest maps one to one.
+#[test]
+fn v01_authorizer_is_asked_through_the_compat_mapping() {
+    let rt = runtime(relaxed());
+    let acl = load(
+        &rt,
+        "v01-authorizer",
+        PluginKind::Authorizer,
+        &[
+            ("allow", "* admin plugin:ci.*"),
+            ("allow", "* admin queue:ci.*"),
+            ("deny", "* admin tenant:*"),
+            ("deny", "* purge queue:orders"),
+            ("deny", "* admin *"),
+            ("default", "allow"),
+        ],
+    );
+    assert_eq!(acl.abi(), Abi::V0_1);
+    let ci = principal("ci");
+    let plugin = |name: &str, kind, queue: Option<&str>| {
+        Resource::Plugin(PluginRef {
+            name: name.into(),
+            kind,
+            queue: queue.map(Into::into),
+        })
+    };
+    let decide = |action, on: Resource| acl.authorize(&ci, action, &on).unwrap();
+    let denied_by = |d: Decision, rule: &str| match d {
+        Decision::Deny(reason) => assert!(reason.contains(rule), "{reason} (want {rule})"),
+        Decision::Allow => panic!("allowed, want a deny by {rule}"),
+    };
+
+    // A filter on an allowed queue: both questions allow.
+    assert_eq!(
+        decide(
+            Action::Admin,
+            plugin("ci.f", WitPluginKind::Filter, Some("ci.jobs"))
+        ),
+        Decision::Allow
+    );
+    // The same filter on another queue: `admin queue:orders` denies.
+    denied_by(
+        decide(
+            Action::Admin,
+            plugin("ci.f", WitPluginKind::Filter, Some("orders")),
+        ),
+        "rule 5",
+    );
+    // The tenant's authorizer or router: `admin plugin:ci.x` alone would
+    // allow, `admin tenant:acme` denies.
+    for kind in [WitPluginKind::Authorizer, WitPluginKind::Router] {
+        denied_by(
+            decide(Action::ManagePolicy, plugin("ci.x", kind, None)),
+            "rule 3: deny * admin tenant:*",
+        );
+    }
+    // A name the old rules do not allow is denied on the first question.
+    denied_by(
+        decide(
+            Action::Admin,
+            plugin("other", WitPluginKind::Filter, Some("ci.jobs")),
+        ),
+        "rule 5",
+    );
+    // One to one for everything else.
+    denied_by(
+        decide(Action::Purge, Resource::Queue("orders".into())),
+        "rule 4",
+    );
+    assert_eq!(
+        decide(Action::Purge, Resource::Queue("ci.jobs".into())),
+        Decision::Allow
+    );
+    assert_eq!(
+        decide(Action::Publish, Resource::Topic("orders.eu".into())),
+        Decision::Allow
+    );
+    denied_by(decide(Action::ManagePolicy, Resource::Broker), "rule 5");
+
+    // The tenant asked about is the principal's own.
+    let other_tenant = load(
+        &rt,
+        "v01-authorizer",
+        PluginKind::Authorizer,
+        &[("deny", "* admin tenant:globex"), ("default", "allow")],
+    );
+    let on = plugin("ci.x", WitPluginKind::Authorizer, None);
+    assert_eq!(
+        other_tenant
+            .authorize(&ci, Action::ManagePolicy, &on)
+            .unwrap(),
+        Decision::Allow
+    );
+    let only_acme = load(
+        &rt,
+        "v01-authorizer",
+        PluginKind::Authorizer,
+        &[("deny", "* admin tenant:acme"), ("default", "allow")],
+    );
+    assert!(matches!(
+        only_acme.authorize(&ci, Action::ManagePolicy, &on).unwrap(),
+        Decision::Deny(_)
+    ));
+    assert_eq!(acl.metrics().traps(), 0);
+}
+
+/// Components built with the SDK and the C bindings are 0.2.0 ones.
+#[test]
+fn sdk_components_are_0_2_0() {
+    let rt = runtime(relaxed());
+    for (name, kind) in [
+        ("topic-router", PluginKind::Router),
+        ("header-filter", PluginKind::Filter),
+        ("acl-authorizer", PluginKind::Authorizer),
+    ] {
+        assert_eq!(load(&rt, name, kind, &[]).abi(), Abi::V0_2, "{name}");
+    }
+    let c = rt
+        .load(PluginSpec {
+            wasm: c_header_filter(),
+            ..spec("header-filter", PluginKind::Filter, &[])
+        })
+        .unwrap();
+    assert_eq!(c.abi(), Abi::V0_2);
+}
+
 // ---------------------------------------------------------------- hostile
 
 /// Deadlines long enough that legitimate work (copying a 12 MiB result in an
-/// unoptimized test build takes ~70 ms) never hits them, short enough that
-/// the spinning cases stay quick.
+/// unoptimized test build takes ~70 ms alone, over 250 ms while the other
+/// tests of this binary compile components on a 2-core machine) never hits
+/// them, short enough that the spinning cases stay quick.
 fn hostile_config() -> SandboxConfig {
     SandboxConfig {
-        call_deadline: Duration::from_millis(250),
+        call_deadline: Duration::from_millis(1000),
         init_deadline: Duration::from_millis(200),
         trap_threshold: 100,
         pool_instances: 32,
@@ -485,10 +778,36 @@ fn component_for_another_contract_version_is_refused() {
     let err = rt
         .load(spec("future-abi", PluginKind::Filter, &[]))
         .unwrap_err();
+    assert!(
+        matches!(err, LoadError::WrongVersion { ref found, .. } if found == "0.3.0"),
+        "{err}"
+    );
     let text = err.to_string();
     assert!(
-        text.contains("0.2.0") && text.contains("0.1.0"),
-        "names both versions: {text}"
+        text.contains("sluice:plugin@0.3.0")
+            && text.contains("sluice:plugin@0.2.0")
+            && text.contains("sluice:plugin@0.1.0"),
+        "names the version found and both supported ones: {text}"
+    );
+}
+
+/// A component importing `host@0.1.0` and `…@0.2.0` is neither.
+#[test]
+fn component_mixing_contract_versions_is_refused() {
+    let rt = runtime(relaxed());
+    let err = rt
+        .load(spec("mixed-abi", PluginKind::Filter, &[]))
+        .unwrap_err();
+    let LoadError::MixedVersions { first, second } = &err else {
+        panic!("expected MixedVersions, got {err}")
+    };
+    let mut versions = [first, second].map(|i| i.rsplit('@').next().unwrap().to_string());
+    versions.sort();
+    assert_eq!(versions, ["0.1.0", "0.2.0"], "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("mixes contract versions") && text.contains("0.2.0 or 0.1.0"),
+        "{text}"
     );
 }
 

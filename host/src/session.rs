@@ -708,6 +708,7 @@ impl Session {
                         name: p.name,
                         kind: p.kind.to_string(),
                         queue: p.queue,
+                        abi: p.abi,
                         state: match p.state {
                             PluginState::Ready => "ready".into(),
                             PluginState::Errored { reason } => format!("errored: {reason}"),

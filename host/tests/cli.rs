@@ -212,8 +212,8 @@ fn serve_and_client_commands() {
     let o = run(&["plugin", "list", "--json"]);
     let p: serde_json::Value = serde_json::from_str(stdout(&o).lines().next().unwrap()).unwrap();
     assert_eq!(
-        (p["name"].as_str(), p["calls"].as_u64()),
-        (Some("header-filter"), Some(1))
+        (p["name"].as_str(), p["calls"].as_u64(), p["abi"].as_str()),
+        (Some("header-filter"), Some(1), Some("0.2.0"))
     );
 
     let o = run(&["stats", "--json"]);

@@ -161,6 +161,8 @@ pub struct PluginInfo {
     pub kind: PluginKind,
     /// Queue a filter is attached to.
     pub queue: Option<String>,
+    /// The contract version the component was built against (`0.2.0`, `0.1.0`).
+    pub abi: String,
     /// SHA-256 of the component.
     pub digest: String,
     /// Ready or errored.
@@ -830,30 +832,40 @@ impl Broker {
             wasm,
             config,
         } = load;
-        let (name, queue) = (name.as_str(), queue.as_deref());
+        let name = name.as_str();
         check_name("plugin name", name)?;
-        self.authorize(who, tenant, Action::Admin, &Resource::Plugin(name.into()))?;
-        let queue = match (kind, queue) {
+        match (kind, &queue) {
             (PluginKind::Filter, None) => {
                 return Err(BrokerError::invalid(
                     "plugin",
                     "a filter must be attached to a queue (--queue)",
                 ));
             }
-            (PluginKind::Filter, Some(q)) => {
-                self.queue(tenant, q)?;
-                Some(q.to_string())
-            }
-            (_, Some(_)) => {
+            (PluginKind::Router | PluginKind::Authorizer, Some(_)) => {
                 return Err(BrokerError::invalid(
                     "plugin",
                     format!("a {kind} is tenant-wide; --queue applies to filters only"),
                 ));
             }
-            (_, None) => None,
-        };
-        let replaces = self.inner.plugins.get(tenant, name).is_some()
-            || self.tenant(tenant).read().not_running.contains_key(name);
+            _ => {}
+        }
+        // The authorizer sees what is loaded and where: `admin` for a filter
+        // on its queue, `manage-policy` for the tenant's router or authorizer.
+        let (action, resource) = kind.management_question(name, queue.clone());
+        self.authorize(who, tenant, action, &resource)?;
+        if let Some(q) = &queue {
+            self.queue(tenant, q)?;
+        }
+        // Loading over a plugin of the same name (running or not) with
+        // another kind or queue removes that one: it needs the permission to
+        // remove it, too.
+        if let Some((old_kind, old_queue)) = self.plugin_role(tenant, name)
+            && (old_kind, &old_queue) != (kind, &queue)
+        {
+            let (action, resource) = old_kind.management_question(name, old_queue);
+            self.authorize(who, tenant, action, &resource)?;
+        }
+        let replaces = self.plugin_role(tenant, name).is_some();
         let max = self.inner.config.max_plugins_per_tenant;
         let count = self.plugin_count(tenant);
         if !replaces && count >= max {
@@ -892,6 +904,17 @@ impl Broker {
         self.plugin_info(tenant, name)
     }
 
+    /// The kind and filter queue of plugin `name` of `tenant`, running or
+    /// configured but not running.
+    fn plugin_role(&self, tenant: &str, name: &str) -> Option<(PluginKind, Option<String>)> {
+        let t = self.tenant(tenant);
+        if let Some(p) = self.inner.plugins.get(tenant, name) {
+            return Some((p.kind(), t.read().filter_queue(name)));
+        }
+        let ts = t.read();
+        ts.not_running.get(name).map(|n| (n.kind, n.queue.clone()))
+    }
+
     /// Plugins of `tenant`, running or not.
     fn plugin_count(&self, tenant: &str) -> usize {
         self.inner.plugins.list(Some(tenant)).len() + self.tenant(tenant).read().not_running.len()
@@ -904,7 +927,16 @@ impl Broker {
         tenant: &str,
         name: &str,
     ) -> Result<(), BrokerError> {
-        self.authorize(who, tenant, Action::Admin, &Resource::Plugin(name.into()))?;
+        // The boundary first: a tenant must not learn another's plugin names.
+        self.check_boundary(who, tenant)?;
+        // The question names what is removed. For an unknown name it is a
+        // filter attached nowhere, which a rule about queues cannot allow by
+        // accident; the answer is `not_found` only if that is allowed.
+        let (kind, queue) = self
+            .plugin_role(tenant, name)
+            .unwrap_or((PluginKind::Filter, None));
+        let (action, resource) = kind.management_question(name, queue);
+        self.authorize(who, tenant, action, &resource)?;
         let t = self.tenant(tenant);
         let kind = match self.inner.plugins.remove(tenant, name) {
             Some(p) => p.kind(),
@@ -940,6 +972,8 @@ impl Broker {
                 queue: n.queue,
                 digest: n.digest,
                 state: PluginState::NotRunning { reason: n.reason },
+                // Not known without loading it.
+                abi: "-".into(),
                 metrics: MetricsSnapshot::default(),
             });
         };
@@ -949,6 +983,7 @@ impl Broker {
             name: name.into(),
             kind: p.kind(),
             queue,
+            abi: p.abi().version().into(),
             digest: p.digest().into(),
             state: p.state(),
             metrics: p.metrics(),

@@ -89,7 +89,7 @@ pub(crate) enum PluginCommand {
         /// For an authorizer: the client asking.
         #[arg(long, default_value = "client")]
         client: String,
-        /// For an authorizer: the action (connect, publish, subscribe, declare, bind, delete, purge, admin).
+        /// For an authorizer: the action (connect, publish, subscribe, declare, bind, delete, purge, admin, manage-policy).
         #[arg(long, default_value = "publish")]
         action: String,
         /// Print one JSON object instead of text.
@@ -140,21 +140,22 @@ pub(crate) async fn run(
                 for p in plugins {
                     println!(
                         "{}",
-                        serde_json::json!({"name": p.name, "kind": p.kind, "queue": p.queue, "state": p.state,
+                        serde_json::json!({"name": p.name, "kind": p.kind, "queue": p.queue, "abi": p.abi, "state": p.state,
                             "calls": p.calls, "errors": p.errors, "traps": p.traps, "mean_ns": p.mean_ns})
                     );
                 }
             } else {
                 println!(
-                    "{:<20} {:<10} {:<16} {:>8} {:>7} {:>6} {:>9}  state",
-                    "plugin", "kind", "queue", "calls", "errors", "traps", "mean µs"
+                    "{:<20} {:<10} {:<16} {:<6} {:>8} {:>7} {:>6} {:>9}  state",
+                    "plugin", "kind", "queue", "abi", "calls", "errors", "traps", "mean µs"
                 );
                 for p in plugins {
                     println!(
-                        "{:<20} {:<10} {:<16} {:>8} {:>7} {:>6} {:>9.2}  {}",
+                        "{:<20} {:<10} {:<16} {:<6} {:>8} {:>7} {:>6} {:>9.2}  {}",
                         p.name,
                         p.kind,
                         p.queue.unwrap_or_default(),
+                        p.abi,
                         p.calls,
                         p.errors,
                         p.traps,
@@ -290,6 +291,7 @@ fn parse_action(s: &str) -> anyhow::Result<Action> {
         "delete" => Action::Delete,
         "purge" => Action::Purge,
         "admin" => Action::Admin,
+        "manage-policy" => Action::ManagePolicy,
         other => bail!("unknown action `{other}`"),
     })
 }

@@ -4,7 +4,7 @@
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-use super::bindings::{WIT_PACKAGE, WIT_VERSION};
+use super::bindings::{Abi, WIT_PACKAGE};
 use super::{LoadError, PluginKind};
 
 /// The binary layer of a wasm file: core module or component.
@@ -33,27 +33,46 @@ fn split_interface(name: &str) -> Option<(&str, &str, Option<&str>)> {
     }
 }
 
-/// Check imports and exports of a compiled component for `kind`.
+/// Check imports and exports of a compiled component for `kind`, and tell
+/// which contract version its sluice imports name (`None` when it imports
+/// nothing from `sluice:plugin`: then only the types of its exports tell).
 pub(crate) fn check_contract(
     engine: &Engine,
     component: &Component,
     kind: PluginKind,
-) -> Result<(), LoadError> {
+) -> Result<Option<Abi>, LoadError> {
     let ty = component.component_type();
+    // The first sluice import, with the ABI it names.
+    let mut abi: Option<(Abi, &str)> = None;
     for (name, _) in ty.imports(engine) {
-        match split_interface(name) {
-            Some((WIT_PACKAGE, "host" | "types", Some(WIT_VERSION))) => {}
-            Some((WIT_PACKAGE, _, ver)) => {
-                return Err(LoadError::WrongVersion {
-                    found: ver.unwrap_or("(unversioned)").to_string(),
-                    import: name.to_string(),
-                });
-            }
+        let (iface, ver) = match split_interface(name) {
+            Some((WIT_PACKAGE, iface, ver)) => (iface, ver),
             _ => {
                 return Err(LoadError::ForbiddenImport {
                     import: name.to_string(),
                 });
             }
+        };
+        let Some(found) = ver.and_then(Abi::from_version) else {
+            return Err(LoadError::WrongVersion {
+                found: ver.unwrap_or("(unversioned)").to_string(),
+                import: name.to_string(),
+            });
+        };
+        if !matches!(iface, "host" | "types") {
+            return Err(LoadError::ForbiddenImport {
+                import: name.to_string(),
+            });
+        }
+        match abi {
+            Some((first, first_name)) if first != found => {
+                return Err(LoadError::MixedVersions {
+                    first: first_name.to_string(),
+                    second: name.to_string(),
+                });
+            }
+            Some(_) => {}
+            None => abi = Some((found, name)),
         }
     }
     let exports: Vec<&str> = ty.exports(engine).map(|(n, _)| n).collect();
@@ -74,7 +93,7 @@ pub(crate) fn check_contract(
             exports: exports.join(", "),
         });
     }
-    Ok(())
+    Ok(abi.map(|(a, _)| a))
 }
 
 #[cfg(test)]

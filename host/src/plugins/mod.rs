@@ -4,13 +4,15 @@
 //! # Model
 //!
 //! A plugin is a component targeting one world of `wit/` (package
-//! `sluice:plugin@0.1.0`): [`PluginKind::Router`], [`PluginKind::Filter`] or
+//! `sluice:plugin@0.2.0`, or the older `sluice:plugin@0.1.0` kept in
+//! `wit/0.1.0/`): [`PluginKind::Router`], [`PluginKind::Filter`] or
 //! [`PluginKind::Authorizer`]. A [`PluginRuntime`] owns one wasmtime
 //! [`Engine`](wasmtime::Engine) configured for confinement:
 //!
-//! - **No WASI, nothing ambient.** The linker offers only the `host`
-//!   interface; a component importing anything else is refused at load with
-//!   an error naming the import ([`LoadError::ForbiddenImport`]).
+//! - **No WASI, nothing ambient.** The linker offers only the `host` and
+//!   `types` interfaces of both versions; a component importing anything else
+//!   is refused at load with an error naming the import
+//!   ([`LoadError::ForbiddenImport`]).
 //! - **Deadlines** by epoch interruption: a ticker thread advances the epoch
 //!   every [`SandboxConfig::epoch_tick`] and every call gets
 //!   [`SandboxConfig::call_deadline`].
@@ -25,6 +27,13 @@
 //! instance is discarded and the next call builds a fresh one (running `init`
 //! again). After [`SandboxConfig::trap_threshold`] consecutive traps the
 //! plugin is marked errored and refuses calls until it is reloaded.
+//!
+//! **Versions.** A component's sluice imports must all name 0.2.0 or all
+//! name 0.1.0 ([`Abi`]); [`Plugin::abi`] tells which. A 0.1.0 component is
+//! instantiated with its own typed bindings and its values are converted, so
+//! the [`Plugin`] API speaks 0.2.0 types only. A 0.1.0 authorizer gets 0.2.0
+//! questions translated to 0.1.0 ones, failing closed (see
+//! [`Plugin::authorize`]).
 //!
 //! Failures are classified ([`FailureKind`]) and counted per plugin
 //! ([`PluginMetrics`]); guest log lines reach `tracing` under the target
@@ -46,8 +55,8 @@ mod sandbox;
 mod store;
 
 pub use bindings::{
-    Action, Binding, Decision, FilterVerdict, LogLevel, Message, Principal, Replacement, Resource,
-    RouteRequest, WIT_PACKAGE, WIT_VERSION,
+    Abi, Action, Binding, Decision, FilterVerdict, LogLevel, Message, PluginRef, Principal,
+    Replacement, Resource, RouteRequest, WIT_PACKAGE, WIT_VERSION, WIT_VERSIONS, WitPluginKind,
 };
 pub use failure::{FailureKind, PluginFailure};
 pub use metrics::{LATENCY_BUCKETS_US, MetricsSnapshot, PluginMetrics};
@@ -90,12 +99,50 @@ impl PluginKind {
         }
     }
 
+    /// The authorization question for loading, replacing or unloading the
+    /// plugin `name` of this kind (attached to `queue` if a filter):
+    /// [`Action::Admin`] on a filter, [`Action::ManagePolicy`] on the
+    /// tenant-wide router or authorizer, on [`Resource::Plugin`] with the
+    /// kind and queue.
+    pub fn management_question(self, name: &str, queue: Option<String>) -> (Action, Resource) {
+        let action = match self {
+            PluginKind::Filter => Action::Admin,
+            PluginKind::Router | PluginKind::Authorizer => Action::ManagePolicy,
+        };
+        let resource = Resource::Plugin(PluginRef {
+            name: name.into(),
+            kind: self.into(),
+            queue,
+        });
+        (action, resource)
+    }
+
     /// Functions a component of this kind must export.
     pub(crate) fn exports(self) -> &'static [&'static str] {
         match self {
             PluginKind::Router => &["init", "route", "route-batch"],
             PluginKind::Filter => &["init", "filter", "filter-batch"],
             PluginKind::Authorizer => &["init", "authorize"],
+        }
+    }
+}
+
+impl From<PluginKind> for WitPluginKind {
+    fn from(kind: PluginKind) -> Self {
+        match kind {
+            PluginKind::Router => WitPluginKind::Router,
+            PluginKind::Filter => WitPluginKind::Filter,
+            PluginKind::Authorizer => WitPluginKind::Authorizer,
+        }
+    }
+}
+
+impl From<WitPluginKind> for PluginKind {
+    fn from(kind: WitPluginKind) -> Self {
+        match kind {
+            WitPluginKind::Router => PluginKind::Router,
+            WitPluginKind::Filter => PluginKind::Filter,
+            WitPluginKind::Authorizer => PluginKind::Authorizer,
         }
     }
 }
@@ -130,22 +177,35 @@ pub enum LoadError {
     /// The component imports something other than the sluice host interface.
     #[error(
         "plugin imports `{import}`, but a Sluice plugin may import only \
-         `sluice:plugin/host@0.1.0` (no WASI, no other interfaces)"
+         `sluice:plugin/host` (versions 0.2.0 and 0.1.0; no WASI, no other interfaces)"
     )]
     ForbiddenImport {
         /// The offending import name.
         import: String,
     },
-    /// The component was built against another version of the contract.
+    /// The component was built against a version of the contract this
+    /// broker does not implement.
     #[error(
         "plugin was built for sluice:plugin@{found} (it imports `{import}`), but this broker \
-         implements sluice:plugin@0.1.0: rebuild it against sluice-plugin 0.1"
+         implements sluice:plugin@0.2.0 and sluice:plugin@0.1.0: rebuild it against \
+         sluice-plugin 0.2 (sluice:plugin@0.2.0)"
     )]
     WrongVersion {
         /// Version the component names.
         found: String,
         /// The import that names it.
         import: String,
+    },
+    /// The component imports sluice interfaces of more than one version.
+    #[error(
+        "plugin mixes contract versions: it imports `{first}` and `{second}`; all sluice:plugin \
+         imports must be of one version (0.2.0 or 0.1.0)"
+    )]
+    MixedVersions {
+        /// An import of one version.
+        first: String,
+        /// An import of another version.
+        second: String,
     },
     /// The component does not export the functions of the requested kind.
     #[error(
@@ -164,12 +224,14 @@ pub enum LoadError {
     },
     /// The component's functions have other types than the contract.
     #[error(
-        "plugin does not match the sluice:plugin@0.1.0 {kind} world (built against another \
+        "plugin does not match the sluice:plugin@{version} {kind} world (built against another \
          version of the contract?): {message}"
     )]
     Link {
         /// The kind asked for.
         kind: PluginKind,
+        /// The contract version it was checked against.
+        version: &'static str,
         /// wasmtime's explanation.
         message: String,
     },

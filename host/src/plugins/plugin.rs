@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use wasmtime::Store;
 
-use super::bindings::{authorizer, filter, router};
+use super::bindings::{Abi, authorizer, filter, router, v0_1};
 use super::failure::classify;
 use super::metrics::{MetricsSnapshot, PluginMetrics};
 use super::runtime::RuntimeInner;
@@ -16,11 +16,24 @@ use super::{
     Principal, Resource, RouteRequest,
 };
 
-/// Pre-linked component, typed by kind.
+/// Pre-linked component, typed by kind and contract version.
 pub(crate) enum KindPre {
     Router(router::RouterPre<StoreState>),
     Filter(filter::FilterPre<StoreState>),
     Authorizer(authorizer::AuthorizerPre<StoreState>),
+    RouterV01(v0_1::router::RouterPre<StoreState>),
+    FilterV01(v0_1::filter::FilterPre<StoreState>),
+    AuthorizerV01(v0_1::authorizer::AuthorizerPre<StoreState>),
+}
+
+impl KindPre {
+    /// The contract version the component was linked against.
+    fn abi(&self) -> Abi {
+        match self {
+            KindPre::Router(_) | KindPre::Filter(_) | KindPre::Authorizer(_) => Abi::V0_2,
+            KindPre::RouterV01(_) | KindPre::FilterV01(_) | KindPre::AuthorizerV01(_) => Abi::V0_1,
+        }
+    }
 }
 
 /// Typed exports of one instance.
@@ -28,6 +41,9 @@ enum Exports {
     Router(router::Router),
     Filter(filter::Filter),
     Authorizer(authorizer::Authorizer),
+    RouterV01(v0_1::router::Router),
+    FilterV01(v0_1::filter::Filter),
+    AuthorizerV01(v0_1::authorizer::Authorizer),
 }
 
 /// One instance in its own Store, initialized and ready for calls.
@@ -76,6 +92,7 @@ impl std::fmt::Debug for Plugin {
         f.debug_struct("Plugin")
             .field("id", &self.id)
             .field("kind", &self.kind)
+            .field("abi", &self.pre.abi())
             .field("digest", &self.digest)
             .finish_non_exhaustive()
     }
@@ -117,6 +134,11 @@ impl Plugin {
     /// The policy kind.
     pub fn kind(&self) -> PluginKind {
         self.kind
+    }
+
+    /// The contract version the component was built against.
+    pub fn abi(&self) -> Abi {
+        self.pre.abi()
     }
 
     /// SHA-256 (hex) of the component bytes.
@@ -163,6 +185,7 @@ impl Plugin {
         self.expect_kind(PluginKind::Router)?;
         let out = self.call(1, |store, exports| match exports {
             Exports::Router(r) => r.call_route(store, msg, candidates),
+            Exports::RouterV01(r) => r.call_route(store, &v0_1::message(msg), candidates),
             _ => unreachable_kind(),
         })?;
         let targets = out.map_err(|reason| self.guest_error(reason))?;
@@ -180,6 +203,10 @@ impl Plugin {
         self.expect_kind(PluginKind::Router)?;
         let out = self.call(requests.len() as u64, |store, exports| match exports {
             Exports::Router(r) => r.call_route_batch(store, requests),
+            Exports::RouterV01(r) => {
+                let requests: Vec<_> = requests.iter().map(v0_1::route_request).collect();
+                r.call_route_batch(store, &requests)
+            }
             _ => unreachable_kind(),
         })?;
         self.check_batch_len(out.len(), requests.len())?;
@@ -199,6 +226,9 @@ impl Plugin {
         self.expect_kind(PluginKind::Filter)?;
         let out = self.call(1, |store, exports| match exports {
             Exports::Filter(f) => f.call_filter(store, msg),
+            Exports::FilterV01(f) => f
+                .call_filter(store, &v0_1::message(msg))
+                .map(|r| r.map(v0_1::filter_verdict)),
             _ => unreachable_kind(),
         })?;
         let verdict = out.map_err(|reason| self.guest_error(reason))?;
@@ -213,6 +243,14 @@ impl Plugin {
         self.expect_kind(PluginKind::Filter)?;
         let out = self.call(msgs.len() as u64, |store, exports| match exports {
             Exports::Filter(f) => f.call_filter_batch(store, msgs),
+            Exports::FilterV01(f) => {
+                let msgs: Vec<_> = msgs.iter().map(v0_1::message).collect();
+                f.call_filter_batch(store, &msgs).map(|out| {
+                    out.into_iter()
+                        .map(|r| r.map(v0_1::filter_verdict))
+                        .collect()
+                })
+            }
             _ => unreachable_kind(),
         })?;
         self.check_batch_len(out.len(), msgs.len())?;
@@ -228,6 +266,12 @@ impl Plugin {
     }
 
     /// Ask the authorizer. A failure must be treated as a deny by the caller.
+    ///
+    /// A 0.1.0 authorizer cannot see plugin kinds, attachments or
+    /// `manage-policy`: it is asked the 0.1.0 questions the compat mapping
+    /// gives (`bindings::v0_1::questions`, documented in `docs/wit.md`) in
+    /// turn, each under its own call deadline, on the same instance, and
+    /// allows only if every one allows; the first deny is returned.
     pub fn authorize(
         &self,
         who: &Principal,
@@ -235,8 +279,22 @@ impl Plugin {
         on: &Resource,
     ) -> Result<Decision, PluginFailure> {
         self.expect_kind(PluginKind::Authorizer)?;
+        let deadline = self.runtime.config.ticks(self.runtime.config.call_deadline);
         let decision = self.call(1, |store, exports| match exports {
             Exports::Authorizer(a) => a.call_authorize(store, who, action, on),
+            Exports::AuthorizerV01(a) => {
+                let old_who = v0_1::principal(who);
+                for (i, (action, on)) in v0_1::questions(who, action, on).iter().enumerate() {
+                    if i > 0 {
+                        store.set_epoch_deadline(deadline);
+                    }
+                    match a.call_authorize(&mut *store, &old_who, *action, on)? {
+                        v0_1::types::Decision::Allow => {}
+                        deny => return Ok(v0_1::decision(deny)),
+                    }
+                }
+                Ok(Decision::Allow)
+            }
             _ => unreachable_kind(),
         })?;
         Ok(match decision {
@@ -318,6 +376,9 @@ impl Plugin {
             KindPre::Router(p) => p.instantiate(&mut store).map(Exports::Router),
             KindPre::Filter(p) => p.instantiate(&mut store).map(Exports::Filter),
             KindPre::Authorizer(p) => p.instantiate(&mut store).map(Exports::Authorizer),
+            KindPre::RouterV01(p) => p.instantiate(&mut store).map(Exports::RouterV01),
+            KindPre::FilterV01(p) => p.instantiate(&mut store).map(Exports::FilterV01),
+            KindPre::AuthorizerV01(p) => p.instantiate(&mut store).map(Exports::AuthorizerV01),
         };
         let exports = match exports {
             Ok(x) => x,
@@ -330,6 +391,9 @@ impl Plugin {
             Exports::Router(r) => r.call_init(&mut store, &self.config),
             Exports::Filter(f) => f.call_init(&mut store, &self.config),
             Exports::Authorizer(a) => a.call_init(&mut store, &self.config),
+            Exports::RouterV01(r) => r.call_init(&mut store, &self.config),
+            Exports::FilterV01(f) => f.call_init(&mut store, &self.config),
+            Exports::AuthorizerV01(a) => a.call_init(&mut store, &self.config),
         };
         match init {
             Ok(Ok(())) => {

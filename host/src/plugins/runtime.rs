@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use super::bindings::{authorizer, filter, host, router};
+use super::bindings::{Abi, authorizer, filter, host, router, v0_1};
 use super::cache::CompileCache;
 use super::inspect;
 use super::plugin::{KindPre, Plugin};
@@ -66,14 +66,7 @@ impl PluginRuntime {
     pub fn new(config: SandboxConfig) -> Result<Self, RuntimeError> {
         let engine = Engine::new(&engine_config(&config))
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
-        let mut linker = Linker::new(&engine);
-        host::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)
-            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
-        router::sluice::plugin::types::add_to_linker::<StoreState, HasSelf<StoreState>>(
-            &mut linker,
-            |s| s,
-        )
-        .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let linker = linker(&engine).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let cache =
             match &config.cache_dir {
                 Some(dir) => Some(CompileCache::open(dir, &engine).map_err(|source| {
@@ -108,21 +101,16 @@ impl PluginRuntime {
         inspect::check_header(&spec.wasm)?;
         let component = self.compile(&spec.wasm)?;
         let engine = &self.inner.engine;
-        inspect::check_contract(engine, &component, spec.kind)?;
-        let link = |e: wasmtime::Error| LoadError::Link {
-            kind: spec.kind,
-            message: format!("{e:#}"),
-        };
-        let pre = self
-            .inner
-            .linker
-            .instantiate_pre(&component)
-            .map_err(link)?;
-        let pre = match spec.kind {
-            PluginKind::Router => KindPre::Router(router::RouterPre::new(pre).map_err(link)?),
-            PluginKind::Filter => KindPre::Filter(filter::FilterPre::new(pre).map_err(link)?),
-            PluginKind::Authorizer => {
-                KindPre::Authorizer(authorizer::AuthorizerPre::new(pre).map_err(link)?)
+        let abi = inspect::check_contract(engine, &component, spec.kind)?;
+        let pre = match abi {
+            Some(abi) => self.link(&component, spec.kind, abi)?,
+            // Nothing imported from sluice:plugin: the export types decide.
+            // Routers and filters have the same types in both versions, so
+            // the newest matching one is taken.
+            None => {
+                let [newest, older] = Abi::ALL;
+                self.link(&component, spec.kind, newest)
+                    .or_else(|e| self.link(&component, spec.kind, older).map_err(|_| e))?
             }
         };
         let id = PluginId {
@@ -131,6 +119,41 @@ impl PluginRuntime {
         };
         let digest = hex::encode(Sha256::digest(&spec.wasm));
         Plugin::new(self.inner.clone(), id, spec.kind, digest, spec.config, pre)
+    }
+
+    /// Pre-link `component` as a `kind` plugin of contract version `abi`.
+    fn link(
+        &self,
+        component: &Component,
+        kind: PluginKind,
+        abi: Abi,
+    ) -> Result<KindPre, LoadError> {
+        let link = |e: wasmtime::Error| LoadError::Link {
+            kind,
+            version: abi.version(),
+            message: format!("{e:#}"),
+        };
+        let pre = self.inner.linker.instantiate_pre(component).map_err(link)?;
+        Ok(match (abi, kind) {
+            (Abi::V0_2, PluginKind::Router) => {
+                KindPre::Router(router::RouterPre::new(pre).map_err(link)?)
+            }
+            (Abi::V0_2, PluginKind::Filter) => {
+                KindPre::Filter(filter::FilterPre::new(pre).map_err(link)?)
+            }
+            (Abi::V0_2, PluginKind::Authorizer) => {
+                KindPre::Authorizer(authorizer::AuthorizerPre::new(pre).map_err(link)?)
+            }
+            (Abi::V0_1, PluginKind::Router) => {
+                KindPre::RouterV01(v0_1::router::RouterPre::new(pre).map_err(link)?)
+            }
+            (Abi::V0_1, PluginKind::Filter) => {
+                KindPre::FilterV01(v0_1::filter::FilterPre::new(pre).map_err(link)?)
+            }
+            (Abi::V0_1, PluginKind::Authorizer) => {
+                KindPre::AuthorizerV01(v0_1::authorizer::AuthorizerPre::new(pre).map_err(link)?)
+            }
+        })
     }
 
     fn compile(&self, wasm: &[u8]) -> Result<Component, LoadError> {
@@ -145,6 +168,21 @@ impl PluginRuntime {
         }
         Component::new(engine, wasm).map_err(|e| LoadError::Compile(format!("{e:#}")))
     }
+}
+
+/// A linker offering the `host` and `types` interfaces of every supported
+/// contract version (`sluice:plugin/host@0.2.0`, `…/host@0.1.0`, …) and
+/// nothing else.
+fn linker(engine: &Engine) -> wasmtime::Result<Linker<StoreState>> {
+    let mut linker = Linker::new(engine);
+    host::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)?;
+    router::sluice::plugin::types::add_to_linker::<StoreState, HasSelf<StoreState>>(
+        &mut linker,
+        |s| s,
+    )?;
+    v0_1::host::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)?;
+    v0_1::types::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)?;
+    Ok(linker)
 }
 
 fn engine_config(sandbox: &SandboxConfig) -> Config {

@@ -128,6 +128,15 @@ impl bindings::host::Host for StoreState {
 
 impl bindings::router::sluice::plugin::types::Host for StoreState {}
 
+/// `sluice:plugin/host@0.1.0`: the same log, with the 0.1.0 level type.
+impl bindings::v0_1::host::Host for StoreState {
+    fn log(&mut self, level: bindings::v0_1::types::LogLevel, text: String) {
+        bindings::host::Host::log(self, bindings::v0_1::log_level(level), text)
+    }
+}
+
+impl bindings::v0_1::types::Host for StoreState {}
+
 /// `s` cut to at most `max` bytes on a char boundary.
 pub(crate) fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {

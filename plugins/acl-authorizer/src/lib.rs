@@ -7,20 +7,33 @@
 //!
 //! `RULE` is `CLIENT ACTION RESOURCE`, separated by spaces:
 //! - `CLIENT`: a client name, or `*`;
-//! - `ACTION`: connect, publish, subscribe, declare, bind, delete, purge, admin, or `*`;
+//! - `ACTION`: connect, publish, subscribe, declare, bind, delete, purge, admin,
+//!   manage-policy, or `*`;
 //! - `RESOURCE`: `*`, `broker`, `queue:PATTERN`, `topic:PATTERN`,
-//!   `binding:QUEUEPATTERN`, `plugin:PATTERN` or `tenant:PATTERN`, where
-//!   `PATTERN` is a NATS pattern (`*` one token, `>` the rest).
+//!   `binding:QUEUEPATTERN`, `plugin:PATTERN`, `plugin:PATTERN@QUEUEPATTERN`
+//!   or `tenant:PATTERN`, where `PATTERN` is a NATS pattern (`*` one token,
+//!   `>` the rest).
+//!
+//! Plugins: the broker asks `admin` on a plugin to load, replace or unload a
+//! filter, and `manage-policy` to install, replace or remove the tenant's
+//! router or authorizer. `plugin:PATTERN` matches a plugin by name, whatever
+//! its kind and queue; `plugin:PATTERN@QUEUEPATTERN` matches only a filter
+//! attached to a queue matching `QUEUEPATTERN`. So
+//! `allow=ci admin plugin:ci.*@ci.>` lets client `ci` manage filters named
+//! `ci.*` on queues under `ci.`, and nothing else about plugins.
 //!
 //! A deny names its rule: `denied by rule 2: deny * delete queue:>`, or
 //! `denied by default policy`.
 //!
 //! ```text
 //! sluice plugin load acl_authorizer.wasm --kind authorizer \
-//!     --config 'allow=ingest publish topic:orders.>' --config 'allow=* connect broker'
+//!     --config 'allow=ingest publish topic:orders.>' --config 'allow=* connect broker' \
+//!     --config 'allow=ci admin plugin:ci.*@ci.>'
 //! ```
 
-use sluice_plugin::{Action, Authorizer, Config, Decision, Pattern, Principal, Resource};
+use sluice_plugin::{
+    Action, Authorizer, Config, Decision, Pattern, PluginKind, PluginRef, Principal, Resource,
+};
 
 #[derive(Debug, Clone)]
 enum ResourceMatch {
@@ -29,7 +42,11 @@ enum ResourceMatch {
     Queue(Pattern),
     Topic(Pattern),
     Binding(Pattern),
-    Plugin(Pattern),
+    /// A plugin by name, and for `NAME@QUEUE` a filter on a matching queue.
+    Plugin {
+        name: Pattern,
+        queue: Option<Pattern>,
+    },
     Tenant(Pattern),
 }
 
@@ -53,6 +70,7 @@ fn parse_action(s: &str) -> Result<Option<Action>, String> {
         "delete" => Action::Delete,
         "purge" => Action::Purge,
         "admin" => Action::Admin,
+        "manage-policy" => Action::ManagePolicy,
         other => return Err(format!("unknown action `{other}`")),
     }))
 }
@@ -66,7 +84,19 @@ fn parse_resource(s: &str) -> Result<ResourceMatch, String> {
             Some(("queue", p)) => ResourceMatch::Queue(pattern(p)?),
             Some(("topic", p)) => ResourceMatch::Topic(pattern(p)?),
             Some(("binding", p)) => ResourceMatch::Binding(pattern(p)?),
-            Some(("plugin", p)) => ResourceMatch::Plugin(pattern(p)?),
+            Some(("plugin", p)) => match p.split_once('@') {
+                Some((_, queue)) if queue.contains('@') => {
+                    return Err(format!("resource `{s}`: more than one `@`"));
+                }
+                Some((name, queue)) => ResourceMatch::Plugin {
+                    name: pattern(name)?,
+                    queue: Some(pattern(queue)?),
+                },
+                None => ResourceMatch::Plugin {
+                    name: pattern(p)?,
+                    queue: None,
+                },
+            },
             Some(("tenant", p)) => ResourceMatch::Tenant(pattern(p)?),
             _ => return Err(format!("unknown resource `{s}`")),
         },
@@ -101,10 +131,29 @@ impl Rule {
             (ResourceMatch::Queue(p), Resource::Queue(q)) => p.matches(q),
             (ResourceMatch::Topic(p), Resource::Topic(t)) => p.matches(t),
             (ResourceMatch::Binding(p), Resource::Binding(b)) => p.matches(&b.queue),
-            (ResourceMatch::Plugin(p), Resource::Plugin(n)) => p.matches(n),
+            (ResourceMatch::Plugin { name, queue }, Resource::Plugin(plugin)) => {
+                name.matches(&plugin.name) && queue_matches(queue.as_ref(), plugin)
+            }
             (ResourceMatch::Tenant(p), Resource::Tenant(n)) => p.matches(n),
             _ => false,
         }
+    }
+}
+
+/// Whether `plugin` is attached where a `plugin:NAME@QUEUE` rule says (any
+/// plugin for a rule without `@QUEUE`).
+fn queue_matches(queue: Option<&Pattern>, plugin: &PluginRef) -> bool {
+    match (queue, plugin) {
+        (None, _) => true,
+        (
+            Some(p),
+            PluginRef {
+                kind: PluginKind::Filter,
+                queue: Some(q),
+                ..
+            },
+        ) => p.matches(q),
+        (Some(_), _) => false,
     }
 }
 
@@ -211,8 +260,85 @@ mod tests {
         );
     }
 
+    fn plugin(name: &str, kind: PluginKind, queue: Option<&str>) -> Resource {
+        Resource::Plugin(PluginRef {
+            name: name.into(),
+            kind,
+            queue: queue.map(Into::into),
+        })
+    }
+
+    #[test]
+    fn plugin_rules_see_kind_and_queue() {
+        let a = acl(&[
+            ("allow", "ci admin plugin:ci.*@ci.>"),
+            ("allow", "ops * plugin:>"),
+            ("allow", "lead manage-policy plugin:main"),
+        ])
+        .unwrap();
+        let filter = |queue| plugin("ci.f", PluginKind::Filter, Some(queue));
+        assert_eq!(
+            a.decide(&who("ci"), Action::Admin, &filter("ci.jobs")),
+            Decision::Allow
+        );
+        assert_eq!(
+            a.decide(&who("ci"), Action::Admin, &filter("ci.jobs.nightly")),
+            Decision::Allow
+        );
+        for denied in [
+            (Action::Admin, filter("orders")),
+            (Action::Admin, plugin("ci.f", PluginKind::Filter, None)),
+            (
+                Action::Admin,
+                plugin("other", PluginKind::Filter, Some("ci.jobs")),
+            ),
+            (Action::Admin, plugin("ci.r", PluginKind::Router, None)),
+            (
+                Action::ManagePolicy,
+                plugin("ci.x", PluginKind::Authorizer, None),
+            ),
+            (Action::ManagePolicy, filter("ci.jobs")),
+        ] {
+            assert!(
+                matches!(a.decide(&who("ci"), denied.0, &denied.1), Decision::Deny(_)),
+                "{denied:?}"
+            );
+        }
+        // Without `@QUEUE` any kind and attachment of a matching name.
+        for on in [
+            plugin("acl", PluginKind::Authorizer, None),
+            plugin("r", PluginKind::Router, None),
+            filter("orders"),
+        ] {
+            assert_eq!(
+                a.decide(&who("ops"), Action::ManagePolicy, &on),
+                Decision::Allow
+            );
+            assert_eq!(a.decide(&who("ops"), Action::Admin, &on), Decision::Allow);
+        }
+        assert_eq!(
+            a.decide(
+                &who("lead"),
+                Action::ManagePolicy,
+                &plugin("main", PluginKind::Router, None)
+            ),
+            Decision::Allow
+        );
+        assert!(matches!(
+            a.decide(
+                &who("lead"),
+                Action::Admin,
+                &plugin("main", PluginKind::Router, None)
+            ),
+            Decision::Deny(_)
+        ));
+    }
+
     #[test]
     fn bad_rules_are_refused() {
+        assert!(acl(&[("allow", "* admin plugin:a@")]).is_err());
+        assert!(acl(&[("allow", "* admin plugin:@q")]).is_err());
+        assert!(acl(&[("allow", "* admin plugin:a@q@r")]).is_err());
         assert!(acl(&[("allow", "a b")]).is_err());
         assert!(
             acl(&[("allow", "* fly broker")])

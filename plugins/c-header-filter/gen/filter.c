@@ -3,9 +3,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-// Imported Functions from `sluice:plugin/host@0.1.0`
+// Imported Functions from `sluice:plugin/host@0.2.0`
 
-__attribute__((__import_module__("sluice:plugin/host@0.1.0"), __import_name__("log")))
+__attribute__((__import_module__("sluice:plugin/host@0.2.0"), __import_name__("log")))
 extern void __wasm_import_sluice_plugin_host_log(int32_t, uint8_t *, size_t);
 
 // Exported Functions from `filter`
@@ -236,6 +236,17 @@ void sluice_plugin_types_principal_free(sluice_plugin_types_principal_t *ptr) {
   filter_list_string_free(&ptr->sans);
 }
 
+void filter_option_string_free(filter_option_string_t *ptr) {
+  if (ptr->is_some) {
+    filter_string_free(&ptr->val);
+  }
+}
+
+void sluice_plugin_types_plugin_ref_free(sluice_plugin_types_plugin_ref_t *ptr) {
+  filter_string_free(&ptr->name);
+  filter_option_string_free(&ptr->queue);
+}
+
 void sluice_plugin_types_binding_free(sluice_plugin_types_binding_t *ptr) {
   filter_string_free(&ptr->queue);
   filter_string_free(&ptr->pattern);
@@ -256,7 +267,7 @@ void sluice_plugin_types_resource_free(sluice_plugin_types_resource_t *ptr) {
       break;
     }
     case 4: {
-      filter_string_free(&ptr->val.plugin);
+      sluice_plugin_types_plugin_ref_free(&ptr->val.plugin);
       break;
     }
     case 5: {

@@ -116,7 +116,10 @@ typedef uint8_t sluice_plugin_types_action_t;
 
 // Open a connection (resource: `broker`).
 #define SLUICE_PLUGIN_TYPES_ACTION_CONNECT 0
-// Publish to a topic (resource: `topic`).
+// Publish to a topic (resource: `topic`). On a `queue(q)`: put
+// messages into queue `q` directly, without a topic (the broker asks
+// this for a queue's dead-letter target when a queue is declared
+// with one).
 #define SLUICE_PLUGIN_TYPES_ACTION_PUBLISH 1
 // Consume from a queue (resource: `queue`).
 #define SLUICE_PLUGIN_TYPES_ACTION_SUBSCRIBE 2
@@ -128,8 +131,39 @@ typedef uint8_t sluice_plugin_types_action_t;
 #define SLUICE_PLUGIN_TYPES_ACTION_DELETE 5
 // Purge a queue (resource: `queue`).
 #define SLUICE_PLUGIN_TYPES_ACTION_PURGE 6
-// Administrative operation: plugins, tenants, stats (resource: `broker`, `plugin` or `tenant`).
+// Administrative operation (resource: `broker`, `plugin` or `tenant`).
+// On `plugin(ref)`: load, replace or unload a *filter*
+// (`ref.kind` is `filter`, `ref.queue` the queue it is attached to).
 #define SLUICE_PLUGIN_TYPES_ACTION_ADMIN 7
+// Install, replace or remove the tenant-wide router or authorizer
+// (resource: `plugin`, with `ref.kind` router or authorizer and no
+// queue). A stronger permission than `admin` on a filter.
+#define SLUICE_PLUGIN_TYPES_ACTION_MANAGE_POLICY 8
+
+// The policy a plugin implements (its world).
+typedef uint8_t sluice_plugin_types_plugin_kind_t;
+
+// The tenant-wide router (`world router`).
+#define SLUICE_PLUGIN_TYPES_PLUGIN_KIND_ROUTER 0
+// A filter attached to one queue (`world filter`).
+#define SLUICE_PLUGIN_TYPES_PLUGIN_KIND_FILTER 1
+// The tenant-wide authorizer (`world authorizer`).
+#define SLUICE_PLUGIN_TYPES_PLUGIN_KIND_AUTHORIZER 2
+
+typedef struct {
+  bool is_some;
+  filter_string_t val;
+} filter_option_string_t;
+
+// A plugin as an authorizer sees it when a client manages plugins.
+typedef struct sluice_plugin_types_plugin_ref_t {
+  // Plugin name inside the tenant.
+  filter_string_t   name;
+  // Its kind.
+  sluice_plugin_types_plugin_kind_t   kind;
+  // The queue a filter is attached to; none for a router or authorizer.
+  filter_option_string_t   queue;
+} sluice_plugin_types_plugin_ref_t;
 
 // A queue-to-pattern binding.
 typedef struct sluice_plugin_types_binding_t {
@@ -147,7 +181,7 @@ typedef struct sluice_plugin_types_resource_t {
     filter_string_t     queue;
     filter_string_t     topic;
     sluice_plugin_types_binding_t     binding;
-    filter_string_t     plugin;
+    sluice_plugin_types_plugin_ref_t     plugin;
     filter_string_t     tenant;
   } val;
 } sluice_plugin_types_resource_t;
@@ -160,7 +194,7 @@ typedef struct sluice_plugin_types_resource_t {
 #define SLUICE_PLUGIN_TYPES_RESOURCE_TOPIC 2
 // A binding.
 #define SLUICE_PLUGIN_TYPES_RESOURCE_BINDING 3
-// A plugin, by name.
+// A plugin: its name, kind and attachment.
 #define SLUICE_PLUGIN_TYPES_RESOURCE_PLUGIN 4
 // A tenant, by name.
 #define SLUICE_PLUGIN_TYPES_RESOURCE_TENANT 5
@@ -230,7 +264,7 @@ typedef struct {
   size_t len;
 } filter_list_result_filter_verdict_string_t;
 
-// Imported Functions from `sluice:plugin/host@0.1.0`
+// Imported Functions from `sluice:plugin/host@0.2.0`
 // Write a log line. It reaches the broker's log with the plugin's name and
 // tenant attached. Lines are truncated to 4 KiB and at most 64 lines per
 // call are kept; the rest are counted as dropped.
@@ -262,6 +296,10 @@ void sluice_plugin_types_replacement_free(sluice_plugin_types_replacement_t *ptr
 void sluice_plugin_types_filter_verdict_free(sluice_plugin_types_filter_verdict_t *ptr);
 
 void sluice_plugin_types_principal_free(sluice_plugin_types_principal_t *ptr);
+
+void filter_option_string_free(filter_option_string_t *ptr);
+
+void sluice_plugin_types_plugin_ref_free(sluice_plugin_types_plugin_ref_t *ptr);
 
 void sluice_plugin_types_binding_free(sluice_plugin_types_binding_t *ptr);
 

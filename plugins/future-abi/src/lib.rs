@@ -1,4 +1,4 @@
-//! A test component built against `sluice:plugin@0.2.0`, which this broker
+//! A test component built against `sluice:plugin@0.3.0`, which this broker
 //! does not implement: loading it must fail with a message naming both
 //! versions.
 

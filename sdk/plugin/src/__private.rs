@@ -29,8 +29,8 @@ pub mod filter {
         pub_export_macro: true,
         export_macro_name: "__export_filter_world",
         with: {
-            "sluice:plugin/types@0.1.0": crate::__private::types,
-            "sluice:plugin/host@0.1.0": crate::__private::host,
+            "sluice:plugin/types@0.2.0": crate::__private::types,
+            "sluice:plugin/host@0.2.0": crate::__private::host,
         },
     });
 }
@@ -45,8 +45,8 @@ pub mod authorizer {
         pub_export_macro: true,
         export_macro_name: "__export_authorizer_world",
         with: {
-            "sluice:plugin/types@0.1.0": crate::__private::types,
-            "sluice:plugin/host@0.1.0": crate::__private::host,
+            "sluice:plugin/types@0.2.0": crate::__private::types,
+            "sluice:plugin/host@0.2.0": crate::__private::host,
         },
     });
 }

@@ -1,8 +1,8 @@
 //! Guest SDK for Sluice policy plugins.
 //!
 //! A Sluice plugin is a WebAssembly component implementing one of three
-//! policies defined by the WIT package `sluice:plugin@0.1.0` (see `wit/` in
-//! the Sluice repository):
+//! policies defined by the WIT package `sluice:plugin@0.2.0` (see `wit/` in
+//! the Sluice repository); this crate builds components against that version:
 //!
 //! - a [`Router`] picks the queues a published message goes to;
 //! - a [`Filter`] accepts, drops or rewrites a message before it enters a queue;
@@ -48,6 +48,35 @@
 //! is discarded and re-instantiated, which runs [`Router::init`] (or the
 //! corresponding `init`) again: keep plugin state derivable from the config.
 //!
+//! # Authorizers and plugin management
+//!
+//! When a client loads, replaces or unloads a plugin, an [`Authorizer`] is
+//! asked about a [`Resource::Plugin`] carrying a [`PluginRef`]: the plugin's
+//! name, its [`PluginKind`] and, for a filter, the queue it is attached to.
+//! A filter is managed with [`Action::Admin`]; the tenant-wide router and
+//! authorizer with [`Action::ManagePolicy`], a separate (stronger)
+//! permission:
+//!
+//! ```ignore
+//! use sluice_plugin::{Action, PluginKind, PluginRef, Resource};
+//!
+//! fn ci_may(action: Action, on: &Resource) -> bool {
+//!     match (action, on) {
+//!         // CI may manage its own filters on its own queues ...
+//!         (Action::Admin, Resource::Plugin(PluginRef { name, kind: PluginKind::Filter, queue })) => {
+//!             name.starts_with("ci.") && queue.as_deref().is_some_and(|q| q.starts_with("ci."))
+//!         }
+//!         // ... but never the tenant's router or authorizer.
+//!         (Action::ManagePolicy, _) => false,
+//!         _ => true,
+//!     }
+//! }
+//! ```
+//!
+//! Components built against `sluice:plugin@0.1.0` (sluice-plugin 0.1) still
+//! load; the broker translates questions for 0.1.0 authorizers (see
+//! `docs/wit.md` in the Sluice repository).
+//!
 //! # State
 //!
 //! `init` builds your value once per instance; every later call gets `&mut`
@@ -69,8 +98,8 @@ pub use pattern::{Pattern, PatternError, matches};
 pub use policy::{Authorizer, Filter, Router};
 
 pub use __private::types::{
-    Action, Binding, Decision, FilterVerdict, Header, Message, Principal, Replacement, Resource,
-    RouteRequest,
+    Action, Binding, Decision, FilterVerdict, Header, Message, PluginKind, PluginRef, Principal,
+    Replacement, Resource, RouteRequest,
 };
 
 impl Message {

@@ -234,6 +234,8 @@ pub struct PluginSummary {
     pub kind: String,
     /// Queue of a filter.
     pub queue: Option<String>,
+    /// Contract version the component was built against, e.g. `0.2.0`.
+    pub abi: String,
     /// `ready` or `errored: <reason>`.
     pub state: String,
     /// Calls.
