@@ -1098,3 +1098,103 @@ fn c_plugin_filters_exactly_like_the_rust_one() {
         );
     }
 }
+
+/// The disk cache holds only what live plugins use: an artifact is written
+/// only for a component that passed the contract check, and collecting
+/// removes those of plugins that are gone (unloaded, failed in `init`).
+#[test]
+fn the_compile_cache_keeps_only_what_live_plugins_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(SandboxConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        ..relaxed()
+    });
+    let files = || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+            .count()
+    };
+    // Refused by the contract check: nothing written.
+    assert!(
+        rt.load(spec("wasi-importer", PluginKind::Filter, &[]))
+            .is_err()
+    );
+    assert!(
+        rt.load(spec("header-filter", PluginKind::Router, &[]))
+            .is_err()
+    );
+    assert_eq!(files(), 0, "a refused component was cached");
+    // Loaded: kept while it lives, collected after.
+    let f = load(&rt, "header-filter", PluginKind::Filter, &[]);
+    let r = load(&rt, "topic-router", PluginKind::Router, &[]);
+    assert_eq!(rt.collect_cache(), 0);
+    assert_eq!(files(), 2);
+    drop(f);
+    assert_eq!(rt.collect_cache(), 2, "artifact and its checksum");
+    assert_eq!(files(), 1);
+    // A failing init leaves nothing once collected.
+    assert!(
+        rt.load(spec("hostile", PluginKind::Filter, &[("init", "error")]))
+            .is_err()
+    );
+    rt.collect_cache();
+    assert_eq!(files(), 1);
+    drop(r);
+}
+
+/// Each plugin reserves its instances at load: a tenant cannot hold more
+/// than its share, another tenant still loads when one tenant is at its
+/// limit, and the broker's pool refuses new plugins (not calls of loaded
+/// ones) when every instance is reserved.
+#[test]
+fn plugin_instances_are_reserved_per_tenant_and_in_all() {
+    let rt = runtime(SandboxConfig {
+        instances_per_plugin: 2,
+        instances_per_tenant: 6,
+        pool_instances: 10,
+        ..relaxed()
+    });
+    let as_tenant = |tenant: &str, name: &str| {
+        let mut s = spec("header-filter", PluginKind::Filter, &[]);
+        s.tenant = tenant.into();
+        s.name = name.into();
+        s
+    };
+    let mut a: Vec<_> = (0..3)
+        .map(|i| rt.load(as_tenant("acme", &format!("f{i}"))).unwrap())
+        .collect();
+    let e = rt.load(as_tenant("acme", "f3")).unwrap_err();
+    assert!(matches!(e, LoadError::Capacity(_)), "{e}");
+    assert!(e.to_string().contains("plugin_instances_per_tenant"), "{e}");
+    // A replacement of one of acme's plugins is allowed at its limit.
+    let swapped = rt
+        .load_replacing(as_tenant("acme", "f0"), Some(&a[0]))
+        .unwrap();
+    a[0] = swapped;
+    // globex gets what the pool has left (10 - 6), then the pool is full.
+    let g1 = rt.load(as_tenant("globex", "g1")).unwrap();
+    let _g2 = rt.load(as_tenant("globex", "g2")).unwrap();
+    let e = rt.load(as_tenant("globex", "g3")).unwrap_err();
+    assert!(e.to_string().contains("pool is full"), "{e}");
+    // acme's plugins all still answer, concurrently, within their reservations.
+    std::thread::scope(|s| {
+        for p in a.iter().chain([&g1]) {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..50 {
+                        assert_eq!(
+                            p.filter(&msg("t", &[], b"")).unwrap(),
+                            FilterVerdict::Accept
+                        );
+                    }
+                });
+            }
+        }
+    });
+    assert_eq!(rt.tenant_usage("acme").0, 6);
+    drop(a);
+    assert_eq!(rt.tenant_usage("acme").0, 0);
+    rt.load(as_tenant("globex", "g3")).unwrap();
+}

@@ -48,12 +48,26 @@ pub struct FileConfig {
     pub max_bindings_per_tenant: Option<usize>,
     /// Most queues one message is stored in (default 1024).
     pub max_fanout: Option<usize>,
-    /// Most plugins per tenant (default 32).
+    /// Most plugins per tenant (default 16).
     pub max_plugins_per_tenant: Option<usize>,
     /// Most client connections to the broker (default 16 384).
     pub max_connections: Option<u64>,
     /// Control requests of one tenant running at once (default 2).
     pub control_concurrency_per_tenant: Option<usize>,
+    /// Plugin instances all tenants may reserve (default 256).
+    pub plugin_pool_instances: Option<u32>,
+    /// Instances each plugin reserves and never exceeds (default 2).
+    pub plugin_instances_per_plugin: Option<u32>,
+    /// Plugin instances one tenant may reserve (default 32).
+    pub plugin_instances_per_tenant: Option<u32>,
+    /// Plugin linear memory one tenant may reserve, MiB (default 512).
+    pub plugin_memory_per_tenant_mib: Option<u64>,
+    /// Compiled plugin code one tenant may hold in the cache, MiB (default 256).
+    pub plugin_cache_mib_per_tenant: Option<u64>,
+    /// Compiled plugin code of all tenants, MiB (default 2048).
+    pub plugin_cache_mib: Option<u64>,
+    /// Log lines one plugin may cause per second (default 100).
+    pub plugin_log_lines_per_sec: Option<u32>,
     /// Tenants registered (or updated) at start, with their quotas.
     #[serde(default)]
     pub tenants: Vec<TenantEntry>,
@@ -124,6 +138,29 @@ impl FileConfig {
         if let Some(n) = self.control_concurrency_per_tenant {
             config.control_concurrency_per_tenant =
                 at_least_one("control_concurrency_per_tenant", n)?;
+        }
+        let sb = &mut config.sandbox;
+        if let Some(n) = self.plugin_pool_instances {
+            sb.pool_instances = at_least_one("plugin_pool_instances", n)?;
+        }
+        if let Some(n) = self.plugin_instances_per_plugin {
+            sb.instances_per_plugin = at_least_one("plugin_instances_per_plugin", n)?;
+            sb.warm_instances_per_plugin = n as usize;
+        }
+        if let Some(n) = self.plugin_instances_per_tenant {
+            sb.instances_per_tenant = at_least_one("plugin_instances_per_tenant", n)?;
+        }
+        if let Some(n) = self.plugin_memory_per_tenant_mib {
+            sb.memory_per_tenant = at_least_one("plugin_memory_per_tenant_mib", n)? << 20;
+        }
+        if let Some(n) = self.plugin_cache_mib_per_tenant {
+            sb.cache_bytes_per_tenant = at_least_one("plugin_cache_mib_per_tenant", n)? << 20;
+        }
+        if let Some(n) = self.plugin_cache_mib {
+            sb.cache_bytes_total = at_least_one("plugin_cache_mib", n)? << 20;
+        }
+        if let Some(n) = self.plugin_log_lines_per_sec {
+            sb.max_log_lines_per_sec = at_least_one("plugin_log_lines_per_sec", n)?;
         }
         Ok(())
     }

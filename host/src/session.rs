@@ -92,6 +92,7 @@ pub(crate) fn error_body(e: &BrokerError) -> ErrorBody {
         BrokerError::QueueFull(_) => ErrorCode::QueueFull,
         BrokerError::Limit(_) => ErrorCode::LimitExceeded,
         BrokerError::Quota(_) => ErrorCode::QuotaExceeded,
+        BrokerError::PluginLoad(crate::plugins::LoadError::Capacity(_)) => ErrorCode::LimitExceeded,
         BrokerError::Router(_) | BrokerError::PluginLoad(_) => ErrorCode::PluginFailed,
         BrokerError::Store(_) => ErrorCode::Storage,
         BrokerError::ShuttingDown => ErrorCode::ShuttingDown,

@@ -69,7 +69,7 @@ pub struct BrokerConfig {
     pub max_bindings_per_tenant: usize,
     /// Most queues one message is stored in (bindings and router). Default 1024.
     pub max_fanout: usize,
-    /// Most plugins per tenant. Default 32.
+    /// Most plugins per tenant. Default 16.
     pub max_plugins_per_tenant: usize,
     /// Most client connections to the broker. Default 16 384.
     pub max_connections: u64,
@@ -97,7 +97,7 @@ impl BrokerConfig {
             max_unacked_per_connection: 65_536,
             max_bindings_per_tenant: 100_000,
             max_fanout: 1024,
-            max_plugins_per_tenant: 32,
+            max_plugins_per_tenant: 16,
             max_connections: 16_384,
             control_concurrency_per_tenant: 2,
         }
@@ -375,6 +375,13 @@ impl Broker {
             }
         }
         store.sync()?;
+        let removed = self.inner.runtime.collect_cache();
+        if removed > 0 {
+            tracing::info!(
+                files = removed,
+                "removed compiled plugins no loaded plugin uses"
+            );
+        }
         Ok(())
     }
 
@@ -879,13 +886,27 @@ impl Broker {
             queue: queue.clone(),
             config: config.clone(),
         };
-        let plugin = self.inner.runtime.load(PluginSpec {
-            tenant: tenant.into(),
-            name: name.into(),
-            kind,
-            wasm: wasm.clone(),
-            config,
-        })?;
+        let old = self.inner.plugins.get(tenant, name);
+        let plugin = self.inner.runtime.load_replacing(
+            PluginSpec {
+                tenant: tenant.into(),
+                name: name.into(),
+                kind,
+                wasm: wasm.clone(),
+                config,
+            },
+            old.as_deref(),
+        );
+        drop(old);
+        let plugin = match plugin {
+            Ok(p) => p,
+            Err(e) => {
+                // A component that failed (e.g. in `init`) leaves no
+                // compiled code behind.
+                self.inner.runtime.collect_cache();
+                return Err(e.into());
+            }
+        };
         self.inner.store.put_blob(&key, &wasm)?;
         self.inner.store.put_meta(&key, &encode(&record))?;
         self.inner.store.sync_meta()?;
@@ -901,6 +922,8 @@ impl Broker {
             tw.attach(name, kind, queue);
         }
         t.clear_auth_cache();
+        // The replaced version's compiled code goes (once its last call ends).
+        self.inner.runtime.collect_cache();
         self.plugin_info(tenant, name)
     }
 
@@ -953,6 +976,7 @@ impl Broker {
         self.inner.store.delete_meta(&key)?;
         self.inner.store.delete_blob(&key)?;
         self.inner.store.sync_meta()?;
+        self.inner.runtime.collect_cache();
         Ok(())
     }
 

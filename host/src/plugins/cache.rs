@@ -7,21 +7,54 @@
 //! never loads a stale artifact. Each artifact is written to a temporary file
 //! and renamed into place, with a SHA-256 sidecar checked before use: a torn
 //! or damaged file is recompiled, never deserialized.
+//!
+//! The cache holds only what loaded plugins use: an artifact is written
+//! after the component passed the contract check and linked, and each
+//! loaded plugin holds a [`CacheRef`] on it. [`CompileCache::collect`]
+//! removes every file no live plugin holds; the broker runs it at start and
+//! after every plugin load and unload, so artifacts of unloaded, replaced
+//! or failed plugins do not stay (those still finishing a call go at the
+//! next collection). A broker that stops keeps its files for a fast
+//! restart. Its size is bounded by the plugins' reservations (see `budget`).
 
+use std::collections::HashMap;
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
 /// A directory of compiled components for one engine configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct CompileCache {
     dir: PathBuf,
     engine_hash: [u8; 32],
+    /// Loaded plugins per artifact file.
+    refs: Mutex<HashMap<PathBuf, usize>>,
+}
+
+/// A loaded plugin's hold on its artifact: [`CompileCache::collect`]
+/// keeps the file while one exists.
+#[derive(Debug)]
+pub(crate) struct CacheRef {
+    cache: Arc<CompileCache>,
+    path: PathBuf,
+}
+
+impl Drop for CacheRef {
+    fn drop(&mut self) {
+        let mut refs = self.cache.refs();
+        match refs.get_mut(&self.path) {
+            Some(n) if *n > 1 => *n -= 1,
+            _ => {
+                refs.remove(&self.path);
+            }
+        }
+    }
 }
 
 /// Feeds `Hash` output into SHA-256 so the key is stable across processes.
@@ -44,7 +77,12 @@ impl CompileCache {
         Ok(Self {
             dir: dir.to_path_buf(),
             engine_hash: h.0.finalize().into(),
+            refs: Mutex::new(HashMap::new()),
         })
+    }
+
+    fn refs(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, usize>> {
+        self.refs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn path_for(&self, wasm: &[u8]) -> PathBuf {
@@ -55,8 +93,9 @@ impl CompileCache {
             .join(format!("{}.cwasm", hex::encode(h.finalize())))
     }
 
-    /// The cached component for `wasm`, or `None` (missing or damaged).
-    pub(crate) fn get(&self, engine: &Engine, wasm: &[u8]) -> Option<Component> {
+    /// The cached component for `wasm` and its artifact's size, or `None`
+    /// (missing or damaged).
+    pub(crate) fn get(&self, engine: &Engine, wasm: &[u8]) -> Option<(Component, u64)> {
         let path = self.path_for(wasm);
         let bytes = fs::read(&path).ok()?;
         let sum = fs::read_to_string(path.with_extension("sha256")).ok()?;
@@ -70,7 +109,7 @@ impl CompileCache {
         // owns, and their SHA-256 matches the sidecar written with them, so
         // they are exactly what wasmtime serialized.
         match unsafe { Component::deserialize(engine, &bytes) } {
-            Ok(c) => Some(c),
+            Ok(c) => Some((c, bytes.len() as u64)),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "unusable compiled-plugin cache entry; recompiling");
                 None
@@ -78,28 +117,57 @@ impl CompileCache {
         }
     }
 
-    /// Store the compiled form of `wasm`. Failures are logged, not fatal: the
-    /// cache only saves time.
-    pub(crate) fn put(&self, engine: &Engine, wasm: &[u8]) -> Option<Component> {
-        let compiled = match engine.precompile_component(wasm) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::debug!(error = %e, "precompile failed");
-                return None;
-            }
-        };
+    /// Hold the artifact of `wasm` for a loaded plugin, writing `compiled`
+    /// (its freshly compiled form, if it was not read from the cache)
+    /// first. Write failures are logged, not fatal: the cache only saves
+    /// time.
+    pub(crate) fn hold(self: &Arc<Self>, wasm: &[u8], compiled: Option<&[u8]>) -> CacheRef {
         let path = self.path_for(wasm);
-        if let Err(e) = write_atomic(&path, &compiled).and_then(|_| {
-            write_atomic(
-                &path.with_extension("sha256"),
-                hex::encode(Sha256::digest(&compiled)).as_bytes(),
-            )
-        }) {
+        let mut refs = self.refs();
+        // Freshly compiled: missing or damaged on disk, (re)write it.
+        if let Some(compiled) = compiled
+            && let Err(e) = write_atomic(&path, compiled).and_then(|_| {
+                write_atomic(
+                    &path.with_extension("sha256"),
+                    hex::encode(Sha256::digest(compiled)).as_bytes(),
+                )
+            })
+        {
             tracing::warn!(path = %path.display(), error = %e, "cannot write compiled-plugin cache");
         }
-        // SAFETY: `compiled` was just produced by this engine.
-        unsafe { Component::deserialize(engine, &compiled) }.ok()
+        *refs.entry(path.clone()).or_default() += 1;
+        CacheRef {
+            cache: self.clone(),
+            path,
+        }
     }
+
+    /// Remove every file no live plugin holds (artifacts of plugins
+    /// unloaded, replaced or failed, leftovers of a crash). Returns how
+    /// many files were removed.
+    pub(crate) fn collect(&self) -> usize {
+        let refs = self.refs();
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for e in entries.flatten() {
+            let path = e.path();
+            let artifact = path.with_extension("cwasm");
+            if !refs.contains_key(&artifact) && fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+/// Compile `wasm` in memory: the component and its serialized artifact.
+pub(crate) fn compile(engine: &Engine, wasm: &[u8]) -> wasmtime::Result<(Component, Vec<u8>)> {
+    let compiled = engine.precompile_component(wasm)?;
+    // SAFETY: `compiled` was just produced by this engine.
+    let component = unsafe { Component::deserialize(engine, &compiled) }?;
+    Ok((component, compiled))
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

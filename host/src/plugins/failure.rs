@@ -24,6 +24,10 @@ pub enum FailureKind {
     Errored,
     /// The instance could not be created or initialized.
     Instantiate,
+    /// No instance was free within the call deadline, or the broker's
+    /// instance pool was full: the broker's bound, not the plugin's fault
+    /// (never counted as a trap).
+    Capacity,
 }
 
 impl FailureKind {
@@ -39,6 +43,7 @@ impl FailureKind {
             FailureKind::Guest => "guest_error",
             FailureKind::Errored => "errored",
             FailureKind::Instantiate => "instantiate",
+            FailureKind::Capacity => "capacity",
         }
     }
 

@@ -19,6 +19,7 @@ pub struct PluginMetrics {
     refused_errored: AtomicU64,
     instantiations: AtomicU64,
     instantiate_failures: AtomicU64,
+    capacity_refusals: AtomicU64,
     traps: [AtomicU64; 5],
     time_ns: AtomicU64,
     max_ns: AtomicU64,
@@ -44,6 +45,9 @@ pub struct MetricsSnapshot {
     pub instantiations: u64,
     /// Instances that could not be created or initialized.
     pub instantiate_failures: u64,
+    /// Calls refused because no instance was free within the deadline or
+    /// the broker's pool was full (the broker's bound, not a trap).
+    pub capacity_refusals: u64,
     /// Traps: deadline.
     pub traps_deadline: u64,
     /// Traps: memory.
@@ -60,7 +64,7 @@ pub struct MetricsSnapshot {
     pub max_ns: u64,
     /// Call latency histogram: counts per [`LATENCY_BUCKETS_US`] bucket (not cumulative), then +Inf.
     pub latency_buckets: Vec<u64>,
-    /// Guest log lines dropped by the per-call budget.
+    /// Log lines dropped by the per-call budget or the per-second limit.
     pub logs_dropped: u64,
     /// Largest linear memory of any instance, bytes.
     pub peak_memory_bytes: u64,
@@ -97,6 +101,7 @@ impl PluginMetrics {
             FailureKind::Output => &self.output_rejected,
             FailureKind::Errored => &self.refused_errored,
             FailureKind::Instantiate => &self.instantiate_failures,
+            FailureKind::Capacity => &self.capacity_refusals,
             trap => {
                 let i = FailureKind::TRAPS
                     .iter()
@@ -133,6 +138,7 @@ impl PluginMetrics {
             refused_errored: self.refused_errored.load(Relaxed),
             instantiations: self.instantiations.load(Relaxed),
             instantiate_failures: self.instantiate_failures.load(Relaxed),
+            capacity_refusals: self.capacity_refusals.load(Relaxed),
             traps_deadline: t(0),
             traps_memory: t(1),
             traps_panic: t(2),

@@ -44,6 +44,7 @@
 //! finish on the old one.
 
 mod bindings;
+mod budget;
 mod cache;
 mod failure;
 mod inspect;
@@ -238,4 +239,9 @@ pub enum LoadError {
     /// `init` returned an error or trapped.
     #[error("plugin init failed ({}): {}", .0.kind, .0.message)]
     Init(PluginFailure),
+    /// Loading it would take its tenant or the broker over a plugin limit
+    /// (instances, memory, compiled code): the broker's bound, not the
+    /// plugin's fault.
+    #[error("plugin limit reached: {0}")]
+    Capacity(String),
 }

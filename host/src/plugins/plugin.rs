@@ -1,16 +1,18 @@
 //! A loaded plugin: warm instances, typed calls, failure handling, health.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use wasmtime::Store;
 
 use super::bindings::{Abi, authorizer, filter, router, v0_1};
+use super::budget::Reservation;
+use super::cache::CacheRef;
 use super::failure::classify;
 use super::metrics::{MetricsSnapshot, PluginMetrics};
 use super::runtime::RuntimeInner;
-use super::store::{Limiter, LogBudget, PluginId, StoreState, truncate};
+use super::store::{Limiter, LineLimit, LogBudget, PluginId, StoreState, truncate};
 use super::{
     Action, Decision, FailureKind, FilterVerdict, LoadError, Message, PluginFailure, PluginKind,
     Principal, Resource, RouteRequest,
@@ -72,7 +74,8 @@ pub enum PluginState {
 }
 
 /// A loaded plugin. Calls are synchronous and may run on many threads at
-/// once; each concurrent call uses its own instance.
+/// once; each concurrent call uses its own instance, at most the plugin's
+/// reservation of them (a call beyond waits for one, up to its deadline).
 pub struct Plugin {
     runtime: Arc<RuntimeInner>,
     id: PluginId,
@@ -80,11 +83,25 @@ pub struct Plugin {
     digest: String,
     config: Vec<(String, String)>,
     pre: KindPre,
-    warm: Mutex<Vec<Warm>>,
+    slots: Mutex<Slots>,
+    freed: Condvar,
     metrics: PluginMetrics,
     consecutive_traps: AtomicU32,
     errored: AtomicBool,
     last_failure: Mutex<Option<PluginFailure>>,
+    lines: Arc<LineLimit>,
+    /// Instances, memory and compiled code held for this plugin (given
+    /// back when it is dropped, i.e. when its last call finished).
+    reservation: Reservation,
+    /// Keeps its compiled code in the disk cache while it is loaded.
+    _cached: Option<CacheRef>,
+}
+
+/// The plugin's instances: parked ones, and how many exist in all.
+#[derive(Default)]
+struct Slots {
+    warm: Vec<Warm>,
+    live: u32,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -99,6 +116,7 @@ impl std::fmt::Debug for Plugin {
 }
 
 impl Plugin {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         runtime: Arc<RuntimeInner>,
         id: PluginId,
@@ -106,7 +124,10 @@ impl Plugin {
         digest: String,
         config: Vec<(String, String)>,
         pre: KindPre,
+        reservation: Reservation,
+        cached: Option<CacheRef>,
     ) -> Result<Self, LoadError> {
+        let lines = Arc::new(LineLimit::new(runtime.config.max_log_lines_per_sec));
         let plugin = Self {
             runtime,
             id,
@@ -114,16 +135,28 @@ impl Plugin {
             digest,
             config,
             pre,
-            warm: Mutex::new(Vec::new()),
+            slots: Mutex::new(Slots::default()),
+            freed: Condvar::new(),
             metrics: PluginMetrics::default(),
             consecutive_traps: AtomicU32::new(0),
             errored: AtomicBool::new(false),
             last_failure: Mutex::new(None),
+            lines,
+            reservation,
+            _cached: cached,
         };
         // Instantiate once now so a broken `init` is reported at load time.
-        let warm = plugin.instantiate().map_err(LoadError::Init)?;
+        let warm = plugin.acquire().map_err(|f| match f.kind {
+            FailureKind::Capacity => LoadError::Capacity(f.message),
+            _ => LoadError::Init(f),
+        })?;
         plugin.park(warm);
         Ok(plugin)
+    }
+
+    /// What the plugin holds of its tenant's plugin limits.
+    pub(crate) fn reserved(&self) -> super::budget::Amount {
+        self.reservation.amount()
     }
 
     /// Tenant and name.
@@ -317,10 +350,11 @@ impl Plugin {
                 "plugin is errored after repeated traps; reload it".into(),
             ));
         }
-        let mut warm = match self.take_warm() {
-            Some(w) => w,
-            None => self.instantiate().inspect_err(|f| self.record_trap(f))?,
-        };
+        let mut warm = self.acquire().inspect_err(|f| {
+            if f.kind != FailureKind::Capacity {
+                self.record_trap(f);
+            }
+        })?;
         let cfg = &self.runtime.config;
         warm.store.data_mut().limiter.memory_denied = false;
         warm.store.data_mut().log.start_call();
@@ -346,7 +380,9 @@ impl Plugin {
                 self.metrics.failure(kind);
                 let failure = self.failure(kind, message);
                 self.record_trap(&failure);
-                // `warm` is dropped here: the trap poisoned its Store.
+                // The trap poisoned the Store: drop the instance.
+                drop(warm);
+                self.release();
                 Err(failure)
             }
         }
@@ -359,6 +395,7 @@ impl Plugin {
             id: self.id.clone(),
             limiter: Limiter::new(cfg.memory_limit, cfg.table_elements_limit),
             log: LogBudget::new(cfg.max_log_lines_per_call, cfg.max_log_line_bytes),
+            lines: self.lines.clone(),
         };
         let mut store = Store::new(&self.runtime.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -382,6 +419,17 @@ impl Plugin {
         };
         let exports = match exports {
             Ok(x) => x,
+            // The broker's pool is full: its bound, not the plugin's fault.
+            Err(e)
+                if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+                    .is_some() =>
+            {
+                self.metrics.failure(FailureKind::Capacity);
+                return Err(self.failure(
+                    FailureKind::Capacity,
+                    format!("the broker's plugin instance pool is full: {e:#}"),
+                ));
+            }
             Err(e) => {
                 self.metrics.failure(FailureKind::Instantiate);
                 return Err(self.failure(FailureKind::Instantiate, format!("{e:#}")));
@@ -409,16 +457,69 @@ impl Plugin {
         }
     }
 
-    fn take_warm(&self) -> Option<Warm> {
-        self.warm.lock().ok()?.pop()
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn park(&self, warm: Warm) {
-        if let Ok(mut pool) = self.warm.lock()
-            && pool.len() < self.runtime.config.warm_instances_per_plugin
-        {
-            pool.push(warm);
+    /// An instance for one call: a parked one, a new one within the
+    /// plugin's reservation, or the next one freed before the call
+    /// deadline passes (else a [`FailureKind::Capacity`] failure).
+    fn acquire(&self) -> Result<Warm, PluginFailure> {
+        let cfg = &self.runtime.config;
+        let deadline = Instant::now() + cfg.call_deadline;
+        let mut slots = self.slots();
+        loop {
+            if let Some(w) = slots.warm.pop() {
+                return Ok(w);
+            }
+            if slots.live < self.reservation.instances() {
+                slots.live += 1;
+                drop(slots);
+                return self.instantiate().inspect_err(|_| self.release());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.metrics.failure(FailureKind::Capacity);
+                return Err(self.failure(
+                    FailureKind::Capacity,
+                    format!(
+                        "all {} instances of the plugin stayed busy for the call deadline",
+                        self.reservation.instances()
+                    ),
+                ));
+            }
+            slots = self
+                .freed
+                .wait_timeout(slots, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
         }
+    }
+
+    /// Put an instance back for the next call (or drop it beyond the warm
+    /// count).
+    fn park(&self, warm: Warm) {
+        let mut slots = self.slots();
+        let keep = self
+            .runtime
+            .config
+            .warm_instances_per_plugin
+            .min(self.reservation.instances() as usize);
+        if slots.warm.len() < keep {
+            slots.warm.push(warm);
+        } else {
+            slots.live = slots.live.saturating_sub(1);
+        }
+        drop(slots);
+        self.freed.notify_one();
+    }
+
+    /// An instance is gone (trapped or failed to start).
+    fn release(&self) {
+        let mut slots = self.slots();
+        slots.live = slots.live.saturating_sub(1);
+        drop(slots);
+        self.freed.notify_one();
     }
 
     fn record_trap(&self, failure: &PluginFailure) {
@@ -434,8 +535,10 @@ impl Plugin {
                 last = %failure,
                 "plugin marked errored after repeated traps"
             );
-        } else {
+        } else if self.lines.take() {
             tracing::warn!(tenant = &*self.id.tenant, plugin = &*self.id.name, %failure, "plugin trapped");
+        } else {
+            self.metrics.logs_dropped(1);
         }
     }
 

@@ -9,7 +9,8 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::bindings::{Abi, authorizer, filter, host, router, v0_1};
-use super::cache::CompileCache;
+use super::budget::{Budgets, SWAP_HEADROOM};
+use super::cache::{self, CompileCache};
 use super::inspect;
 use super::plugin::{KindPre, Plugin};
 use super::sandbox::SandboxConfig;
@@ -57,7 +58,8 @@ pub(crate) struct RuntimeInner {
     pub(crate) engine: Engine,
     pub(crate) linker: Linker<StoreState>,
     pub(crate) config: SandboxConfig,
-    cache: Option<CompileCache>,
+    cache: Option<Arc<CompileCache>>,
+    budgets: Arc<Budgets>,
     _ticker: Ticker,
 }
 
@@ -67,16 +69,15 @@ impl PluginRuntime {
         let engine = Engine::new(&engine_config(&config))
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let linker = linker(&engine).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
-        let cache =
-            match &config.cache_dir {
-                Some(dir) => Some(CompileCache::open(dir, &engine).map_err(|source| {
-                    RuntimeError::Cache {
-                        path: dir.display().to_string(),
-                        source,
-                    }
-                })?),
-                None => None,
-            };
+        let cache = match &config.cache_dir {
+            Some(dir) => Some(Arc::new(CompileCache::open(dir, &engine).map_err(
+                |source| RuntimeError::Cache {
+                    path: dir.display().to_string(),
+                    source,
+                },
+            )?)),
+            None => None,
+        };
         // Without the ticker no deadline would ever fire: refuse to run.
         let ticker = Ticker::start(engine.clone(), config.epoch_tick)
             .map_err(|e| RuntimeError::Engine(format!("cannot start the epoch ticker: {e}")))?;
@@ -84,6 +85,7 @@ impl PluginRuntime {
             inner: Arc::new(RuntimeInner {
                 engine,
                 linker,
+                budgets: Arc::new(Budgets::new(config.clone())),
                 config,
                 cache,
                 _ticker: ticker,
@@ -98,9 +100,35 @@ impl PluginRuntime {
 
     /// Check, compile (or fetch from the cache) and initialize a plugin.
     pub fn load(&self, spec: PluginSpec) -> Result<Plugin, LoadError> {
+        self.load_replacing(spec, None)
+    }
+
+    /// [`PluginRuntime::load`] for a plugin that replaces `old` (same
+    /// tenant and name): the tenant's limits are checked as if `old` were
+    /// gone already, since it goes when the new one is installed.
+    pub fn load_replacing(
+        &self,
+        spec: PluginSpec,
+        old: Option<&Plugin>,
+    ) -> Result<Plugin, LoadError> {
         inspect::check_header(&spec.wasm)?;
-        let component = self.compile(&spec.wasm)?;
         let engine = &self.inner.engine;
+        // Compiled in memory; written to the disk cache only once the
+        // component passed the contract check and linked.
+        let (component, compiled, size) = match self
+            .inner
+            .cache
+            .as_ref()
+            .and_then(|c| c.get(engine, &spec.wasm))
+        {
+            Some((component, size)) => (component, None, size),
+            None => {
+                let (component, bytes) = cache::compile(engine, &spec.wasm)
+                    .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+                let size = bytes.len() as u64;
+                (component, Some(bytes), size)
+            }
+        };
         let abi = inspect::check_contract(engine, &component, spec.kind)?;
         let pre = match abi {
             Some(abi) => self.link(&component, spec.kind, abi)?,
@@ -117,8 +145,38 @@ impl PluginRuntime {
             tenant: spec.tenant.into(),
             name: spec.name.into(),
         };
+        let budgets = &self.inner.budgets;
+        let reservation =
+            budgets.reserve(&id.tenant, budgets.amount(size), old.map(Plugin::reserved))?;
+        let cached = self
+            .inner
+            .cache
+            .as_ref()
+            .map(|c| c.hold(&spec.wasm, compiled.as_deref()));
         let digest = hex::encode(Sha256::digest(&spec.wasm));
-        Plugin::new(self.inner.clone(), id, spec.kind, digest, spec.config, pre)
+        Plugin::new(
+            self.inner.clone(),
+            id,
+            spec.kind,
+            digest,
+            spec.config,
+            pre,
+            reservation,
+            cached,
+        )
+    }
+
+    /// Remove compiled artifacts no loaded plugin uses from the disk cache
+    /// (call after the broker loaded its plugins at start). Returns how
+    /// many files were removed.
+    pub fn collect_cache(&self) -> usize {
+        self.inner.cache.as_ref().map_or(0, |c| c.collect())
+    }
+
+    /// Instances, memory and compiled-code bytes `tenant`'s plugins hold.
+    pub fn tenant_usage(&self, tenant: &str) -> (u32, u64, u64) {
+        let a = self.inner.budgets.held(tenant);
+        (a.instances, a.memory, a.cache_bytes)
     }
 
     /// Pre-link `component` as a `kind` plugin of contract version `abi`.
@@ -155,19 +213,6 @@ impl PluginRuntime {
             }
         })
     }
-
-    fn compile(&self, wasm: &[u8]) -> Result<Component, LoadError> {
-        let engine = &self.inner.engine;
-        if let Some(cache) = &self.inner.cache {
-            if let Some(c) = cache.get(engine, wasm) {
-                return Ok(c);
-            }
-            if let Some(c) = cache.put(engine, wasm) {
-                return Ok(c);
-            }
-        }
-        Component::new(engine, wasm).map_err(|e| LoadError::Compile(format!("{e:#}")))
-    }
 }
 
 /// A linker offering the `host` and `types` interfaces of every supported
@@ -187,7 +232,8 @@ fn linker(engine: &Engine) -> wasmtime::Result<Linker<StoreState>> {
 
 fn engine_config(sandbox: &SandboxConfig) -> Config {
     let mut pool = PoolingAllocationConfig::default();
-    let n = sandbox.pool_instances.max(1);
+    // Every reservation (see `budget`) plus room for plugins being replaced.
+    let n = sandbox.pool_instances.max(1).saturating_add(SWAP_HEADROOM);
     pool.total_component_instances(n)
         .total_core_instances(n.saturating_mul(8))
         .total_memories(n.saturating_mul(2))

@@ -18,12 +18,29 @@ pub struct SandboxConfig {
     pub memory_limit: usize,
     /// Table elements cap per instance. Default 20 000.
     pub table_elements_limit: usize,
-    /// Component instances the pooling allocator can hold at once, across all
-    /// plugins of the runtime. Default 128.
+    /// Instances all plugins of the runtime may reserve in all (the
+    /// wasmtime pool holds these plus a headroom for hot swaps). Default 256.
     pub pool_instances: u32,
+    /// Instances one plugin reserves at load and never exceeds: calls
+    /// beyond wait for one of them. Default 2.
+    pub instances_per_plugin: u32,
+    /// Instances one tenant's plugins may reserve. Default 32.
+    pub instances_per_tenant: u32,
+    /// Linear memory one tenant's plugins may reserve (instances × the
+    /// memory cap). Default 512 MiB.
+    pub memory_per_tenant: u64,
+    /// Compiled code of one tenant's plugins, bytes (what they hold in the
+    /// on-disk cache). Default 256 MiB.
+    pub cache_bytes_per_tenant: u64,
+    /// Compiled code of all plugins, bytes. Default 2 GiB.
+    pub cache_bytes_total: u64,
     /// Warm (instantiated and initialized) instances kept per plugin for
-    /// reuse. Default 4.
+    /// reuse, at most `instances_per_plugin`. Default 2.
     pub warm_instances_per_plugin: usize,
+    /// Log lines (guest `log` calls and the broker's trap warnings) one
+    /// plugin may produce per second; the rest are counted as dropped.
+    /// Default 100.
+    pub max_log_lines_per_sec: u32,
     /// Consecutive traps after which a plugin is marked errored and refuses
     /// further calls until reloaded. Default 5.
     pub trap_threshold: u32,
@@ -45,8 +62,14 @@ impl Default for SandboxConfig {
             epoch_tick: Duration::from_millis(1),
             memory_limit: 16 << 20,
             table_elements_limit: 20_000,
-            pool_instances: 128,
-            warm_instances_per_plugin: 4,
+            pool_instances: 256,
+            instances_per_plugin: 2,
+            instances_per_tenant: 32,
+            memory_per_tenant: 512 << 20,
+            cache_bytes_per_tenant: 256 << 20,
+            cache_bytes_total: 2 << 30,
+            warm_instances_per_plugin: 2,
+            max_log_lines_per_sec: 100,
             trap_threshold: 5,
             cache_dir: None,
             output: OutputLimits::default(),

@@ -22,6 +22,42 @@ pub(crate) struct StoreState {
     pub(crate) id: PluginId,
     pub(crate) limiter: Limiter,
     pub(crate) log: LogBudget,
+    /// The plugin's log lines per second, shared by all its instances.
+    pub(crate) lines: Arc<LineLimit>,
+}
+
+/// Log lines per second of one plugin (a token bucket holding one
+/// second's worth): guest lines and the broker's warnings about the plugin
+/// share it, so no plugin floods the broker's log, however often it is
+/// called or traps.
+#[derive(Debug)]
+pub(crate) struct LineLimit {
+    per_sec: u32,
+    state: std::sync::Mutex<(f64, std::time::Instant)>,
+}
+
+impl LineLimit {
+    pub(crate) fn new(per_sec: u32) -> Self {
+        Self {
+            per_sec,
+            state: std::sync::Mutex::new((f64::from(per_sec), std::time::Instant::now())),
+        }
+    }
+
+    /// Whether one more line may be written now.
+    pub(crate) fn take(&self) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let rate = f64::from(self.per_sec);
+        st.0 = (st.0 + now.duration_since(st.1).as_secs_f64() * rate).min(rate);
+        st.1 = now;
+        if st.0 >= 1.0 {
+            st.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Enforces the memory and table caps and remembers whether it refused a
@@ -109,7 +145,7 @@ impl bindings::host::Host for StoreState {
         if let Some(msg) = text.strip_prefix(PANIC_PREFIX) {
             budget.last_panic = Some(truncate(msg, budget.max_bytes).to_string());
         }
-        if budget.lines >= budget.max_lines {
+        if budget.lines >= budget.max_lines || !self.lines.take() {
             budget.dropped += 1;
             return;
         }
