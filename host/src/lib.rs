@@ -27,6 +27,6 @@ pub mod config;
 pub mod metrics;
 pub mod plugins;
 pub mod server;
-mod session;
+pub mod session;
 pub mod store;
 pub mod tls;

@@ -1,5 +1,6 @@
 //! Shared helpers for the end-to-end tests in `tests/`.
 
+pub mod program;
 pub mod raw;
 
 use std::time::Duration;

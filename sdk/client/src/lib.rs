@@ -684,7 +684,7 @@ impl FrameSource for mpsc::UnboundedReceiver<Frame> {
 /// from `rx` only as fast as the peer reads them (`write_all` waits on QUIC
 /// flow control), which is what gives a bounded `rx` its backpressure.
 #[doc(hidden)]
-pub async fn frame_writer(mut send: quinn::SendStream, mut rx: impl FrameSource) {
+pub async fn frame_writer(mut send: impl FrameSink, mut rx: impl FrameSource) {
     let mut buf = Vec::with_capacity(64 << 10);
     while let Some(f) = rx.next().await {
         proto::encode(&f, &mut buf);
@@ -694,13 +694,33 @@ pub async fn frame_writer(mut send: quinn::SendStream, mut rx: impl FrameSource)
                 None => break,
             }
         }
-        if send.write_all(&buf).await.is_err() {
+        if !send.write_all(&buf).await {
             return;
         }
         rx.written();
         buf.clear();
     }
-    let _ = send.finish();
+    send.finish();
+}
+
+/// Where [`frame_writer`] writes: a QUIC send stream, or (in the broker's
+/// in-process sessions) memory.
+#[doc(hidden)]
+pub trait FrameSink: Send + 'static {
+    /// Write all of `buf`, waiting on flow control; `false` once the peer
+    /// is gone.
+    fn write_all(&mut self, buf: &[u8]) -> impl std::future::Future<Output = bool> + Send;
+    /// No more bytes.
+    fn finish(&mut self);
+}
+
+impl FrameSink for quinn::SendStream {
+    async fn write_all(&mut self, buf: &[u8]) -> bool {
+        quinn::SendStream::write_all(self, buf).await.is_ok()
+    }
+    fn finish(&mut self) {
+        let _ = quinn::SendStream::finish(self);
+    }
 }
 
 async fn reader(inner: std::sync::Weak<Inner>, mut recv: quinn::RecvStream, mut decoder: Decoder) {
