@@ -2,6 +2,11 @@
 //! plugins. Starts an in-process broker on loopback with fresh certificates.
 //!
 //! Run: `cargo run --release -p sluice --example noisy_neighbour`
+//!
+//! B's queues are transient by default, so the figures show how B shares
+//! the CPU with A's plugins, not the disk's fsync latency (which on a busy
+//! VM varies by tens of milliseconds between runs); `SLUICE_NOISY_DURABLE=1`
+//! makes them durable.
 
 use std::time::{Duration, Instant};
 
@@ -12,8 +17,16 @@ use sluice_client::{Client, QueueSpec};
 const RATE: u64 = 1000; // B's messages per second
 const SECONDS: u64 = 3;
 
+fn spec(queue: &str) -> QueueSpec {
+    let spec = QueueSpec::new(queue);
+    if std::env::var_os("SLUICE_NOISY_DURABLE").is_some() {
+        spec
+    } else {
+        spec.transient()
+    }
+}
+
 async fn measure_b(b: &Client, queue: &str) -> (f64, f64, f64) {
-    b.declare(QueueSpec::new(queue)).await.expect("declare");
     b.bind(queue, queue).await.expect("bind");
     let mut sub = b.subscribe(queue, 256).await.expect("subscribe");
     let epoch = Instant::now();
@@ -70,8 +83,8 @@ async fn main() -> anyhow::Result<()> {
     let filter = sluice::bundled::wasm("header-filter")
         .expect("bundled")
         .to_vec();
-    b.declare(QueueSpec::new("calm")).await?;
-    b.declare(QueueSpec::new("noisy")).await?;
+    b.declare(spec("calm")).await?;
+    b.declare(spec("noisy")).await?;
     b.load_plugin(
         "pass",
         "filter",
@@ -103,9 +116,17 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let stop = Instant::now() + Duration::from_secs(SECONDS + 2);
+    // What A's plugin does: spin to its deadline, bomb its memory cap (and,
+    // with SLUICE_NOISY_MODES=slow, burn ~7 ms per call without trapping).
+    let modes: Vec<String> = std::env::var("SLUICE_NOISY_MODES")
+        .unwrap_or_else(|_| "loop,alloc".into())
+        .split(',')
+        .map(str::to_string)
+        .collect();
     let mut abusers = Vec::new();
     for _ in 0..4 {
         let a = a.clone();
+        let modes = modes.clone();
         abusers.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < stop {
@@ -113,14 +134,11 @@ async fn main() -> anyhow::Result<()> {
                     .map(|i| {
                         a.publish(
                             "t",
-                            vec![(
-                                "hostile".into(),
-                                if i % 2 == 0 {
-                                    "loop".into()
-                                } else {
-                                    "alloc".into()
-                                },
-                            )],
+                            vec![
+                                ("hostile".into(), modes[i % modes.len()].clone()),
+                                // `slow`: busy for ~7 ms, under the deadline.
+                                ("ms".into(), "150".into()),
+                            ],
                             vec![],
                         )
                     })

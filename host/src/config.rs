@@ -68,6 +68,11 @@ pub struct FileConfig {
     pub plugin_cache_mib: Option<u64>,
     /// Log lines one plugin may cause per second (default 100).
     pub plugin_log_lines_per_sec: Option<u32>,
+    /// Share of one core a tenant's plugins may use before its work runs
+    /// at the lowest priority (default 0.5).
+    pub plugin_cpu_share: Option<f64>,
+    /// Threads for the work of tenants over their CPU share (default 2).
+    pub low_priority_threads: Option<usize>,
     /// Tenants registered (or updated) at start, with their quotas.
     #[serde(default)]
     pub tenants: Vec<TenantEntry>,
@@ -138,6 +143,16 @@ impl FileConfig {
         if let Some(n) = self.control_concurrency_per_tenant {
             config.control_concurrency_per_tenant =
                 at_least_one("control_concurrency_per_tenant", n)?;
+        }
+        if let Some(x) = self.plugin_cpu_share {
+            anyhow::ensure!(
+                x > 0.0 && x.is_finite(),
+                "plugin_cpu_share = {x}: must be above 0 (a share of one core, e.g. 0.5)"
+            );
+            config.plugin_cpu_share = x;
+        }
+        if let Some(n) = self.low_priority_threads {
+            config.low_priority_threads = at_least_one("low_priority_threads", n)?;
         }
         let sb = &mut config.sandbox;
         if let Some(n) = self.plugin_pool_instances {

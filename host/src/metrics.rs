@@ -117,6 +117,35 @@ pub fn render(broker: &Broker) -> String {
         );
     }
 
+    family(
+        &mut out,
+        "sluice_tenant_plugin_cpu_share",
+        "gauge",
+        "Share of one core the tenant's plugins and other offloaded work used recently.",
+    );
+    for t in &tenants {
+        let _ = writeln!(
+            out,
+            "sluice_tenant_plugin_cpu_share{{tenant=\"{}\"}} {:.3}",
+            label(&t.name),
+            t.cpu_share
+        );
+    }
+    family(
+        &mut out,
+        "sluice_tenant_demoted_jobs_total",
+        "counter",
+        "Jobs of the tenant run at the lowest CPU priority (over plugin_cpu_share).",
+    );
+    for t in &tenants {
+        let _ = writeln!(
+            out,
+            "sluice_tenant_demoted_jobs_total{{tenant=\"{}\"}} {}",
+            label(&t.name),
+            t.demoted_jobs
+        );
+    }
+
     type QueueField = fn(&crate::broker::QueueInfo) -> u64;
     let queue_metrics: [(&str, &str, &str, QueueField); 9] = [
         (

@@ -13,6 +13,7 @@ mod dead_letter;
 mod error;
 mod limits;
 mod names;
+mod offload;
 mod queue;
 mod routing;
 mod subscription;
@@ -76,6 +77,12 @@ pub struct BrokerConfig {
     /// Control requests (declare, bind, plugin load, ...) of one tenant
     /// running at once on blocking threads. Default 2.
     pub control_concurrency_per_tenant: usize,
+    /// Share of one core a tenant's plugins (and other offloaded work) may
+    /// use, averaged over a second, before its work runs at the lowest CPU
+    /// priority. Default 0.5.
+    pub plugin_cpu_share: f64,
+    /// Threads running the work of tenants over their CPU share. Default 2.
+    pub low_priority_threads: usize,
 }
 
 impl BrokerConfig {
@@ -100,6 +107,8 @@ impl BrokerConfig {
             max_plugins_per_tenant: 16,
             max_connections: 16_384,
             control_concurrency_per_tenant: 2,
+            plugin_cpu_share: 0.5,
+            low_priority_threads: 2,
         }
     }
 }
@@ -200,6 +209,7 @@ pub(crate) struct Inner {
     tenants: RwLock<HashMap<String, Arc<Tenant>>>,
     next_consumer: AtomicU64,
     connections: AtomicU64,
+    low_priority: offload::LowPriority,
     live: std::sync::Mutex<tenancy::Connections>,
 }
 
@@ -261,6 +271,8 @@ impl Broker {
     ) -> Result<Self, BrokerError> {
         let runtime = PluginRuntime::new(config.sandbox.clone())
             .map_err(|e| BrokerError::Conflict(format!("plugin runtime: {e}")))?;
+        let low_priority = offload::LowPriority::start(config.low_priority_threads)
+            .map_err(|e| BrokerError::Conflict(format!("low-priority threads: {e}")))?;
         let broker = Broker {
             inner: Arc::new(Inner {
                 config,
@@ -270,6 +282,7 @@ impl Broker {
                 tenants: RwLock::new(HashMap::new()),
                 next_consumer: AtomicU64::new(1),
                 connections: AtomicU64::new(0),
+                low_priority,
                 live: std::sync::Mutex::new(tenancy::Connections::default()),
             }),
         };
@@ -462,6 +475,27 @@ impl Broker {
             .acquire_owned()
             .await
             .map_err(|_| BrokerError::ShuttingDown)
+    }
+
+    /// Run `f` off the async workers for `tenant`, charged to its CPU
+    /// share (see [`offload`]): plugin calls, store syncs, anything that
+    /// may block.
+    /// `units` is how many messages (or requests) `f` handles.
+    pub async fn offload<T: Send + 'static>(
+        &self,
+        tenant: &str,
+        units: usize,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, BrokerError> {
+        let t = self.tenant(tenant);
+        offload::offload(
+            &t,
+            self.inner.config.plugin_cpu_share,
+            &self.inner.low_priority,
+            units,
+            f,
+        )
+        .await
     }
 
     /// The plugin runtime.

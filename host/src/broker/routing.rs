@@ -89,18 +89,16 @@ impl Broker {
                 return refused((0..n).map(|_| Err(BrokerError::ShuttingDown)).collect());
             };
             let (broker, who, tenant_name) = (self.clone(), who.clone(), tenant.to_string());
-            match tokio::task::spawn_blocking(move || {
-                let _permit = permit;
-                let t = broker.tenant(&tenant_name);
-                msgs.iter().map(|m| broker.route(&t, &who, m)).collect()
-            })
-            .await
+            match self
+                .offload(tenant, n, move || {
+                    let _permit = permit;
+                    let t = broker.tenant(&tenant_name);
+                    msgs.iter().map(|m| broker.route(&t, &who, m)).collect()
+                })
+                .await
             {
                 Ok(r) => r,
-                Err(e) => {
-                    let e = BrokerError::Conflict(format!("routing task failed: {e}"));
-                    return refused((0..n).map(|_| Err(e.clone())).collect());
-                }
+                Err(e) => return refused((0..n).map(|_| Err(e.clone())).collect()),
             }
         } else {
             msgs.iter().map(|m| self.route(&t, who, m)).collect()

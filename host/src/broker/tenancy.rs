@@ -79,7 +79,7 @@ impl Quota {
 }
 
 /// Usage and quota refusals of one tenant, for metrics.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TenantUsage {
     /// Name.
     pub name: String,
@@ -97,6 +97,10 @@ pub struct TenantUsage {
     pub plugins_not_running: u64,
     /// Log lines this tenant's actions caused that the log limit suppressed.
     pub log_lines_suppressed: u64,
+    /// Share of one core its offloaded work (plugins) used recently.
+    pub cpu_share: f64,
+    /// Jobs run at the lowest priority because it was over its CPU share.
+    pub demoted_jobs: u64,
 }
 
 /// A tenant as listed.
@@ -337,6 +341,8 @@ impl Broker {
                 refused: Quota::ALL.map(|q| t.refusals[q as usize].load(Relaxed)),
                 plugins_not_running: t.read().not_running.len() as u64,
                 log_lines_suppressed: t.logs_suppressed.load(Relaxed),
+                cpu_share: t.cpu().share(),
+                demoted_jobs: t.demoted_jobs.load(Relaxed),
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));

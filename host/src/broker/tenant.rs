@@ -37,6 +37,12 @@ pub(crate) struct Tenant {
     logs: Mutex<Bucket>,
     /// Log lines suppressed by the limit.
     pub logs_suppressed: AtomicU64,
+    /// Recent CPU use of the tenant's offloaded work (plugins, syncs).
+    cpu: Mutex<super::offload::CpuUse>,
+    /// Whether its work currently runs at the lowest priority.
+    demoted: AtomicBool,
+    /// Jobs run at the lowest priority since start.
+    pub demoted_jobs: AtomicU64,
 }
 
 /// Log lines per second (and burst) one tenant's actions may cause.
@@ -93,7 +99,22 @@ impl Tenant {
             auth_cache: Mutex::new(AuthCache::default()),
             logs: Mutex::new(Bucket::full(LOG_LINES_PER_SEC)),
             logs_suppressed: AtomicU64::new(0),
+            cpu: Mutex::new(super::offload::CpuUse::default()),
+            demoted: AtomicBool::new(false),
+            demoted_jobs: AtomicU64::new(0),
         }
+    }
+
+    /// The tenant's recent CPU use.
+    pub fn cpu(&self) -> std::sync::MutexGuard<'_, super::offload::CpuUse> {
+        self.cpu.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Record whether the tenant's work is demoted; true when that changed.
+    pub fn set_demoted(&self, demoted: bool) -> bool {
+        self.demoted
+            .swap(demoted, std::sync::atomic::Ordering::Relaxed)
+            != demoted
     }
 
     /// Run `log` (a tracing call) unless this tenant already caused

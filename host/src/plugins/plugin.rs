@@ -2,7 +2,10 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// Longest pause before re-instantiating a plugin that keeps trapping.
+pub const MAX_BACKOFF: Duration = Duration::from_millis(250);
 
 use wasmtime::Store;
 
@@ -475,6 +478,7 @@ impl Plugin {
             if slots.live < self.reservation.instances() {
                 slots.live += 1;
                 drop(slots);
+                self.back_off();
                 return self.instantiate().inspect_err(|_| self.release());
             }
             let now = Instant::now();
@@ -493,6 +497,23 @@ impl Plugin {
                 .wait_timeout(slots, deadline - now)
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// A plugin that trapped twice in a row or more is instantiated again
+    /// only after a pause that doubles with every trap (5 ms, 10 ms, ... at
+    /// most [`MAX_BACKOFF`]), so a plugin that traps on every call costs
+    /// little CPU until it is marked errored (or forever, with a high
+    /// `trap_threshold`). A single trap, as a legitimate plugin may hit
+    /// under load, costs no pause. The pause is spent on the tenant's own
+    /// plugin thread.
+    fn back_off(&self) {
+        let traps = self.consecutive_traps.load(Ordering::Relaxed);
+        if traps >= 2 {
+            let pause = Duration::from_millis(5)
+                .saturating_mul(1 << (traps - 2).min(16))
+                .min(MAX_BACKOFF);
+            std::thread::sleep(pause);
         }
     }
 

@@ -80,12 +80,12 @@ impl<L: Link> Session<L> {
     ) -> Result<T, BrokerError> {
         let permit = self.broker.control_permit(tenant).await?;
         let (b, who) = (self.broker.clone(), self.who.clone());
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            f(&b, &who)
-        })
-        .await
-        .map_err(|e| BrokerError::Conflict(format!("request task failed: {e}")))?
+        self.broker
+            .offload(tenant, 1, move || {
+                let _permit = permit;
+                f(&b, &who)
+            })
+            .await?
     }
 
     pub(super) async fn request(

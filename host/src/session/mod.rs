@@ -225,12 +225,13 @@ pub(crate) async fn run(conn: quinn::Connection, broker: Broker, mapping: &Ident
     let allowed = match broker.control_permit(&who.tenant).await {
         Ok(permit) => {
             let (b, w) = (broker.clone(), who.clone());
-            tokio::task::spawn_blocking(move || {
-                let _permit = permit;
-                b.authorize(&w, &w.tenant, Action::Connect, &Resource::Broker)
-            })
-            .await
-            .unwrap_or_else(|e| Err(BrokerError::Conflict(format!("connect check failed: {e}"))))
+            broker
+                .offload(&who.tenant, 1, move || {
+                    let _permit = permit;
+                    b.authorize(&w, &w.tenant, Action::Connect, &Resource::Broker)
+                })
+                .await
+                .and_then(|r| r)
         }
         Err(e) => Err(e),
     };

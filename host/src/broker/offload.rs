@@ -1,0 +1,255 @@
+//! Work that may block or burn CPU (plugin calls, store syncs) runs off the
+//! async workers, charged to its tenant.
+//!
+//! Every piece of offloaded work is measured in CPU time of the thread
+//! that ran it and charged to its tenant as a decaying average
+//! ([`CpuUse`]). A tenant within [`BrokerConfig::plugin_cpu_share`] of one
+//! core runs on tokio's blocking threads at normal priority. A tenant over
+//! it (a spinning plugin, a flood of expensive calls) runs on a few
+//! dedicated threads at the lowest CPU priority (Linux `SCHED_IDLE`, else
+//! nice 19): it still gets the CPU nobody else wants, but the scheduler
+//! runs every other tenant's work, and the broker's own, first. Deadlines still bound each call; the
+//! priority bounds what a tenant's calls cost the others meanwhile.
+//!
+//! [`BrokerConfig::plugin_cpu_share`]: super::BrokerConfig::plugin_cpu_share
+
+use std::sync::Mutex;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::BrokerError;
+use super::tenant::Tenant;
+
+/// A tenant's recent CPU use of offloaded work: an exponentially decaying
+/// sum with a time constant of [`WINDOW`], in CPU-seconds. Work that used
+/// `x` of a core for a long time converges to `x × WINDOW`.
+#[derive(Debug)]
+pub(crate) struct CpuUse {
+    seconds: f64,
+    at: Instant,
+    /// Since when the tenant is over its share (demotion is sticky: it
+    /// ends only once use fell to a quarter of the share and a [`STICKY`]
+    /// time passed, so a tenant whose work waits at low priority does not
+    /// flap back to normal priority meanwhile).
+    over_since: Option<Instant>,
+}
+
+/// CPU per message (or request) beyond which work counts as a hog: plugin
+/// calls cost microseconds; a call that spins to its deadline costs ms.
+pub(crate) const HOG_PER_UNIT: Duration = Duration::from_millis(2);
+
+/// How long a demotion lasts at least.
+pub(crate) const STICKY: Duration = Duration::from_secs(1);
+
+/// The time constant of [`CpuUse`].
+pub(crate) const WINDOW: Duration = Duration::from_millis(250);
+
+impl Default for CpuUse {
+    fn default() -> Self {
+        Self {
+            seconds: 0.0,
+            at: Instant::now(),
+            over_since: None,
+        }
+    }
+}
+
+impl CpuUse {
+    fn decay(&mut self) {
+        let now = Instant::now();
+        let dt = now.duration_since(self.at).as_secs_f64();
+        self.seconds *= (-dt / WINDOW.as_secs_f64()).exp();
+        self.at = now;
+    }
+
+    /// Charge `cpu` seconds for work of `units` items (messages, or 1 for
+    /// a request). Work that took more than [`HOG_PER_UNIT`] per item is a
+    /// hog (a spinning plugin, not a busy one): the tenant is over its
+    /// share at once, without waiting for the average to catch up.
+    pub(crate) fn charge(&mut self, cpu: f64, units: usize, share: f64) {
+        self.decay();
+        self.seconds += cpu;
+        if cpu / units.max(1) as f64 > HOG_PER_UNIT.as_secs_f64() {
+            self.seconds = self.seconds.max(share * WINDOW.as_secs_f64() * 2.0);
+            self.over_since = Some(Instant::now());
+        }
+    }
+
+    /// The share of one core used recently (1.0 = a whole core).
+    pub(crate) fn share(&mut self) -> f64 {
+        self.decay();
+        self.seconds / WINDOW.as_secs_f64()
+    }
+
+    /// Whether the tenant is over `share` (with the hysteresis above).
+    pub(crate) fn over(&mut self, share: f64) -> bool {
+        let now_share = self.share();
+        match self.over_since {
+            None if now_share > share => {
+                self.over_since = Some(Instant::now());
+                true
+            }
+            None => false,
+            Some(since) if now_share < share / 4.0 && since.elapsed() >= STICKY => {
+                self.over_since = None;
+                false
+            }
+            Some(_) => true,
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Threads at the lowest CPU priority for tenants over their share.
+pub(crate) struct LowPriority {
+    tx: Mutex<mpsc::Sender<Job>>,
+}
+
+impl LowPriority {
+    /// Start `threads` workers.
+    pub(crate) fn start(threads: usize) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = std::sync::Arc::new(Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("sluice-lowprio-{i}"))
+                .spawn(move || {
+                    lower_priority();
+                    loop {
+                        let job = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    }
+                })?;
+        }
+        Ok(Self { tx: Mutex::new(tx) })
+    }
+
+    fn run(&self, job: Job) -> bool {
+        self.tx
+            .lock()
+            .map(|tx| tx.send(job).is_ok())
+            .unwrap_or(false)
+    }
+}
+
+/// Put the calling thread in the `SCHED_IDLE` class (it runs only when no
+/// normal thread wants the CPU, and a waking normal thread preempts it at
+/// once), falling back to nice 19. Any user may lower its own priority.
+fn lower_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param for the call's duration; pid 0
+    // is the calling thread. A failure only leaves the priority unchanged.
+    let idle = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } == 0;
+    if idle {
+        return;
+    }
+    // SAFETY: `gettid` and `setpriority` take plain integers and touch no
+    // memory of ours.
+    let r = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19)
+    };
+    if r != 0 {
+        tracing::warn!("cannot lower the priority of a low-priority plugin thread");
+    }
+}
+
+/// CPU time the calling thread has used.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if r != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Run `f` for `tenant` off the async workers: at normal priority while the
+/// tenant is within `share` of a core, at the lowest priority beyond.
+/// Its CPU time is charged to the tenant.
+pub(crate) async fn offload<T: Send + 'static>(
+    tenant: &Tenant,
+    share: f64,
+    low: &LowPriority,
+    units: usize,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, BrokerError> {
+    let over = tenant.cpu().over(share);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job = move || {
+        let start = thread_cpu();
+        let out = f();
+        let used = thread_cpu().saturating_sub(start);
+        let _ = tx.send((out, used));
+    };
+    if tenant.set_demoted(over) {
+        tenant.log_limited(|| {
+            if over {
+                tracing::info!(tenant = %tenant.name, share, "tenant over its plugin CPU share: its work runs at the lowest priority")
+            } else {
+                tracing::info!(tenant = %tenant.name, "tenant back within its plugin CPU share")
+            }
+        });
+    }
+    if over {
+        if !low.run(Box::new(job)) {
+            return Err(BrokerError::ShuttingDown);
+        }
+        tenant
+            .demoted_jobs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    } else {
+        tokio::task::spawn_blocking(job);
+    }
+    let (out, used) = rx
+        .await
+        .map_err(|_| BrokerError::Conflict("offloaded work failed".into()))?;
+    tenant.cpu().charge(used.as_secs_f64(), units, share);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_use_decays_and_demotion_is_sticky() {
+        let mut c = CpuUse::default();
+        c.charge(WINDOW.as_secs_f64() * 0.5, 1_000_000, 0.5);
+        assert!((c.share() - 0.5).abs() < 0.05, "{}", c.share());
+        assert!(!c.over(0.6));
+        assert!(c.over(0.4));
+        // Use falls, but the demotion holds for STICKY.
+        c.at -= WINDOW * 8;
+        assert!(c.share() < 0.01);
+        assert!(c.over(0.4));
+        c.over_since = c.over_since.map(|t| t - STICKY);
+        assert!(!c.over(0.4));
+        // One spinning call is enough.
+        c.charge(0.010, 1, 0.4);
+        assert!(c.over(0.4));
+    }
+
+    #[test]
+    fn thread_cpu_time_advances_with_work() {
+        let a = thread_cpu();
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        assert!(thread_cpu() > a);
+    }
+}
