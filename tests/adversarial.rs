@@ -690,3 +690,265 @@ async fn an_authorizer_that_is_not_running_fails_closed() {
     let a = h.client("acme").await;
     a.purge("q").await.unwrap();
 }
+
+/// A router's output is bounded and de-duplicated: a queue it names 1000
+/// times stores the message once (and the publish is confirmed for one
+/// queue); too many targets, unknown queues or none are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_output_is_bounded_and_deduplicated() {
+    let h = Harness::start().await;
+    let a = h.client("acme").await;
+    a.declare(QueueSpec::new("in")).await.unwrap();
+    a.bind("in", "r.>").await.unwrap();
+    a.load_plugin(
+        "r",
+        "router",
+        None,
+        sluice::bundled::wasm("hostile-router").unwrap().to_vec(),
+        vec![],
+    )
+    .await
+    .unwrap();
+    let hostile = |mode: &str| vec![("hostile".to_string(), mode.to_string())];
+    assert_eq!(
+        a.publish("r.x", hostile("dup"), b"once".to_vec())
+            .await
+            .unwrap(),
+        1
+    );
+    let qs = a.list_queues().await.unwrap();
+    assert_eq!(qs[0].ready, 1, "stored once: {qs:?}");
+    for mode in ["many", "unknown"] {
+        assert_eq!(
+            code(a.publish("r.x", hostile(mode), b"x".to_vec()).await),
+            ErrorCode::PluginFailed,
+            "{mode}"
+        );
+    }
+    assert_eq!(
+        code(a.publish("r.x", hostile("empty"), b"x".to_vec()).await),
+        ErrorCode::NoRoute
+    );
+    assert_eq!(a.list_queues().await.unwrap()[0].ready, 1);
+}
+
+/// A filter's replacement is checked like a publish: one with more headers
+/// than a stored message may carry (room for the dead-letter headers) is a
+/// filter failure, and the original is dead-lettered, still deliverable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_output_is_checked_as_stored() {
+    let h = Harness::start().await;
+    let a = h.client("acme").await;
+    a.declare(QueueSpec::new("dead")).await.unwrap();
+    a.declare(QueueSpec::new("in").dead_letter("dead"))
+        .await
+        .unwrap();
+    a.bind("in", "f").await.unwrap();
+    a.load_plugin(
+        "f",
+        "filter",
+        Some("in"),
+        sluice::bundled::wasm("hostile").unwrap().to_vec(),
+        vec![],
+    )
+    .await
+    .unwrap();
+    let wire = proto::Limits::default();
+    let headers = |n: usize| {
+        vec![
+            ("hostile".to_string(), "n-headers".to_string()),
+            ("count".to_string(), n.to_string()),
+        ]
+    };
+    // At the stored limit: kept.
+    a.publish("f", headers(wire.max_headers - 2), b"ok".to_vec())
+        .await
+        .unwrap();
+    // One over (but within the plugin output bound): dead-lettered.
+    a.publish("f", headers(wire.max_headers - 1), b"over".to_vec())
+        .await
+        .unwrap();
+    let mut dead = a.subscribe("dead", 1).await.unwrap();
+    let d = tokio::time::timeout(WAIT, dead.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.payload, b"over");
+    let reason = d
+        .headers
+        .iter()
+        .find(|(k, _)| k == "x-death-reason")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    assert!(reason.contains("output"), "{reason}");
+    let mut kept = a.subscribe("in", 1).await.unwrap();
+    let d = tokio::time::timeout(WAIT, kept.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.payload, b"ok");
+    assert_eq!(d.headers.len(), wire.max_headers - 2);
+}
+
+/// One tenant cannot take the plugin pool: it is refused at its own limit
+/// (plugins, instances) with `limit_exceeded`, its plugins keep working and
+/// are not counted as trapping, and another tenant still loads and runs
+/// plugins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenant_cannot_exhaust_the_plugin_pool() {
+    let h = Harness::start_with(|c| {
+        c.sandbox.pool_instances = 24;
+        c.sandbox.instances_per_tenant = 16;
+    })
+    .await;
+    let a = h.client("acme").await;
+    a.declare(QueueSpec::new("q")).await.unwrap();
+    a.bind("q", "q").await.unwrap();
+    let filter = sluice::bundled::wasm("header-filter").unwrap().to_vec();
+    let mut loaded = 0;
+    let refusal = loop {
+        match a
+            .load_plugin(
+                &format!("f{loaded}"),
+                "filter",
+                Some("q"),
+                filter.clone(),
+                vec![],
+            )
+            .await
+        {
+            Ok(()) => loaded += 1,
+            Err(e) => break e,
+        }
+        assert!(loaded <= 16, "acme loaded more than its share");
+    };
+    assert_eq!(refusal.code(), Some(ErrorCode::LimitExceeded), "{refusal}");
+    assert_eq!(loaded, 8, "16 instances / 2 per plugin");
+    // acme's plugins all run (the message passes its 8 filters).
+    assert_eq!(a.publish("q", vec![], b"x".to_vec()).await.unwrap(), 1);
+    let b = h.client("globex").await;
+    b.declare(QueueSpec::new("q")).await.unwrap();
+    b.bind("q", "q").await.unwrap();
+    b.load_plugin(
+        "f",
+        "filter",
+        Some("q"),
+        filter,
+        vec![("drop".into(), "level=debug".into())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(b.publish("q", vec![], b"x".to_vec()).await.unwrap(), 1);
+    let dropped = b
+        .publish("q", vec![("level".into(), "debug".into())], b"x".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(dropped, 0, "globex's filter runs");
+    for p in a.list_plugins().await.unwrap() {
+        assert_eq!(p.state, "ready", "{p:?}");
+        assert_eq!(p.traps, 0, "{p:?}");
+    }
+}
+
+/// A tenant whose plugin hogs the CPU is demoted: its work runs at the
+/// lowest priority (counted in its usage), while another tenant's is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_hogging_tenant_is_demoted() {
+    let h = Harness::start_with(|c| {
+        c.sandbox.call_deadline = Duration::from_secs(5);
+    })
+    .await;
+    let a = h.client("acme").await;
+    a.declare(QueueSpec::new("q")).await.unwrap();
+    a.bind("q", "q").await.unwrap();
+    a.load_plugin(
+        "slow",
+        "filter",
+        Some("q"),
+        sluice::bundled::wasm("hostile").unwrap().to_vec(),
+        vec![],
+    )
+    .await
+    .unwrap();
+    let b = h.client("globex").await;
+    b.declare(QueueSpec::new("q")).await.unwrap();
+    b.bind("q", "q").await.unwrap();
+    b.load_plugin(
+        "pass",
+        "filter",
+        Some("q"),
+        sluice::bundled::wasm("header-filter").unwrap().to_vec(),
+        vec![],
+    )
+    .await
+    .unwrap();
+    // ~50 ms of CPU per message (far over 2 ms per message).
+    let slow = vec![
+        ("hostile".to_string(), "slow".to_string()),
+        ("ms".to_string(), "1000".to_string()),
+    ];
+    for _ in 0..3 {
+        a.publish("q", slow.clone(), b"x".to_vec()).await.unwrap();
+        b.publish("q", vec![], b"x".to_vec()).await.unwrap();
+    }
+    let usage = h.running.as_ref().unwrap().broker.tenant_usage();
+    let get = |t: &str| usage.iter().find(|u| u.name == t).unwrap();
+    assert!(get("acme").demoted_jobs >= 1, "{:?}", get("acme"));
+    assert_eq!(get("globex").demoted_jobs, 0, "{:?}", get("globex"));
+}
+
+/// A connection holds at most `MAX_SUBSCRIPTIONS` subscriptions (each is a
+/// task and a stream): the next is refused with `limit_exceeded`. Run over
+/// the in-memory session (the production session code), which accepts every
+/// stream the broker opens at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_per_connection_are_bounded() {
+    let h = Harness::start().await;
+    let a = h.client("acme").await;
+    a.declare(QueueSpec::new("q")).await.unwrap();
+    let mut bytes = proto::encode_frame(&Frame::Hello {
+        min_version: 1,
+        max_version: 1,
+        agent: "many-subs".into(),
+    });
+    let n = proto::MAX_SUBSCRIPTIONS as u64 + 1;
+    for id in 1..=n {
+        proto::encode(
+            &Frame::Request {
+                id,
+                tenant: None,
+                body: Request::Subscribe {
+                    queue: "q".into(),
+                    prefetch: 1,
+                },
+            },
+            &mut bytes,
+        );
+    }
+    let broker = &h.running.as_ref().unwrap().broker;
+    let t = sluice::session::loopback::run(
+        broker,
+        sluice_tests::program::client("acme"),
+        vec![bytes],
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    let responses: Vec<_> = t
+        .control
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Response { id, body } => Some((*id, body.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(responses.len() as u64, n);
+    assert!(responses[..n as usize - 1].iter().all(|(_, b)| b.is_ok()));
+    let (id, last) = responses.last().unwrap();
+    assert_eq!(*id, n);
+    assert_eq!(
+        last.as_ref().unwrap_err().code,
+        ErrorCode::LimitExceeded,
+        "{last:?}"
+    );
+}

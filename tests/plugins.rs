@@ -1198,3 +1198,27 @@ fn plugin_instances_are_reserved_per_tenant_and_in_all() {
     assert_eq!(rt.tenant_usage("acme").0, 0);
     rt.load(as_tenant("globex", "g3")).unwrap();
 }
+
+/// Guest log lines are limited per second too, not only per call: a plugin
+/// flooding on every call writes at most `max_log_lines_per_sec` a second.
+#[test]
+fn log_lines_are_limited_per_second() {
+    let rt = runtime(SandboxConfig {
+        max_log_lines_per_sec: 100,
+        ..relaxed()
+    });
+    let hostile = load(&rt, "hostile", PluginKind::Filter, &[]);
+    let start = std::time::Instant::now();
+    for _ in 0..5 {
+        hostile
+            .filter(&msg("t", &[("hostile", "log-flood")], b""))
+            .unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let written = 5 * 10_000 - hostile.metrics().logs_dropped;
+    let allowed = 100 + (100.0 * elapsed).ceil() as u64;
+    assert!(
+        written <= allowed,
+        "{written} lines written in {elapsed:.2} s (at most {allowed})"
+    );
+}

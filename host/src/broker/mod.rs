@@ -23,6 +23,7 @@ mod tenant;
 pub use bindings::BindingTrie;
 pub use error::BrokerError;
 pub use names::{Token, check_name, check_tenant, check_topic, parse_pattern};
+pub use offload::Work;
 pub use queue::{Delivery, Overflow, QueueOptions};
 pub use routing::{PendingPublish, Publish};
 
@@ -480,11 +481,10 @@ impl Broker {
     /// Run `f` off the async workers for `tenant`, charged to its CPU
     /// share (see [`offload`]): plugin calls, store syncs, anything that
     /// may block.
-    /// `units` is how many messages (or requests) `f` handles.
     pub async fn offload<T: Send + 'static>(
         &self,
         tenant: &str,
-        units: usize,
+        work: Work,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, BrokerError> {
         let t = self.tenant(tenant);
@@ -492,7 +492,7 @@ impl Broker {
             &t,
             self.inner.config.plugin_cpu_share,
             &self.inner.low_priority,
-            units,
+            work,
             f,
         )
         .await
@@ -1227,4 +1227,44 @@ pub struct TenantStats {
     pub plugins_not_running: u64,
     /// Bindings.
     pub bindings: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(subject: &str, sans: &[&str]) -> Principal {
+        Principal {
+            tenant: "acme".into(),
+            client: "ci".into(),
+            subject: subject.into(),
+            sans: sans.iter().map(|s| s.to_string()).collect(),
+            admin: false,
+        }
+    }
+
+    /// The authorizer sees the whole principal, so its cached decisions are
+    /// keyed by all of it: two certificates of one client name with other
+    /// subjects or SANs never share a decision.
+    #[test]
+    fn auth_cache_keys_cover_everything_the_authorizer_sees() {
+        let q = Resource::Queue("q".into());
+        let base = auth_key(&principal("CN=ci,O=acme", &["a"]), Action::Purge, &q);
+        for other in [
+            principal("CN=ci,O=acme,OU=red", &["a"]),
+            principal("CN=ci,O=acme", &["a", "b"]),
+            principal("CN=ci,O=acme", &[]),
+            principal("CN=ci,O=acme", &["a\u{0}"]),
+        ] {
+            assert_ne!(auth_key(&other, Action::Purge, &q), base, "{other:?}");
+        }
+        assert_ne!(
+            auth_key(&principal("CN=ci,O=acme", &["a"]), Action::Delete, &q),
+            base
+        );
+        assert_eq!(
+            auth_key(&principal("CN=ci,O=acme", &["a"]), Action::Purge, &q),
+            base
+        );
+    }
 }

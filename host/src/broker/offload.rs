@@ -62,14 +62,16 @@ impl CpuUse {
         self.at = now;
     }
 
-    /// Charge `cpu` seconds for work of `units` items (messages, or 1 for
-    /// a request). Work that took more than [`HOG_PER_UNIT`] per item is a
-    /// hog (a spinning plugin, not a busy one): the tenant is over its
+    /// Charge `cpu` seconds, for work of `units` messages if it routed
+    /// messages. Routing that took more than [`HOG_PER_UNIT`] per message is
+    /// a hog (a spinning plugin, not a busy one): the tenant is over its
     /// share at once, without waiting for the average to catch up.
-    pub(crate) fn charge(&mut self, cpu: f64, units: usize, share: f64) {
+    pub(crate) fn charge(&mut self, cpu: f64, units: Option<usize>, share: f64) {
         self.decay();
         self.seconds += cpu;
-        if cpu / units.max(1) as f64 > HOG_PER_UNIT.as_secs_f64() {
+        if let Some(units) = units
+            && cpu / units.max(1) as f64 > HOG_PER_UNIT.as_secs_f64()
+        {
             self.seconds = self.seconds.max(share * WINDOW.as_secs_f64() * 2.0);
             self.over_since = Some(Instant::now());
         }
@@ -97,6 +99,19 @@ impl CpuUse {
             Some(_) => true,
         }
     }
+}
+
+/// What offloaded work is, for its charge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// Routing and filtering this many messages: charged, and a hog (over
+    /// [`HOG_PER_UNIT`] a message) is demoted at once.
+    Messages(usize),
+    /// A control request (an authorizer call, a store sync): charged.
+    Request,
+    /// Compiling and starting a plugin: not charged (legitimately heavy,
+    /// bounded by the tenant's control slots and the component size).
+    Load,
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -183,7 +198,7 @@ pub(crate) async fn offload<T: Send + 'static>(
     tenant: &Tenant,
     share: f64,
     low: &LowPriority,
-    units: usize,
+    work: Work,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, BrokerError> {
     let over = tenant.cpu().over(share);
@@ -216,7 +231,11 @@ pub(crate) async fn offload<T: Send + 'static>(
     let (out, used) = rx
         .await
         .map_err(|_| BrokerError::Conflict("offloaded work failed".into()))?;
-    tenant.cpu().charge(used.as_secs_f64(), units, share);
+    match work {
+        Work::Messages(n) => tenant.cpu().charge(used.as_secs_f64(), Some(n), share),
+        Work::Request => tenant.cpu().charge(used.as_secs_f64(), None, share),
+        Work::Load => {}
+    }
     Ok(out)
 }
 
@@ -227,7 +246,7 @@ mod tests {
     #[test]
     fn cpu_use_decays_and_demotion_is_sticky() {
         let mut c = CpuUse::default();
-        c.charge(WINDOW.as_secs_f64() * 0.5, 1_000_000, 0.5);
+        c.charge(WINDOW.as_secs_f64() * 0.5, None, 0.5);
         assert!((c.share() - 0.5).abs() < 0.05, "{}", c.share());
         assert!(!c.over(0.6));
         assert!(c.over(0.4));
@@ -238,7 +257,7 @@ mod tests {
         c.over_since = c.over_since.map(|t| t - STICKY);
         assert!(!c.over(0.4));
         // One spinning call is enough.
-        c.charge(0.010, 1, 0.4);
+        c.charge(0.010, Some(1), 0.4);
         assert!(c.over(0.4));
     }
 

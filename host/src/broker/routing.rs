@@ -90,7 +90,7 @@ impl Broker {
             };
             let (broker, who, tenant_name) = (self.clone(), who.clone(), tenant.to_string());
             match self
-                .offload(tenant, n, move || {
+                .offload(tenant, super::Work::Messages(n), move || {
                     let _permit = permit;
                     let t = broker.tenant(&tenant_name);
                     msgs.iter().map(|m| broker.route(&t, &who, m)).collect()

@@ -10,7 +10,7 @@ use super::deliver::deliver;
 use super::{
     Link, OPEN_STREAM_TIMEOUT, Ranges, SUB_COMMANDS, Session, SubCmd, SubHandle, error_body,
 };
-use crate::broker::{Broker, BrokerError, Overflow, QueueOptions};
+use crate::broker::{Broker, BrokerError, Overflow, QueueOptions, Work};
 use crate::plugins::{PluginKind, PluginState, Principal};
 
 impl<L: Link> Session<L> {
@@ -78,10 +78,20 @@ impl<L: Link> Session<L> {
         tenant: &str,
         f: impl FnOnce(&Broker, &Principal) -> Result<T, BrokerError> + Send + 'static,
     ) -> Result<T, BrokerError> {
+        self.blocking_as(tenant, Work::Request, f).await
+    }
+
+    /// [`Session::blocking`] for work of kind `work`.
+    async fn blocking_as<T: Send + 'static>(
+        &self,
+        tenant: &str,
+        work: Work,
+        f: impl FnOnce(&Broker, &Principal) -> Result<T, BrokerError> + Send + 'static,
+    ) -> Result<T, BrokerError> {
         let permit = self.broker.control_permit(tenant).await?;
         let (b, who) = (self.broker.clone(), self.who.clone());
         self.broker
-            .offload(tenant, 1, move || {
+            .offload(tenant, work, move || {
                 let _permit = permit;
                 f(&b, &who)
             })
@@ -290,8 +300,10 @@ impl<L: Link> Session<L> {
                     wasm,
                     config,
                 };
-                self.blocking(&scope, move |b, who| b.load_plugin(who, &t, load))
-                    .await?;
+                self.blocking_as(&scope, Work::Load, move |b, who| {
+                    b.load_plugin(who, &t, load)
+                })
+                .await?;
                 S::Ok
             }
             R::ListPlugins => S::Plugins(

@@ -226,7 +226,7 @@ pub(crate) async fn run(conn: quinn::Connection, broker: Broker, mapping: &Ident
         Ok(permit) => {
             let (b, w) = (broker.clone(), who.clone());
             broker
-                .offload(&who.tenant, 1, move || {
+                .offload(&who.tenant, crate::broker::Work::Request, move || {
                     let _permit = permit;
                     b.authorize(&w, &w.tenant, Action::Connect, &Resource::Broker)
                 })

@@ -16,6 +16,7 @@
 //! - `many-headers`: replaces the headers with 20 000 small headers;
 //! - `log-flood`: logs 10 000 lines of 1 KiB, then accepts;
 //! - `error`: returns `Err("hostile error")`;
+//! - `n-headers`: replaces the headers with `count` (header) of them;
 //! - `slow`: busy-loops `ms` (header) × 200 000 iterations, then accepts.
 
 use std::hint::black_box;
@@ -62,6 +63,16 @@ impl Filter for Hostile {
                     .collect(),
                 payload: msg.payload.clone(),
             })),
+            Some("n-headers") => {
+                let n: usize = msg
+                    .header("count")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1);
+                Ok(FilterVerdict::Replace(Replacement {
+                    headers: (0..n).map(|i| (format!("h{i}"), "v".to_string())).collect(),
+                    payload: msg.payload.clone(),
+                }))
+            }
             Some("log-flood") => {
                 let line = "x".repeat(1024);
                 for _ in 0..10_000 {
