@@ -68,6 +68,8 @@ pub struct FileConfig {
     pub plugin_cache_mib: Option<u64>,
     /// Log lines one plugin may cause per second (default 100).
     pub plugin_log_lines_per_sec: Option<u32>,
+    /// Consecutive traps after which a plugin is errored (default 5).
+    pub plugin_trap_threshold: Option<u32>,
     /// Share of one core a tenant's plugins may use before its work runs
     /// at the lowest priority (default 0.5).
     pub plugin_cpu_share: Option<f64>,
@@ -176,6 +178,9 @@ impl FileConfig {
         }
         if let Some(n) = self.plugin_log_lines_per_sec {
             sb.max_log_lines_per_sec = at_least_one("plugin_log_lines_per_sec", n)?;
+        }
+        if let Some(n) = self.plugin_trap_threshold {
+            sb.trap_threshold = at_least_one("plugin_trap_threshold", n)?;
         }
         Ok(())
     }
