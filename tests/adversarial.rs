@@ -214,11 +214,13 @@ async fn raw_request(r: &mut Raw, id: u64, body: Request) -> Frame {
         }))
         .await
         .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let frames = read_frames(&mut r.recv, 1).await;
         match frames.into_iter().next() {
             Some(f @ Frame::Response { .. }) => return f,
             Some(_) => continue,
+            None if Instant::now() < deadline => continue,
             None => panic!("no response"),
         }
     }
@@ -673,6 +675,33 @@ async fn an_authorizer_that_is_not_running_fails_closed() {
     .unwrap();
     assert_eq!(code(a.purge("q").await), ErrorCode::Unauthorized);
     drop(a);
+    // globex: a router and a filter (with a dead-letter queue).
+    let g = h.client("globex").await;
+    g.declare(QueueSpec::new("dead")).await.unwrap();
+    g.declare(QueueSpec::new("f").dead_letter("dead"))
+        .await
+        .unwrap();
+    g.bind("f", "f").await.unwrap();
+    g.load_plugin(
+        "route",
+        "router",
+        None,
+        sluice::bundled::wasm("topic-router").unwrap().to_vec(),
+        vec![],
+    )
+    .await
+    .unwrap();
+    g.load_plugin(
+        "filter",
+        "filter",
+        Some("f"),
+        sluice::bundled::wasm("header-filter").unwrap().to_vec(),
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(g.publish("f", vec![], b"ok".to_vec()).await.unwrap(), 1);
+    drop(g);
     // Restart with a memory cap the authorizer cannot start under: the
     // tenant used to run with the default allow-all.
     small.store(64 << 10, Ordering::Relaxed);
@@ -689,6 +718,66 @@ async fn an_authorizer_that_is_not_running_fails_closed() {
     admin.unload_plugin("acl").await.unwrap();
     let a = h.client("acme").await;
     a.purge("q").await.unwrap();
+    // A router that is not running refuses publishes (the bindings alone
+    // are not the tenant's routing policy) ...
+    let g = h.client("globex").await;
+    let e = g.publish("f", vec![], b"x".to_vec()).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::PluginFailed), "{e}");
+    assert!(e.to_string().contains("not running"), "{e}");
+    // ... and a filter that is not running dead-letters: never stored unfiltered.
+    let admin_g = h.client("admin").await.for_tenant(Some("globex".into()));
+    admin_g.unload_plugin("route").await.unwrap();
+    assert_eq!(g.publish("f", vec![], b"x".to_vec()).await.unwrap(), 0);
+    let mut dead = g.subscribe("dead", 1).await.unwrap();
+    let d = tokio::time::timeout(WAIT, dead.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let reason = d
+        .headers
+        .iter()
+        .find(|(k, _)| k == "x-death-reason")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    assert!(reason.contains("not running"), "{reason}");
+    let queues = g.list_queues().await.unwrap();
+    let f = queues.iter().find(|q| q.name == "f").unwrap();
+    assert_eq!(
+        f.ready, 1,
+        "only the message stored before the restart: {f:?}"
+    );
+}
+
+/// A client that never accepts the delivery streams the broker opens
+/// (no stream credit) gets `limit_exceeded` after 10 s instead of holding a
+/// subscription request forever; the connection keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_accepts_no_delivery_stream_is_refused() {
+    let h = Harness::start().await;
+    let a = h.client("acme").await;
+    a.declare(QueueSpec::new("q")).await.unwrap();
+    let mut r = sluice_tests::raw::raw_with(&h, "acme", 1 << 20, 0).await;
+    let started = Instant::now();
+    match raw_request(
+        &mut r,
+        1,
+        Request::Subscribe {
+            queue: "q".into(),
+            prefetch: 1,
+        },
+    )
+    .await
+    {
+        Frame::Response { body: Err(e), .. } => {
+            assert_eq!(e.code, ErrorCode::LimitExceeded, "{e:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() >= Duration::from_secs(9));
+    assert!(matches!(
+        raw_request(&mut r, 2, Request::ListQueues).await,
+        Frame::Response { body: Ok(_), .. }
+    ));
 }
 
 /// A router's output is bounded and de-duplicated: a queue it names 1000

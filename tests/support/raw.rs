@@ -33,11 +33,7 @@ pub async fn raw(h: &Harness, window: u32) -> Raw {
 
 /// [`raw`] with the identity folder `who`.
 pub async fn raw_as(h: &Harness, who: &str, window: u32) -> Raw {
-    let mut r = connect_as(h, who, window).await;
-    r.send.write_all(&hello()).await.unwrap();
-    let welcome = read_frames(&mut r.recv, 1).await;
-    assert!(matches!(welcome[0], Frame::Welcome { .. }), "{welcome:?}");
-    r
+    raw_with(h, who, window, proto::MAX_SUBSCRIPTIONS).await
 }
 
 /// Connect as `acme` and open the control stream, sending nothing yet.
@@ -45,14 +41,28 @@ pub async fn connect(h: &Harness, window: u32) -> Raw {
     connect_as(h, "acme", window).await
 }
 
+/// [`raw_as`] granting the broker `uni_streams` delivery streams.
+pub async fn raw_with(h: &Harness, who: &str, window: u32, uni_streams: u32) -> Raw {
+    let mut r = connect_with(h, who, window, uni_streams).await;
+    r.send.write_all(&hello()).await.unwrap();
+    let welcome = read_frames(&mut r.recv, 1).await;
+    assert!(matches!(welcome[0], Frame::Welcome { .. }), "{welcome:?}");
+    r
+}
+
 /// [`connect`] with the identity folder `who`.
 pub async fn connect_as(h: &Harness, who: &str, window: u32) -> Raw {
+    connect_with(h, who, window, proto::MAX_SUBSCRIPTIONS).await
+}
+
+/// [`connect_as`] granting the broker `uni_streams` streams.
+pub async fn connect_with(h: &Harness, who: &str, window: u32, uni_streams: u32) -> Raw {
     let identity = sluice_client::Identity::load(&h.certs.join(who)).unwrap();
     let mut config = identity.quinn_config().unwrap();
     let mut transport = quinn::TransportConfig::default();
     transport.stream_receive_window(window.into());
     transport.receive_window(window.into());
-    transport.max_concurrent_uni_streams(proto::MAX_SUBSCRIPTIONS.into());
+    transport.max_concurrent_uni_streams(uni_streams.into());
     config.transport_config(Arc::new(transport));
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(config);

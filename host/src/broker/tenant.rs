@@ -212,3 +212,23 @@ impl TenantState {
             .map(|(q, _)| q.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The log lines one tenant's actions cause are limited per second;
+    /// the rest are counted.
+    #[test]
+    fn log_lines_are_limited_per_tenant() {
+        let t = Tenant::new("t", 1, 1);
+        let mut written = 0;
+        for _ in 0..1000 {
+            t.log_limited(|| written += 1);
+        }
+        assert!(written <= LOG_LINES_PER_SEC as usize + 1, "{written}");
+        assert!(written >= 1);
+        let suppressed = t.logs_suppressed.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(suppressed as usize + written, 1000);
+    }
+}
