@@ -8,75 +8,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Instant;
 
-use super::tenant::Tenant;
+use super::tenant::{Quota, Tenant, TenantLimits};
 use super::{Broker, BrokerError, check_tenant};
 use crate::plugins::Principal;
-
-/// Per-tenant quotas. `None` means unlimited.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TenantLimits {
-    /// Concurrent connections.
-    pub max_connections: Option<u32>,
-    /// Queues.
-    pub max_queues: Option<u32>,
-    /// Bytes stored across the tenant's queues.
-    pub max_stored_bytes: Option<u64>,
-    /// Published messages per second (token bucket, burst of one second).
-    pub max_publish_rate: Option<u32>,
-    /// Largest message (payload + headers), bytes; at most the broker's limit.
-    pub max_message_bytes: Option<u32>,
-}
-
-/// One of the five per-tenant quotas.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Quota {
-    /// `max_connections`.
-    Connections,
-    /// `max_queues`.
-    Queues,
-    /// `max_stored_bytes`.
-    StoredBytes,
-    /// `max_publish_rate`.
-    PublishRate,
-    /// `max_message_bytes`.
-    MessageBytes,
-}
-
-impl Quota {
-    /// Every quota, in a stable order.
-    pub const ALL: [Quota; 5] = [
-        Quota::Connections,
-        Quota::Queues,
-        Quota::StoredBytes,
-        Quota::PublishRate,
-        Quota::MessageBytes,
-    ];
-
-    /// The config key of the quota (`max_connections`, ...).
-    pub fn key(self) -> &'static str {
-        match self {
-            Quota::Connections => "max_connections",
-            Quota::Queues => "max_queues",
-            Quota::StoredBytes => "max_stored_bytes",
-            Quota::PublishRate => "max_publish_rate",
-            Quota::MessageBytes => "max_message_bytes",
-        }
-    }
-
-    /// The configured limit in `limits`, if any.
-    pub fn limit(self, limits: &TenantLimits) -> Option<u64> {
-        match self {
-            Quota::Connections => limits.max_connections.map(u64::from),
-            Quota::Queues => limits.max_queues.map(u64::from),
-            Quota::StoredBytes => limits.max_stored_bytes,
-            Quota::PublishRate => limits.max_publish_rate.map(u64::from),
-            Quota::MessageBytes => limits.max_message_bytes.map(u64::from),
-        }
-    }
-}
 
 /// Usage and quota refusals of one tenant, for metrics.
 #[derive(Debug, Clone, PartialEq)]
@@ -122,46 +57,6 @@ pub struct TenantInfo {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct TenantRecord {
     pub limits: TenantLimits,
-}
-
-/// A token bucket for the publish rate.
-#[derive(Debug)]
-pub(crate) struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
-
-impl Default for Bucket {
-    fn default() -> Self {
-        Self {
-            tokens: 0.0,
-            last: Instant::now(),
-        }
-    }
-}
-
-impl Bucket {
-    /// A bucket holding a full second of `rate`.
-    pub fn full(rate: u32) -> Self {
-        Self {
-            tokens: f64::from(rate),
-            last: Instant::now(),
-        }
-    }
-
-    /// Take `n` tokens at `rate` per second (capacity one second of rate).
-    pub fn take(&mut self, rate: u32, n: u32) -> bool {
-        let now = Instant::now();
-        let rate = f64::from(rate);
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(rate);
-        self.last = now;
-        if self.tokens >= f64::from(n) {
-            self.tokens -= f64::from(n);
-            true
-        } else {
-            false
-        }
-    }
 }
 
 /// How to close a live connection, given by the session that owns it.

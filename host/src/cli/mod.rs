@@ -110,3 +110,10 @@ fn init_tracing(default: &str) {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+/// A `K=V` command-line argument (headers, plugin config).
+pub(crate) fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected K=V, got `{s}`"))
+}

@@ -49,7 +49,7 @@ pub(crate) enum PluginCommand {
         #[arg(long)]
         name: Option<String>,
         /// Configuration passed to init (repeatable).
-        #[arg(long = "config", value_name = "K=V", value_parser = parse_kv)]
+        #[arg(long = "config", value_name = "K=V", value_parser = super::parse_kv)]
         config: Vec<(String, String)>,
     },
     /// List the tenant's plugins.
@@ -75,13 +75,13 @@ pub(crate) enum PluginCommand {
         #[arg(long, default_value = "test.topic")]
         topic: String,
         /// Header of the sample message (repeatable).
-        #[arg(long = "header", value_name = "K=V", value_parser = parse_kv)]
+        #[arg(long = "header", value_name = "K=V", value_parser = super::parse_kv)]
         headers: Vec<(String, String)>,
         /// Payload text, or @FILE to read it from a file.
         #[arg(long, default_value = "")]
         payload: String,
         /// Configuration passed to init (repeatable).
-        #[arg(long = "config", value_name = "K=V", value_parser = parse_kv)]
+        #[arg(long = "config", value_name = "K=V", value_parser = super::parse_kv)]
         config: Vec<(String, String)>,
         /// Candidate queues given to a router (repeatable).
         #[arg(long = "candidate", value_name = "QUEUE")]
@@ -273,12 +273,6 @@ fn default_name(file: &std::path::Path) -> String {
         .and_then(|s| s.to_str())
         .unwrap_or("plugin")
         .replace('_', "-")
-}
-
-pub(crate) fn parse_kv(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("expected K=V, got `{s}`"))
 }
 
 fn parse_action(s: &str) -> anyhow::Result<Action> {

@@ -222,7 +222,7 @@ pub(crate) struct PublishArgs {
     /// Body (default: empty, or with --count the message number).
     body: Option<String>,
     /// Header (repeatable).
-    #[arg(long = "header", value_name = "K=V", value_parser = super::plugin::parse_kv)]
+    #[arg(long = "header", value_name = "K=V", value_parser = super::parse_kv)]
     headers: Vec<(String, String)>,
     /// Publish N messages.
     #[arg(long, default_value_t = 1)]

@@ -46,6 +46,7 @@
 mod bindings;
 mod budget;
 mod cache;
+mod engine;
 mod failure;
 mod inspect;
 mod metrics;

@@ -12,9 +12,9 @@ use wasmtime::Store;
 use super::bindings::{Abi, authorizer, filter, router, v0_1};
 use super::budget::Reservation;
 use super::cache::CacheRef;
+use super::engine::RuntimeInner;
 use super::failure::classify;
 use super::metrics::{MetricsSnapshot, PluginMetrics};
-use super::runtime::RuntimeInner;
 use super::store::{Limiter, LineLimit, LogBudget, PluginId, StoreState, truncate};
 use super::{
     Action, Decision, FailureKind, FilterVerdict, LoadError, Message, PluginFailure, PluginKind,

@@ -1,20 +1,19 @@
 //! The engine, its epoch ticker, and loading components into plugins.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::Engine;
+use wasmtime::component::Component;
 
-use super::bindings::{Abi, authorizer, filter, host, router, v0_1};
-use super::budget::{Budgets, SWAP_HEADROOM};
+use super::bindings::{Abi, authorizer, filter, router, v0_1};
+use super::budget::Budgets;
 use super::cache::{self, CompileCache};
+use super::engine::{RuntimeInner, Ticker, engine_config, linker};
 use super::inspect;
 use super::plugin::{KindPre, Plugin};
 use super::sandbox::SandboxConfig;
-use super::store::{PluginId, StoreState};
+use super::store::PluginId;
 use super::{LoadError, PluginKind};
 
 /// Everything needed to load a plugin.
@@ -52,15 +51,6 @@ pub enum RuntimeError {
 #[derive(Clone)]
 pub struct PluginRuntime {
     inner: Arc<RuntimeInner>,
-}
-
-pub(crate) struct RuntimeInner {
-    pub(crate) engine: Engine,
-    pub(crate) linker: Linker<StoreState>,
-    pub(crate) config: SandboxConfig,
-    cache: Option<Arc<CompileCache>>,
-    budgets: Arc<Budgets>,
-    _ticker: Ticker,
 }
 
 impl PluginRuntime {
@@ -212,81 +202,5 @@ impl PluginRuntime {
                 KindPre::AuthorizerV01(v0_1::authorizer::AuthorizerPre::new(pre).map_err(link)?)
             }
         })
-    }
-}
-
-/// A linker offering the `host` and `types` interfaces of every supported
-/// contract version (`sluice:plugin/host@0.2.0`, `…/host@0.1.0`, …) and
-/// nothing else.
-fn linker(engine: &Engine) -> wasmtime::Result<Linker<StoreState>> {
-    let mut linker = Linker::new(engine);
-    host::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)?;
-    router::sluice::plugin::types::add_to_linker::<StoreState, HasSelf<StoreState>>(
-        &mut linker,
-        |s| s,
-    )?;
-    v0_1::host::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)?;
-    v0_1::types::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)?;
-    Ok(linker)
-}
-
-fn engine_config(sandbox: &SandboxConfig) -> Config {
-    let mut pool = PoolingAllocationConfig::default();
-    // Every reservation (see `budget`) plus room for plugins being replaced.
-    let n = sandbox.pool_instances.max(1).saturating_add(SWAP_HEADROOM);
-    pool.total_component_instances(n)
-        .total_core_instances(n.saturating_mul(8))
-        .total_memories(n.saturating_mul(2))
-        .total_tables(n.saturating_mul(4))
-        .max_memory_size(sandbox.memory_limit)
-        // Rust guests need 1–3 core instances; components from other
-        // toolchains (componentize-py, jco) carry more.
-        .max_memories_per_component(4)
-        .max_tables_per_component(16)
-        .max_core_instances_per_component(32);
-    let mut config = Config::new();
-    config
-        .epoch_interruption(true)
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
-        // Reserve only the cap (plus a guard) per memory so a large pool does
-        // not reserve terabytes of address space.
-        .memory_reservation(sandbox.memory_limit as u64)
-        .memory_guard_size(64 << 10)
-        .memory_may_move(false)
-        .max_wasm_stack(512 << 10);
-    config
-}
-
-/// Advances the engine's epoch at a fixed interval until dropped.
-struct Ticker {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl Ticker {
-    fn start(engine: Engine, tick: std::time::Duration) -> std::io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name("sluice-epoch".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(tick);
-                    engine.increment_epoch();
-                }
-            })?;
-        Ok(Self {
-            stop,
-            handle: Some(handle),
-        })
-    }
-}
-
-impl Drop for Ticker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
     }
 }

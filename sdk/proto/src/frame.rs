@@ -2,8 +2,8 @@
 
 use bincode::{Decode, Encode};
 
-use crate::codec::Limits;
 use crate::error::{DecodeError, ErrorCode};
+use crate::limits::Limits;
 
 /// An error with a stable code and a readable message.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]

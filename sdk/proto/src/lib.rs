@@ -42,13 +42,15 @@
 mod codec;
 mod error;
 mod frame;
+mod limits;
 
-pub use codec::{Decoder, HARD_MAX_FRAME, Limits, encode, encode_frame};
+pub use codec::{Decoder, HARD_MAX_FRAME, encode, encode_frame};
 pub use error::{DecodeError, ErrorCode};
 pub use frame::{
     Delivery, ErrorBody, Frame, Overflow, PluginSummary, QueueDecl, QueueSummary, Request,
     Response, TenantQuota, TenantSummary, TenantUsage,
 };
+pub use limits::Limits;
 
 /// ALPN protocol id negotiated in TLS.
 pub const ALPN: &[u8] = b"sluice/1";
