@@ -591,3 +591,67 @@ fn admins_listed_in_the_config_are_the_only_administrators() {
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// `sluice consume ... | head -2`: the consumer stops quietly when stdout
+/// closes (no panic, no message; exit 141 as if killed by SIGPIPE), and
+/// closes its connection at once, so what it held is requeued without
+/// waiting for an idle timeout; the two messages it printed were acked.
+#[test]
+fn a_closed_stdout_ends_a_command_quietly_and_closes_its_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = Served::start(&dir.path().join("data"), &[]);
+    let run = |args: &[&str]| served.run(args);
+    assert!(run(&["queue", "declare", "piped"]).status.success());
+    assert!(run(&["queue", "bind", "piped", "piped"]).status.success());
+    assert!(run(&["publish", "piped", "--count", "10"]).status.success());
+    let identity = served.identity();
+    let mut consumer = Command::new(BIN)
+        .args([
+            "consume",
+            "piped",
+            "--timeout",
+            "20",
+            "--json",
+            "--prefetch",
+            "10",
+        ])
+        .env("SLUICE_SERVER", &served.addr)
+        .env("SLUICE_IDENTITY", &identity)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read two lines, then close the pipe (as `head -2` does).
+    let mut out = std::io::BufReader::new(consumer.stdout.take().unwrap());
+    for _ in 0..2 {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert!(line.contains("\"topic\":\"piped\""), "{line}");
+    }
+    drop(out);
+    // More messages: printing the next one finds stdout closed.
+    assert!(run(&["publish", "piped", "--count", "10"]).status.success());
+    let started = Instant::now();
+    let o = consumer.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(141), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "", "quiet");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Its connection is gone at once: nothing stays unacked.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let o = run(&["queue", "list", "--json"]);
+        let q: serde_json::Value =
+            serde_json::from_str(stdout(&o).lines().next().unwrap()).unwrap();
+        let (ready, unacked) = (q["ready"].as_u64().unwrap(), q["unacked"].as_u64().unwrap());
+        if unacked == 0 && q["consumers"].as_u64() == Some(0) {
+            // What it printed was acked; what it could not print is ready again.
+            assert!((1..=18).contains(&ready), "{q}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the consumer's connection lingers: {q}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

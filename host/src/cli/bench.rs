@@ -1,5 +1,6 @@
 //! `sluice bench`: load against a running broker, end-to-end latency.
 
+use super::out;
 use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -321,9 +322,9 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "duplicates": dups,
     });
     if args.json {
-        println!("{report}");
+        out!("{report}");
     } else {
-        println!(
+        out!(
             "{} producer(s), {} consumer(s), {} queue(s){}, {} B messages, window {}, prefetch {}{}{}{}",
             args.producers.max(1),
             args.consumers.max(1),
@@ -352,19 +353,19 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 ""
             },
         );
-        println!(
+        out!(
             "  end to end: {:.0} msg/s ({:.2} MB/s); publish: {:.0} msg/s",
             msgs_per_s,
             msgs_per_s * size as f64 / 1e6,
             confirmed as f64 / publish_secs
         );
-        println!(
+        out!(
             "  latency publish→deliver: p50 {:.3} ms  p99 {:.3} ms  p999 {:.3} ms",
             pct(0.5),
             pct(0.99),
             pct(0.999)
         );
-        println!("  sent {sent}  confirmed {confirmed}  received {received}  duplicates {dups}");
+        out!("  sent {sent}  confirmed {confirmed}  received {received}  duplicates {dups}");
     }
     Ok(
         if received >= confirmed * u64::from(fanout) && confirmed == sent {

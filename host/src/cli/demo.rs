@@ -1,6 +1,7 @@
 //! `sluice demo`: an in-process broker with two tenants, the example
 //! plugins loaded, and a table showing each policy at work.
 
+use super::say;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ struct Table {
 
 impl Table {
     fn row(&mut self, what: &str, observed: String, ok: bool) {
-        println!("  {} {what:<44} {observed}", if ok { "✔" } else { "✘" });
+        say!("  {} {what:<44} {observed}", if ok { "✔" } else { "✘" });
         self.rows.push((what.into(), observed, ok));
     }
 }
@@ -57,11 +58,11 @@ pub(crate) async fn run() -> anyhow::Result<ExitCode> {
     )
     .await?;
     let addr = running.addr;
-    println!(
+    say!(
         "sluice demo: broker on {addr} (QUIC + mTLS), data in {}",
         data.display()
     );
-    println!(
+    say!(
         "tenants `acme` and `globex`, each with its own certificate; plugin deadline 50 ms, memory cap 16 MiB\n"
     );
     let acme = Client::connect(addr, &certs.join("acme")).await?;
@@ -109,7 +110,7 @@ pub(crate) async fn run() -> anyhow::Result<ExitCode> {
     .await?;
     acme.load_plugin("bomb", "filter", Some("sandbox"), wasm("hostile")?, vec![])
         .await?;
-    println!(
+    say!(
         "acme loaded: topic-router (router), redact-transform + header-filter (filters), acl-authorizer, hostile (filter on `sandbox`)\n"
     );
 
@@ -292,7 +293,7 @@ pub(crate) async fn run() -> anyhow::Result<ExitCode> {
     running.server.close();
 
     let failed = t.rows.iter().filter(|r| !r.2).count();
-    println!(
+    say!(
         "\n{} of {} checks passed",
         t.rows.len() - failed,
         t.rows.len()

@@ -11,6 +11,53 @@ mod tenant;
 
 pub use serve::{Running, start};
 
+/// Print a line on stdout. A closed stdout (`sluice consume ... | head -2`)
+/// ends the command quietly: the error unwinds to [`main`], which closes
+/// the broker connections and exits with 141, as a Unix tool killed by
+/// SIGPIPE would, without a message.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            return Err($crate::cli::StdoutClosed(e).into());
+        }
+    }};
+}
+pub(crate) use out;
+
+/// Print a line on stdout, ignoring a closed stdout (for `serve`, whose job
+/// is not its output).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+pub(crate) use say;
+
+/// stdout was closed by the reader.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout closed: {0}")]
+pub(crate) struct StdoutClosed(std::io::Error);
+
+/// Every broker connection the command opened, closed (and the close sent)
+/// on any exit path, so the broker requeues what they held at once.
+static OPEN: std::sync::Mutex<Vec<sluice_client::Client>> = std::sync::Mutex::new(Vec::new());
+
+/// Remember `client` for [`close_all`].
+pub(crate) fn track(client: &sluice_client::Client) {
+    OPEN.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(client.clone());
+}
+
+async fn close_all() {
+    let clients: Vec<_> = std::mem::take(&mut *OPEN.lock().unwrap_or_else(|p| p.into_inner()));
+    for c in clients {
+        c.shutdown().await;
+    }
+}
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -71,7 +118,7 @@ pub fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        match cli.command {
+        let result = match cli.command {
             Command::Serve(args) => serve::serve(args).await.map(|()| ExitCode::SUCCESS),
             Command::Certs(cmd) => serve::certs(cmd).map(|()| ExitCode::SUCCESS),
             Command::Demo => demo::run().await,
@@ -82,10 +129,13 @@ pub fn main() -> ExitCode {
             Command::Stats(args) => remote::stats(&args.conn, args.json, args.watch).await,
             Command::Tenant(args) => tenant::run(&args.conn, args.cmd).await,
             Command::Bench(args) => bench::run(args).await,
-        }
+        };
+        close_all().await;
+        result
     });
     match result {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::from(141),
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE

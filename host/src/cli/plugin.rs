@@ -1,5 +1,6 @@
 //! `sluice plugin ...`: offline plugin testing.
 
+use super::out;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -104,7 +105,7 @@ pub(crate) async fn run(
 ) -> anyhow::Result<ExitCode> {
     match cmd {
         PluginCommand::New { path, kind, sdk } => {
-            println!(
+            out!(
                 "{}",
                 super::scaffold::new_plugin(&path, kind, sdk.as_deref())?
             );
@@ -124,7 +125,7 @@ pub(crate) async fn run(
             client
                 .load_plugin(&name, kind.as_str(), queue.as_deref(), wasm, config)
                 .await?;
-            println!(
+            out!(
                 "plugin `{name}` loaded ({kind}{})",
                 queue
                     .map(|q| format!(" on queue `{q}`"))
@@ -138,19 +139,26 @@ pub(crate) async fn run(
             let plugins = client.list_plugins().await?;
             if json {
                 for p in plugins {
-                    println!(
+                    out!(
                         "{}",
                         serde_json::json!({"name": p.name, "kind": p.kind, "queue": p.queue, "abi": p.abi, "state": p.state,
                             "calls": p.calls, "errors": p.errors, "traps": p.traps, "mean_ns": p.mean_ns})
                     );
                 }
             } else {
-                println!(
+                out!(
                     "{:<20} {:<10} {:<16} {:<6} {:>8} {:>7} {:>6} {:>9}  state",
-                    "plugin", "kind", "queue", "abi", "calls", "errors", "traps", "mean µs"
+                    "plugin",
+                    "kind",
+                    "queue",
+                    "abi",
+                    "calls",
+                    "errors",
+                    "traps",
+                    "mean µs"
                 );
                 for p in plugins {
-                    println!(
+                    out!(
                         "{:<20} {:<10} {:<16} {:<6} {:>8} {:>7} {:>6} {:>9.2}  {}",
                         p.name,
                         p.kind,
@@ -170,7 +178,7 @@ pub(crate) async fn run(
         PluginCommand::Unload { name } => {
             let client = conn.connect().await?;
             client.unload_plugin(&name).await?;
-            println!("plugin `{name}` unloaded");
+            out!("plugin `{name}` unloaded");
             client.close();
             Ok(ExitCode::SUCCESS)
         }
@@ -250,17 +258,17 @@ pub(crate) async fn run(
             let micros = start.elapsed().as_secs_f64() * 1e6;
             let memory_kib = plugin.metrics().peak_memory_bytes / 1024;
             if json {
-                println!(
+                out!(
                     "{}",
                     serde_json::json!({ "verdict": verdict, "detail": detail, "micros": micros, "memory_kib": memory_kib })
                 );
             } else {
-                println!("verdict: {verdict}");
+                out!("verdict: {verdict}");
                 if detail.as_object().is_some_and(|o| !o.is_empty()) {
-                    println!("detail:  {detail}");
+                    out!("detail:  {detail}");
                 }
-                println!("time:    {micros:.1} µs");
-                println!("memory:  {memory_kib} KiB (linear memory, peak)");
+                out!("time:    {micros:.1} µs");
+                out!("memory:  {memory_kib} KiB (linear memory, peak)");
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -1,5 +1,6 @@
 //! Client commands: queue, publish, consume, stats, and plugin load/list/unload.
 
+use super::out;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,7 +45,9 @@ impl Conn {
             tenant: self.tenant.clone(),
             ..ConnectOptions::default()
         };
-        Ok(Client::connect_with(addr, identity, opts).await?)
+        let client = Client::connect_with(addr, identity, opts).await?;
+        super::track(&client);
+        Ok(client)
     }
 }
 
@@ -156,7 +159,7 @@ pub(crate) async fn queue(conn: &Conn, cmd: QueueCommand) -> anyhow::Result<Exit
                 spec = spec.delivery_limit(n);
             }
             client.declare(spec).await?;
-            println!(
+            out!(
                 "queue `{name}` declared{}",
                 if transient {
                     " (transient: not fsynced, deleted at restart)"
@@ -167,13 +170,13 @@ pub(crate) async fn queue(conn: &Conn, cmd: QueueCommand) -> anyhow::Result<Exit
         }
         QueueCommand::Bind { name, pattern } => {
             client.bind(&name, &pattern).await?;
-            println!("queue `{name}` bound to `{pattern}`");
+            out!("queue `{name}` bound to `{pattern}`");
         }
         QueueCommand::List { json } => {
             let queues = client.list_queues().await?;
             if json {
                 for q in queues {
-                    println!(
+                    out!(
                         "{}",
                         serde_json::json!({"name": q.name, "durable": q.durable, "ready": q.ready, "unacked": q.unacked,
                             "bytes": q.bytes, "consumers": q.consumers, "published": q.published,
@@ -181,12 +184,17 @@ pub(crate) async fn queue(conn: &Conn, cmd: QueueCommand) -> anyhow::Result<Exit
                     );
                 }
             } else {
-                println!(
+                out!(
                     "{:<24} {:>8} {:>8} {:>10} {:>9} {:>9}  filters",
-                    "queue", "ready", "unacked", "bytes", "consumers", "durable"
+                    "queue",
+                    "ready",
+                    "unacked",
+                    "bytes",
+                    "consumers",
+                    "durable"
                 );
                 for q in queues {
-                    println!(
+                    out!(
                         "{:<24} {:>8} {:>8} {:>10} {:>9} {:>9}  {}",
                         q.name,
                         q.ready,
@@ -201,11 +209,11 @@ pub(crate) async fn queue(conn: &Conn, cmd: QueueCommand) -> anyhow::Result<Exit
         }
         QueueCommand::Delete { name } => {
             client.delete(&name).await?;
-            println!("queue `{name}` deleted");
+            out!("queue `{name}` deleted");
         }
         QueueCommand::Purge { name } => {
             let n = client.purge(&name).await?;
-            println!("purged {n} messages from `{name}`");
+            out!("purged {n} messages from `{name}`");
         }
     }
     client.close();
@@ -245,21 +253,24 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     let (mut confirmed, mut failed) = (0u64, 0u64);
     let mut first_error = None;
     let start = std::time::Instant::now();
-    let mut handle = |n: u64, r: Result<u32, sluice_client::ClientError>| match r {
-        Ok(q) => {
-            confirmed += 1;
-            if args.json {
-                println!("{}", serde_json::json!({"n": n, "queues": q}));
-            } else if args.count == 1 {
-                println!("confirmed: stored in {q} queue(s)");
+    let mut handle = |n: u64, r: Result<u32, sluice_client::ClientError>| -> anyhow::Result<()> {
+        match r {
+            Ok(q) => {
+                confirmed += 1;
+                if args.json {
+                    out!("{}", serde_json::json!({"n": n, "queues": q}));
+                } else if args.count == 1 {
+                    out!("confirmed: stored in {q} queue(s)");
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                if first_error.is_none() {
+                    first_error = Some(e.to_string());
+                }
             }
         }
-        Err(e) => {
-            failed += 1;
-            if first_error.is_none() {
-                first_error = Some(e.to_string());
-            }
-        }
+        Ok(())
     };
     for i in 0..args.count {
         if let Some(rate) = args.rate.filter(|r| *r > 0) {
@@ -280,17 +291,17 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         pending.push_back(async move { (i, fut.await) });
         while pending.len() >= WINDOW {
             if let Some((n, r)) = pending.next().await {
-                handle(n, r);
+                handle(n, r)?;
             }
         }
     }
     while let Some((n, r)) = pending.next().await {
-        handle(n, r);
+        handle(n, r)?;
     }
     client.close();
     if !args.json && args.count > 1 {
         let secs = start.elapsed().as_secs_f64();
-        println!(
+        out!(
             "published {} messages: {confirmed} confirmed, {failed} refused ({:.0} msg/s)",
             args.count,
             confirmed as f64 / secs.max(1e-9)
@@ -353,12 +364,12 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone().into()))
                 .collect();
-            println!(
+            out!(
                 "{}",
                 serde_json::json!({"topic": d.topic, "headers": headers, "payload": String::from_utf8_lossy(&d.payload), "redelivered": d.redelivered})
             );
         } else {
-            println!(
+            out!(
                 "{}: {}{}",
                 d.topic,
                 String::from_utf8_lossy(&d.payload),
@@ -374,9 +385,7 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
         }
     }
     drop(sub);
-    // Let the acks reach the server before closing.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    client.close();
+    // Closed after the broker handled the acks (see `cli::main`).
     match args.count {
         Some(c) if got < c => {
             eprintln!("error: received {got} of {c} messages before the idle timeout");
@@ -399,7 +408,12 @@ pub(crate) async fn stats(conn: &Conn, json: bool, watch: Option<f64>) -> anyhow
     }
     loop {
         if !json {
-            print!("\x1b[2J\x1b[H");
+            {
+                use std::io::Write as _;
+                if let Err(e) = write!(std::io::stdout().lock(), "\x1b[2J\x1b[H") {
+                    return Err(super::StdoutClosed(e).into());
+                }
+            }
         }
         print_stats(&client, json).await?;
         tokio::time::sleep(Duration::from_secs_f64(every)).await;
@@ -410,7 +424,7 @@ async fn print_stats(client: &Client, json: bool) -> anyhow::Result<()> {
     let stats = client.stats().await?;
     if json {
         for s in stats {
-            println!(
+            out!(
                 "{}",
                 serde_json::json!({"tenant": s.tenant, "queues": s.queues, "ready": s.ready, "unacked": s.unacked,
                     "bytes": s.bytes, "published": s.published, "delivered": s.delivered, "plugins": s.plugins,
@@ -418,7 +432,7 @@ async fn print_stats(client: &Client, json: bool) -> anyhow::Result<()> {
             );
         }
     } else {
-        println!(
+        out!(
             "{:<16} {:>7} {:>9} {:>8} {:>10} {:>10} {:>10} {:>7} {:>11}",
             "tenant",
             "queues",
@@ -431,7 +445,7 @@ async fn print_stats(client: &Client, json: bool) -> anyhow::Result<()> {
             "not-running"
         );
         for s in stats {
-            println!(
+            out!(
                 "{:<16} {:>7} {:>9} {:>8} {:>10} {:>10} {:>10} {:>7} {:>11}",
                 s.tenant,
                 s.queues,

@@ -1,5 +1,6 @@
 //! `sluice serve` and `sluice certs`.
 
+use super::say;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -109,14 +110,14 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let dev_certs = !file.tls.is_set() && !certs.join("ca.pem").exists();
     if args.check_config {
         if dev_certs {
-            println!(
+            say!(
                 "TLS: development certificates will be created in {} on first start",
                 certs.display()
             );
         } else {
             tls::server_config(&file.tls.resolve(&certs)).context("TLS setup")?;
         }
-        println!(
+        say!(
             "configuration ok: listen {listen}, data {}, certs {}",
             data.display(),
             certs.display()
@@ -129,13 +130,13 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             &["default".to_string()],
             &file.identity.trust_domain,
         )?;
-        println!("created development certificates in {}", certs.display());
-        println!("  admin identity:  {}", certs.join("admin").display());
-        println!(
+        say!("created development certificates in {}", certs.display());
+        say!("  admin identity:  {}", certs.join("admin").display());
+        say!(
             "  tenant identity: {} (tenant `default`)",
             certs.join("default").display()
         );
-        println!(
+        say!(
             "  more: sluice certs issue --ca {} --tenant NAME --client NAME --out DIR",
             certs.display()
         );
@@ -157,14 +158,14 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         file.identity.clone(),
     )
     .await?;
-    println!(
+    say!(
         "sluice listening on {} (data in {})",
         running.addr,
         data.display()
     );
     if let Some((addr, listener)) = metrics {
         tokio::spawn(crate::metrics::serve(listener, running.broker.clone()));
-        println!("metrics on http://{addr}/metrics");
+        say!("metrics on http://{addr}/metrics");
     }
     let operator = crate::plugins::Principal {
         tenant: String::new(),
@@ -180,7 +181,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("tenant `{}` in the config", t.name))?;
     }
     wait_for_shutdown(&running, &file.tls, &certs).await;
-    println!("shutting down");
+    say!("shutting down");
     running.server.close();
     running.broker.sync()?;
     let _ = tokio::time::timeout(
@@ -223,7 +224,7 @@ async fn wait_for_shutdown(running: &Running, tls: &crate::config::TlsFiles, cer
 
 fn reload_tls(running: &Running, files: &ServerTlsFiles) {
     match running.reload_tls(files) {
-        Ok(closed) => println!("reloaded TLS files; closed {closed} revoked connection(s)"),
+        Ok(closed) => say!("reloaded TLS files; closed {closed} revoked connection(s)"),
         Err(e) => eprintln!("error: TLS reload failed, keeping the previous configuration: {e}"),
     }
 }
@@ -297,7 +298,7 @@ pub(crate) fn certs(cmd: CertsCommand) -> anyhow::Result<()> {
             trust_domain,
         } => {
             tls::init_dev_certs(&out, &tenants, &trust_domain)?;
-            println!(
+            say!(
                 "wrote {}: ca.pem, ca.key, server/, admin/{}",
                 out.display(),
                 tenants
@@ -317,14 +318,14 @@ pub(crate) fn certs(cmd: CertsCommand) -> anyhow::Result<()> {
             tls::issue_client_cert(&ca, tenant.as_deref(), &client, &out, &trust_domain)?;
             match tenant {
                 Some(tenant) => {
-                    println!("wrote {} (tenant {tenant}, client {client})", out.display())
+                    say!("wrote {} (tenant {tenant}, client {client})", out.display())
                 }
-                None => println!("wrote {} (administrator {client})", out.display()),
+                None => say!("wrote {} (administrator {client})", out.display()),
             }
         }
         CertsCommand::Revoke { ca, cert } => {
             tls::revoke_cert(&ca, &cert)?;
-            println!(
+            say!(
                 "revoked {}; restart the broker to apply {}",
                 cert.display(),
                 ca.join("revoked.crl.pem").display()

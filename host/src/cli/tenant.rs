@@ -1,5 +1,6 @@
 //! `sluice tenant ...` (admin identities).
 
+use super::out;
 use std::process::ExitCode;
 
 use sluice_client::TenantQuota;
@@ -86,22 +87,22 @@ pub(crate) async fn run(conn: &Conn, cmd: TenantCommand) -> anyhow::Result<ExitC
     match cmd {
         TenantCommand::Create { name, quota } => {
             client.create_tenant(&name, quota.quota()).await?;
-            println!("tenant `{name}` registered");
+            out!("tenant `{name}` registered");
         }
         TenantCommand::Limits { name, quota } => {
             client.set_tenant_limits(&name, quota.quota()).await?;
-            println!("tenant `{name}` limits updated");
+            out!("tenant `{name}` limits updated");
         }
         TenantCommand::Delete { name } => {
             client.delete_tenant(&name).await?;
-            println!("tenant `{name}` deleted");
+            out!("tenant `{name}` deleted");
         }
         TenantCommand::List { json } => {
             let tenants = client.list_tenants().await?;
             if json {
                 for t in tenants {
                     let l = &t.limits;
-                    println!(
+                    out!(
                         "{}",
                         serde_json::json!({"tenant": t.name, "connections": t.connections, "queues": t.queues, "bytes": t.bytes,
                             "limits": {"max_connections": l.max_connections, "max_queues": l.max_queues,
@@ -109,13 +110,16 @@ pub(crate) async fn run(conn: &Conn, cmd: TenantCommand) -> anyhow::Result<ExitC
                     );
                 }
             } else {
-                println!(
+                out!(
                     "{:<16} {:>6} {:>7} {:>12}  limits (conn/queues/bytes/rate/msg)",
-                    "tenant", "conns", "queues", "bytes"
+                    "tenant",
+                    "conns",
+                    "queues",
+                    "bytes"
                 );
                 for t in tenants {
                     let l = &t.limits;
-                    println!(
+                    out!(
                         "{:<16} {:>6} {:>7} {:>12}  {}/{}/{}/{}/{}",
                         t.name,
                         t.connections,

@@ -202,7 +202,7 @@ impl State {
 
 struct Inner {
     conn: quinn::Connection,
-    _endpoint: quinn::Endpoint,
+    endpoint: quinn::Endpoint,
     out: mpsc::UnboundedSender<Frame>,
     state: Mutex<State>,
     next_id: AtomicU64,
@@ -335,7 +335,7 @@ impl Client {
         let (out, out_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             conn: conn.clone(),
-            _endpoint: endpoint,
+            endpoint,
             out,
             state: Mutex::new(State::default()),
             next_id: AtomicU64::new(1),
@@ -588,6 +588,18 @@ impl Client {
     /// Close the connection.
     pub fn close(&self) {
         self.inner.conn.close(0u32.into(), b"client closing");
+    }
+
+    /// Close the connection after the broker handled everything sent
+    /// before, and wait (at most a second or two) until the close is sent,
+    /// so the broker learns at once (e.g. requeues what a consumer held)
+    /// even when the process exits right after.
+    pub async fn shutdown(&self) {
+        // One round trip first: everything sent before it (acks above all)
+        // has then been handled by the broker.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.list_plugins()).await;
+        self.close();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
     }
 }
 
