@@ -29,4 +29,5 @@ pub mod plugins;
 pub mod server;
 pub mod session;
 pub mod store;
+mod sys;
 pub mod tls;

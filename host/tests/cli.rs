@@ -655,3 +655,105 @@ fn a_closed_stdout_ends_a_command_quietly_and_closes_its_connection() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The first CPU this process may run on (containers may not offer CPU 0).
+fn first_allowed_cpu() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list in /proc/self/status")
+        .trim();
+    list.split([',', '-']).next().unwrap().to_string()
+}
+
+/// `sluice plugin test` of the hostile filter's `slow` mode (`ms` units of
+/// work) with a CPU deadline, on `cpu` if given; its JSON, or its stderr.
+fn slow_call(cpu: Option<&str>, ms: u64, deadline_ms: u64, wasm: &Path) -> Result<u64, String> {
+    let mut cmd = match cpu {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpu, BIN]);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    let o = cmd
+        .args(["plugin", "test"])
+        .arg(wasm)
+        .args(["--kind", "filter", "--header", "hostile=slow"])
+        .args(["--header", &format!("ms={ms}")])
+        .args(["--deadline-ms", &deadline_ms.to_string(), "--json"])
+        .output()
+        .unwrap();
+    if !o.status.success() {
+        return Err(stderr(&o));
+    }
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["verdict"], "accept", "{v}");
+    Ok(v["micros"].as_f64().unwrap() as u64)
+}
+
+/// A plugin call is stopped for the CPU time it uses, never for waiting for
+/// a core: pinned to one CPU beside eleven busy loops (a twelfth of it
+/// for it), a call takes several times its deadline in wall-clock time and
+/// is still accepted; a call that can never finish is still stopped.
+/// Deadline and work are sized from the call's own time on this machine,
+/// so the verdict does not depend on the machine's speed.
+#[test]
+fn a_plugin_call_is_stopped_for_the_cpu_it_uses_not_for_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("hostile.wasm");
+    std::fs::write(&wasm, sluice::bundled::wasm("hostile").unwrap()).unwrap();
+    // The work's own time, at best of three (wall ≥ CPU, so this is an
+    // upper bound of its CPU time).
+    let ms = 400; // ~20 ms of CPU here
+    let alone = (0..3)
+        .map(|_| slow_call(None, ms, 60_000, &wasm).unwrap())
+        .min()
+        .unwrap();
+    let deadline_ms = (alone * 3 / 1000).max(20);
+
+    struct Busy(Vec<std::process::Child>);
+    impl Drop for Busy {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let cpu = first_allowed_cpu();
+    let busy = Busy(
+        (0..11)
+            .map(|_| {
+                Command::new("taskset")
+                    .args(["-c", &cpu, "yes"])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("taskset and yes (util-linux, coreutils)")
+            })
+            .collect(),
+    );
+    let crowded = slow_call(Some(&cpu), ms, deadline_ms, &wasm)
+        .unwrap_or_else(|e| panic!("stopped while waiting for a core ({deadline_ms} ms CPU): {e}"));
+    let looping = Command::new("taskset")
+        .args(["-c", &cpu, BIN, "plugin", "test"])
+        .arg(&wasm)
+        .args(["--kind", "filter", "--header", "hostile=loop"])
+        .args(["--deadline-ms", &deadline_ms.to_string()])
+        .output()
+        .unwrap();
+    drop(busy);
+    assert!(
+        crowded > deadline_ms * 1000,
+        "the crowded call took {crowded} µs, not over its {deadline_ms} ms deadline: \
+         it did not wait (alone: {alone} µs)"
+    );
+    assert!(!looping.status.success());
+    assert!(
+        stderr(&looping).contains("deadline"),
+        "{}",
+        stderr(&looping)
+    );
+}

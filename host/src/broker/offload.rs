@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::BrokerError;
 use super::tenant::Tenant;
+use crate::sys::thread_cpu_time;
 
 /// A tenant's recent CPU use of offloaded work: an exponentially decaying
 /// sum with a time constant of [`WINDOW`], in CPU-seconds. Work that used
@@ -177,20 +178,6 @@ fn lower_priority() {
     }
 }
 
-/// CPU time the calling thread has used.
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec for the call's duration.
-    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if r != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
 /// Run `f` for `tenant` off the async workers: at normal priority while the
 /// tenant is within `share` of a core, at the lowest priority beyond.
 /// Its CPU time is charged to the tenant.
@@ -204,9 +191,9 @@ pub(crate) async fn offload<T: Send + 'static>(
     let over = tenant.cpu().over(share);
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job = move || {
-        let start = thread_cpu();
+        let start = thread_cpu_time();
         let out = f();
-        let used = thread_cpu().saturating_sub(start);
+        let used = thread_cpu_time().saturating_sub(start);
         let _ = tx.send((out, used));
     };
     if tenant.set_demoted(over) {
@@ -259,16 +246,5 @@ mod tests {
         // One spinning call is enough.
         c.charge(0.010, Some(1), 0.4);
         assert!(c.over(0.4));
-    }
-
-    #[test]
-    fn thread_cpu_time_advances_with_work() {
-        let a = thread_cpu();
-        let mut x = 0u64;
-        for i in 0..20_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
-        }
-        std::hint::black_box(x);
-        assert!(thread_cpu() > a);
     }
 }

@@ -93,6 +93,10 @@ pub(crate) enum PluginCommand {
         /// For an authorizer: the action (connect, publish, subscribe, declare, bind, delete, purge, admin, manage-policy).
         #[arg(long, default_value = "publish")]
         action: String,
+        /// The call's deadline in CPU time, as `plugin_deadline_ms` gives
+        /// it in the broker.
+        #[arg(long, value_name = "MS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        deadline_ms: u64,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -192,6 +196,7 @@ pub(crate) async fn run(
             candidates,
             client,
             action,
+            deadline_ms,
             json,
         } => {
             let wasm =
@@ -200,7 +205,10 @@ pub(crate) async fn run(
                 Some(path) => std::fs::read(path).with_context(|| format!("cannot read {path}"))?,
                 None => payload.into_bytes(),
             };
-            let runtime = PluginRuntime::new(SandboxConfig::default())?;
+            let runtime = PluginRuntime::new(SandboxConfig {
+                call_deadline: std::time::Duration::from_millis(deadline_ms),
+                ..SandboxConfig::default()
+            })?;
             let name = default_name(&file);
             let plugin = runtime.load(PluginSpec {
                 tenant: "test".into(),

@@ -13,9 +13,10 @@
 //!   `types` interfaces of both versions; a component importing anything else
 //!   is refused at load with an error naming the import
 //!   ([`LoadError::ForbiddenImport`]).
-//! - **Deadlines** by epoch interruption: a ticker thread advances the epoch
-//!   every [`SandboxConfig::epoch_tick`] and every call gets
-//!   [`SandboxConfig::call_deadline`].
+//! - **Deadlines** in CPU time, by epoch interruption: a ticker thread
+//!   advances the epoch every [`SandboxConfig::epoch_tick`]; every call gets
+//!   [`SandboxConfig::call_deadline`] of its thread's CPU time (a call waiting
+//!   for a core is not stopped for it), with a wall-clock backstop of 100×.
 //! - **Memory caps** per instance, enforced by a Store limiter, on top of a
 //!   pooling allocator sized by [`SandboxConfig::pool_instances`].
 //! - **Bounded output**: results larger than [`OutputLimits`] are refused.

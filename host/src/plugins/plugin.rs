@@ -15,10 +15,10 @@ use super::cache::CacheRef;
 use super::engine::RuntimeInner;
 use super::failure::classify;
 use super::metrics::{MetricsSnapshot, PluginMetrics};
-use super::store::{Limiter, LineLimit, LogBudget, PluginId, StoreState, truncate};
+use super::store::{Deadline, Limiter, LineLimit, LogBudget, PluginId, StoreState, truncate};
 use super::{
     Action, Decision, FailureKind, FilterVerdict, LoadError, Message, PluginFailure, PluginKind,
-    Principal, Resource, RouteRequest,
+    Principal, Resource, RouteRequest, SandboxConfig,
 };
 
 /// Pre-linked component, typed by kind and contract version.
@@ -315,14 +315,14 @@ impl Plugin {
         on: &Resource,
     ) -> Result<Decision, PluginFailure> {
         self.expect_kind(PluginKind::Authorizer)?;
-        let deadline = self.runtime.config.ticks(self.runtime.config.call_deadline);
+        let cfg = &self.runtime.config;
         let decision = self.call(1, |store, exports| match exports {
             Exports::Authorizer(a) => a.call_authorize(store, who, action, on),
             Exports::AuthorizerV01(a) => {
                 let old_who = v0_1::principal(who);
                 for (i, (action, on)) in v0_1::questions(who, action, on).iter().enumerate() {
                     if i > 0 {
-                        store.set_epoch_deadline(deadline);
+                        arm(store, cfg, cfg.call_deadline);
                     }
                     match a.call_authorize(&mut *store, &old_who, *action, on)? {
                         v0_1::types::Decision::Allow => {}
@@ -361,7 +361,7 @@ impl Plugin {
         let cfg = &self.runtime.config;
         warm.store.data_mut().limiter.memory_denied = false;
         warm.store.data_mut().log.start_call();
-        warm.store.set_epoch_deadline(cfg.ticks(cfg.call_deadline));
+        arm(&mut warm.store, cfg, cfg.call_deadline);
         let start = Instant::now();
         let result = f(&mut warm.store, &warm.exports);
         self.metrics.call(messages, start.elapsed());
@@ -399,10 +399,12 @@ impl Plugin {
             limiter: Limiter::new(cfg.memory_limit, cfg.table_elements_limit),
             log: LogBudget::new(cfg.max_log_lines_per_call, cfg.max_log_line_bytes),
             lines: self.lines.clone(),
+            deadline: Deadline::start(cfg.init_deadline, cfg.epoch_tick),
         };
         let mut store = Store::new(&self.runtime.engine, state);
         store.limiter(|s| &mut s.limiter);
-        store.set_epoch_deadline(cfg.ticks(cfg.init_deadline));
+        store.epoch_deadline_callback(|store| Ok(store.data().deadline.check()));
+        arm(&mut store, cfg, cfg.init_deadline);
         let fail = |store: &mut Store<StoreState>, e: wasmtime::Error| {
             let (kind, mut message) = classify(&e, store.data().limiter.memory_denied);
             // As for policy calls: a panicking `init` is reported with its message.
@@ -665,6 +667,13 @@ impl Plugin {
             accept => Ok(accept),
         }
     }
+}
+
+/// Give the next call (or `init`) on `store` a budget of `cpu` of its
+/// thread's CPU time (see [`Deadline`]).
+fn arm(store: &mut Store<StoreState>, cfg: &SandboxConfig, cpu: Duration) {
+    store.data_mut().deadline = Deadline::start(cpu, cfg.epoch_tick);
+    store.set_epoch_deadline(cfg.ticks(cpu));
 }
 
 /// The typed entry points check the kind first, and a plugin's exports

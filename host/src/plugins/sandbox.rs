@@ -8,9 +8,13 @@ use std::time::Duration;
 /// Stores and instances.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxConfig {
-    /// Wall-clock budget of one policy call (epoch interruption). Default 10 ms.
+    /// Budget of one policy call in CPU time of the thread running it
+    /// (checked by epoch interruption), so that a call is never stopped for
+    /// waiting while other threads run; a call also ends after 100 times
+    /// this in wall-clock time. Default 10 ms.
     pub call_deadline: Duration,
-    /// Budget of `init` (which runs on every (re-)instantiation). Default 100 ms.
+    /// Budget of `init` (which runs on every (re-)instantiation), in CPU
+    /// time like `call_deadline`. Default 100 ms.
     pub init_deadline: Duration,
     /// Epoch tick: the deadline resolution. Default 1 ms.
     pub epoch_tick: Duration,

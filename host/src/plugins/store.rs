@@ -3,8 +3,11 @@
 //! trap because a trap poisons the whole Store.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use wasmtime::ResourceLimiter;
+use wasmtime::{ResourceLimiter, UpdateDeadline};
+
+use crate::sys::thread_cpu_time;
 
 use super::bindings::{self, LogLevel};
 
@@ -24,6 +27,53 @@ pub(crate) struct StoreState {
     pub(crate) log: LogBudget,
     /// The plugin's log lines per second, shared by all its instances.
     pub(crate) lines: Arc<LineLimit>,
+    /// The budget of the call (or `init`) running now.
+    pub(crate) deadline: Deadline,
+}
+
+/// A call's wall-clock backstop, as a multiple of its CPU deadline: a call
+/// starved of CPU (its thread at the lowest priority on a busy machine)
+/// holds its instance no longer than this.
+pub(crate) const WALL_BACKSTOP: u32 = 100;
+
+/// The budget of one call: CPU time of the thread running it, so that a
+/// call is stopped for what it spends and never for waiting while other
+/// threads run (the verdict does not depend on how busy the machine is),
+/// with a wall-clock backstop of [`WALL_BACKSTOP`] times that.
+///
+/// Epoch interruption checks it: the epoch deadline is first set to the
+/// budget in wall-clock ticks; when it is reached, [`Deadline::check`] either
+/// stops the call or extends the deadline by the CPU time still left.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadline {
+    cpu_start: Duration,
+    wall_start: Instant,
+    cpu: Duration,
+    tick: Duration,
+}
+
+impl Deadline {
+    /// A budget of `cpu` starting now on this thread, checked every `tick`.
+    pub(crate) fn start(cpu: Duration, tick: Duration) -> Self {
+        Self {
+            cpu_start: thread_cpu_time(),
+            wall_start: Instant::now(),
+            cpu,
+            tick: tick.max(Duration::from_nanos(1)),
+        }
+    }
+
+    /// The epoch deadline was reached: stop the call if it used its CPU
+    /// budget (or the wall-clock backstop), else extend by what is left.
+    pub(crate) fn check(&self) -> UpdateDeadline {
+        let used = thread_cpu_time().saturating_sub(self.cpu_start);
+        if used >= self.cpu || self.wall_start.elapsed() >= self.cpu.saturating_mul(WALL_BACKSTOP) {
+            return UpdateDeadline::Interrupt;
+        }
+        let left = self.cpu - used;
+        let ticks = left.as_nanos().div_ceil(self.tick.as_nanos()).max(1);
+        UpdateDeadline::Continue(u64::try_from(ticks).unwrap_or(u64::MAX))
+    }
 }
 
 /// Log lines per second of one plugin (a token bucket holding one
@@ -187,7 +237,37 @@ pub(crate) fn truncate(s: &str, max: usize) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::truncate;
+    use super::*;
+
+    fn spin(d: Duration) {
+        let start = thread_cpu_time();
+        while thread_cpu_time() - start < d {
+            std::hint::black_box(0u64);
+        }
+    }
+
+    /// Waiting (here: sleeping, as a thread waiting for a core does) does
+    /// not use the budget; using the CPU does.
+    #[test]
+    fn a_deadline_counts_cpu_time_not_waiting() {
+        let d = Deadline::start(Duration::from_millis(40), Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(100));
+        let UpdateDeadline::Continue(ticks) = d.check() else {
+            panic!("stopped after sleeping past the deadline without using the CPU");
+        };
+        assert!((30..=40).contains(&ticks), "extended by {ticks} ticks");
+        spin(Duration::from_millis(45));
+        assert!(matches!(d.check(), UpdateDeadline::Interrupt));
+    }
+
+    /// A call that cannot get a core still ends after the backstop.
+    #[test]
+    fn a_deadline_has_a_wall_clock_backstop() {
+        let d = Deadline::start(Duration::from_micros(500), Duration::from_millis(1));
+        assert!(matches!(d.check(), UpdateDeadline::Continue(_)));
+        std::thread::sleep(Duration::from_micros(500) * WALL_BACKSTOP + Duration::from_millis(5));
+        assert!(matches!(d.check(), UpdateDeadline::Interrupt));
+    }
 
     #[test]
     fn truncate_respects_char_boundaries() {
