@@ -94,11 +94,13 @@ fn ensure_wasm_target() {
     if installed() {
         return;
     }
-    println!("cargo:warning=installing the {TARGET} target with rustup (needed to build plugins/)");
     let status = Command::new("rustup")
         .args(["target", "add", TARGET])
         .status();
-    if !installed() {
+    if installed() {
+        // Cargo shows this again on later builds until the script reruns.
+        println!("cargo:warning=the {TARGET} target was missing: installed it with rustup");
+    } else {
         panic!(
             "the {TARGET} Rust target is missing and could not be installed ({status:?}); \
              run: rustup target add {TARGET}"

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use sluice_client::{Client, QueueSpec};
 
 mod common;
+#[allow(dead_code)]
+#[path = "../../tests/support/provision.rs"]
+mod provision;
 use common::{BIN, certs, connect, free_port};
 
 fn spawn(dir: &Path, addr: SocketAddr) -> common::Served {
@@ -251,14 +254,7 @@ async fn confirmed_messages_survive_kill_9() {
 /// broker under strace and look for the sync on `<data>/store/db`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirms_follow_fdatasync_of_the_data_file() {
-    if Command::new("strace").arg("-V").output().is_err() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install strace (see .ci/run)"
-        );
-        eprintln!("strace not installed: skipping (install it with apt-get install strace)");
-        return;
-    }
+    provision::require("the fsync check", provision::STRACE);
     let dir = tempfile::tempdir().unwrap();
     certs(dir.path());
     let addr = free_port();
@@ -303,14 +299,7 @@ async fn confirms_follow_fdatasync_of_the_data_file() {
 /// are confirmed. Checked with strace on the real binary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sled_blob_files_are_fsynced_before_confirms() {
-    if Command::new("strace").arg("-V").output().is_err() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install strace (see .ci/run)"
-        );
-        eprintln!("strace not installed: skipping (install it with apt-get install strace)");
-        return;
-    }
+    provision::require("the fsync check", provision::STRACE);
     let dir = tempfile::tempdir().unwrap();
     certs(dir.path());
     let addr = free_port();

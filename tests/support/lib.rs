@@ -1,6 +1,7 @@
 //! Shared helpers for the end-to-end tests in `tests/`.
 
 pub mod program;
+pub mod provision;
 pub mod raw;
 
 use std::time::Duration;
@@ -70,13 +71,17 @@ pub fn msg(topic: &str, headers: &[(&str, &str)], payload: &[u8]) -> Message {
 /// The C example plugin (`plugins/c-header-filter`), built with its own
 /// Makefile (clang + wasi-libc + wasm-component-ld) once per test binary.
 ///
-/// Panics with the install command when the C toolchain is missing: the C
-/// plugin is part of the suite, so a machine without it fails loudly rather
-/// than skipping (`.ci/run` installs it).
+/// The C toolchain is installed on first use when it is missing
+/// ([`provision`]); where it cannot be, this panics with the one command to
+/// run: the C plugin is part of the suite, never skipped.
 pub fn c_header_filter() -> Vec<u8> {
     static BUILT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
+            provision::require(
+                "the C example plugin (plugins/c-header-filter)",
+                provision::C_PLUGIN,
+            );
             let dir = workspace_root().join("plugins/c-header-filter");
             let out = tempfile::tempdir().unwrap();
             let wasm = out.path().join("header_filter.wasm");
@@ -88,12 +93,11 @@ pub fn c_header_filter() -> Vec<u8> {
             match result {
                 Ok(o) if o.status.success() => std::fs::read(&wasm).unwrap(),
                 Ok(o) => panic!(
-                    "building the C plugin failed (needs: apt-get install clang lld wasi-libc \
-                     libclang-rt-dev-wasm32 make):\n{}{}",
+                    "building the C plugin failed:\n{}{}",
                     String::from_utf8_lossy(&o.stdout),
                     String::from_utf8_lossy(&o.stderr)
                 ),
-                Err(e) => panic!("cannot run make ({e}): apt-get install make clang lld wasi-libc"),
+                Err(e) => panic!("cannot run make: {e}"),
             }
         })
         .clone()

@@ -1,5 +1,9 @@
 use super::*;
 
+#[allow(dead_code)]
+#[path = "../../../tests/support/provision.rs"]
+mod provision;
+
 fn der(path: &Path) -> Vec<u8> {
     load_certs(path).unwrap()[0].to_vec()
 }
@@ -119,6 +123,7 @@ fn admins_list_is_validated_when_parsed() {
 
 #[test]
 fn openssl_made_certificates_work() {
+    provision::require("the openssl certificate tests", provision::OPENSSL);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let run = |args: &[&str]| {
@@ -305,6 +310,7 @@ mod identity_props {
     }
 
     fn openssl(dir: &Path, args: &[&str]) {
+        super::provision::require("the openssl certificate tests", super::provision::OPENSSL);
         let out = std::process::Command::new("openssl")
             .args(args)
             .current_dir(dir)
