@@ -3,8 +3,9 @@
 //! workloads against each (the workload of `sluice bench`), and prints a
 //! Markdown table with Sluice/peer ratios (or JSON).
 //!
-//! `cargo build --release -p sluice && cargo build --release -p sluice-compare
-//! && target/release/compare` (two builds: see Cargo.toml).
+//! `cargo build --release && cargo build --release --manifest-path
+//! tests/compare/Cargo.toml --target-dir target && target/release/compare`
+//! (its own workspace: see Cargo.toml).
 
 mod harness;
 mod nats;

@@ -1,0 +1,3 @@
+//! Present so that `[build-dependencies]` (features of proc-macro and
+//! build-script dependencies) take part in feature unification.
+fn main() {}
