@@ -69,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
     sluice::tls::init_dev_certs(&certs, &["a".into(), "b".into()], "sluice")?;
     let mut config = BrokerConfig::new(dir.path());
     config.sandbox.trap_threshold = u32::MAX; // keep A trapping for the whole run
-    // SLUICE_NOISY_CPU_SHARE=1000 turns the CPU-share demotion off (for comparison).
+    // SLUICE_NOISY_CPU_SHARE=inf turns the CPU-share demotion off (for comparison).
     if let Some(share) = std::env::var("SLUICE_NOISY_CPU_SHARE")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -71,7 +71,7 @@ pub struct FileConfig {
     /// Consecutive traps after which a plugin is errored (default 5).
     pub plugin_trap_threshold: Option<u32>,
     /// Share of one core a tenant's plugins may use before its work runs
-    /// at the lowest priority (default 0.5).
+    /// at the lowest priority (default 0.5; `inf` turns demotion off).
     pub plugin_cpu_share: Option<f64>,
     /// Threads for the work of tenants over their CPU share (default 2).
     pub low_priority_threads: Option<usize>,
@@ -148,8 +148,8 @@ impl FileConfig {
         }
         if let Some(x) = self.plugin_cpu_share {
             anyhow::ensure!(
-                x > 0.0 && x.is_finite(),
-                "plugin_cpu_share = {x}: must be above 0 (a share of one core, e.g. 0.5)"
+                x > 0.0,
+                "plugin_cpu_share = {x}: must be above 0 (a share of one core, e.g. 0.5, or inf)"
             );
             config.plugin_cpu_share = x;
         }
@@ -257,4 +257,34 @@ pub struct TenantEntry {
     /// `max_publish_rate`, `max_message_bytes` (unset: unlimited).
     #[serde(default)]
     pub limits: crate::broker::TenantLimits,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn applied(text: &str) -> anyhow::Result<crate::broker::BrokerConfig> {
+        let file: FileConfig = toml::from_str(text)?;
+        let mut config = crate::broker::BrokerConfig::new("/nonexistent");
+        file.apply(&mut config)?;
+        Ok(config)
+    }
+
+    #[test]
+    fn plugin_cpu_share_takes_a_share_or_inf() {
+        assert_eq!(
+            applied("plugin_cpu_share = 1.5").unwrap().plugin_cpu_share,
+            1.5
+        );
+        assert!(
+            applied("plugin_cpu_share = inf")
+                .unwrap()
+                .plugin_cpu_share
+                .is_infinite()
+        );
+        for bad in ["0.0", "-1.0", "nan"] {
+            let e = applied(&format!("plugin_cpu_share = {bad}")).unwrap_err();
+            assert!(e.to_string().contains("must be above 0"), "{bad}: {e}");
+        }
+    }
 }

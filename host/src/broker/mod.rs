@@ -94,7 +94,7 @@ pub struct BrokerConfig {
     pub control_concurrency_per_tenant: usize,
     /// Share of one core a tenant's plugins (and other offloaded work) may
     /// use, averaged over a second, before its work runs at the lowest CPU
-    /// priority. Default 0.5.
+    /// priority. Default 0.5; infinity turns demotion off.
     pub plugin_cpu_share: f64,
     /// Threads running the work of tenants over their CPU share. Default 2.
     pub low_priority_threads: usize,

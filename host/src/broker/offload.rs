@@ -6,10 +6,11 @@
 //! ([`CpuUse`]). A tenant within [`BrokerConfig::plugin_cpu_share`] of one
 //! core runs on tokio's blocking threads at normal priority. A tenant over
 //! it (a spinning plugin, a flood of expensive calls) runs on a few
-//! dedicated threads at the lowest CPU priority (Linux `SCHED_IDLE`, else
-//! nice 19): it still gets the CPU nobody else wants, but the scheduler
-//! runs every other tenant's work, and the broker's own, first. Deadlines still bound each call; the
-//! priority bounds what a tenant's calls cost the others meanwhile.
+//! dedicated threads at the lowest priority of the normal scheduling class
+//! (nice 19): the scheduler gives every other tenant's work, and the
+//! broker's own, twenty times its CPU, yet it never stops entirely.
+//! Deadlines (in CPU time) still bound each call; the priority bounds what
+//! a tenant's calls cost the others meanwhile.
 //!
 //! [`BrokerConfig::plugin_cpu_share`]: super::BrokerConfig::plugin_cpu_share
 
@@ -66,11 +67,13 @@ impl CpuUse {
     /// Charge `cpu` seconds, for work of `units` messages if it routed
     /// messages. Routing that took more than [`HOG_PER_UNIT`] per message is
     /// a hog (a spinning plugin, not a busy one): the tenant is over its
-    /// share at once, without waiting for the average to catch up.
+    /// share at once, without waiting for the average to catch up. An
+    /// infinite share turns demotion off, the hog rule included.
     pub(crate) fn charge(&mut self, cpu: f64, units: Option<usize>, share: f64) {
         self.decay();
         self.seconds += cpu;
-        if let Some(units) = units
+        if share.is_finite()
+            && let Some(units) = units
             && cpu / units.max(1) as f64 > HOG_PER_UNIT.as_secs_f64()
         {
             self.seconds = self.seconds.max(share * WINDOW.as_secs_f64() * 2.0);
@@ -156,19 +159,15 @@ impl LowPriority {
     }
 }
 
-/// Put the calling thread in the `SCHED_IDLE` class (it runs only when no
-/// normal thread wants the CPU, and a waking normal thread preempts it at
-/// once), falling back to nice 19. Any user may lower its own priority.
+/// Give the calling thread the lowest priority of the normal scheduling
+/// class (nice 19: a twentieth of the CPU of a nice-0 thread it competes
+/// with). Not `SCHED_IDLE`: that class runs only when no normal thread
+/// wants the CPU, so while other work saturates the machine a demoted
+/// tenant would stop entirely (and its calls would run into the wall-clock
+/// backstop of their deadlines). Any user may lower its own priority.
 fn lower_priority() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: `param` is a valid sched_param for the call's duration; pid 0
-    // is the calling thread. A failure only leaves the priority unchanged.
-    let idle = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } == 0;
-    if idle {
-        return;
-    }
     // SAFETY: `gettid` and `setpriority` take plain integers and touch no
-    // memory of ours.
+    // memory of ours. On Linux the nice value is per thread.
     let r = unsafe {
         let tid = libc::gettid();
         libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19)
@@ -246,5 +245,15 @@ mod tests {
         // One spinning call is enough.
         c.charge(0.010, Some(1), 0.4);
         assert!(c.over(0.4));
+    }
+
+    #[test]
+    fn an_infinite_share_never_demotes() {
+        let mut c = CpuUse::default();
+        for _ in 0..100 {
+            c.charge(0.5, Some(1), f64::INFINITY);
+        }
+        assert!(!c.over(f64::INFINITY));
+        assert!(c.share().is_finite());
     }
 }
