@@ -118,7 +118,7 @@ fn present(probe: Probe) -> bool {
         Probe::File(path) => Path::new(path).is_file(),
         Probe::ClangResource(below) => subdirs("/usr/lib", "llvm-")
             .into_iter()
-            .flat_map(|llvm| subdirs(&llvm.join("lib/clang"), ""))
+            .flat_map(|llvm| subdirs(llvm.join("lib/clang"), ""))
             .any(|clang| clang.join(below).is_file()),
     }
 }
