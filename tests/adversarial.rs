@@ -375,7 +375,8 @@ async fn a_hostile_tenant_is_bounded_while_another_is_served() {
     let e = a.subscribe("acks", 10_001).await.err().expect("refused");
     assert_eq!(e.code(), Some(ErrorCode::LimitExceeded), "{e}");
     assert!(
-        e.to_string().contains("above the broker's maximum of 10000"),
+        e.to_string()
+            .contains("above the broker's maximum of 10000"),
         "refused by max_prefetch, not another bound: {e}"
     );
     // 10 000 (at max_prefetch) is accepted, six times: 60 000 held.
@@ -1175,6 +1176,10 @@ async fn max_message_bytes_is_a_broker_limit_distinct_from_the_quota() {
         code(g.publish("q", headers, payload).await),
         ErrorCode::LimitExceeded
     );
-    let stored: u64 = a.list_queues().await.unwrap()[0].ready + g.list_queues().await.unwrap()[0].ready;
-    assert_eq!(stored, 2, "only the publishes within the bounds were stored");
+    let stored: u64 =
+        a.list_queues().await.unwrap()[0].ready + g.list_queues().await.unwrap()[0].ready;
+    assert_eq!(
+        stored, 2,
+        "only the publishes within the bounds were stored"
+    );
 }

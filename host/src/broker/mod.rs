@@ -35,8 +35,8 @@ mod tenant;
 
 pub use admin::QueueInfo;
 pub use policies::{PluginInfo, PluginLoad};
-pub use stats::{SessionPeaks, TenantStats};
 pub(crate) use stats::SessionPeakCounters;
+pub use stats::{SessionPeaks, TenantStats};
 
 pub use bindings::BindingTrie;
 pub use error::BrokerError;

@@ -6,8 +6,8 @@ use sluice_proto::{self as proto, Frame};
 use tokio::sync::mpsc;
 
 use super::{
-    DeliveryBudget, Held, MAX_DELIVER_FRAME_BYTES, MAX_DELIVERIES_PER_FRAME, Ranges,
-    SETTLE_RANGES, SubCmd,
+    DeliveryBudget, Held, MAX_DELIVER_FRAME_BYTES, MAX_DELIVERIES_PER_FRAME, Ranges, SETTLE_RANGES,
+    SubCmd,
 };
 use crate::broker::{BrokerError, LOAD_BYTES, SessionPeakCounters, Subscription};
 
@@ -125,5 +125,8 @@ fn settle(sub: &Subscription, first: SubCmd, cmds: &mut mpsc::Receiver<SubCmd>) 
 fn loaded_size(d: &crate::broker::Delivery) -> usize {
     d.topic.len()
         + d.payload.len()
-        + d.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        + d.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
 }

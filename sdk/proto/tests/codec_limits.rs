@@ -196,7 +196,10 @@ fn sixty_four_headers_are_accepted_and_sixty_five_refused() {
 #[test]
 fn sixteen_kib_of_header_bytes_are_accepted_and_one_more_refused() {
     let t = || "t".to_string();
-    accepted("publish", publish(t(), header_bytes(MAX_HEADER_BYTES), vec![]));
+    accepted(
+        "publish",
+        publish(t(), header_bytes(MAX_HEADER_BYTES), vec![]),
+    );
     refused(
         "publish",
         publish(t(), header_bytes(MAX_HEADER_BYTES + 1), vec![]),
@@ -321,7 +324,9 @@ fn name_sites() -> Vec<NameSite> {
                 prefetch: 1,
             })
         }),
-        ("plugin name", "plugin", |n| plugin(n, "filter".into(), None)),
+        ("plugin name", "plugin", |n| {
+            plugin(n, "filter".into(), None)
+        }),
         ("plugin kind", "kind", |n| plugin("p".into(), n, None)),
         ("plugin queue", "queue", |n| {
             plugin("p".into(), "filter".into(), Some(n))
@@ -379,7 +384,12 @@ fn ack_frames_of_4096_ranges_are_accepted_and_4097_refused() {
     ];
     for (kind, frame) in kinds {
         accepted(kind, frame(ranges(MAX_RANGES)));
-        refused(kind, frame(ranges(MAX_RANGES + 1)), "ack ranges", MAX_RANGES);
+        refused(
+            kind,
+            frame(ranges(MAX_RANGES + 1)),
+            "ack ranges",
+            MAX_RANGES,
+        );
     }
 }
 
@@ -479,7 +489,10 @@ fn listings_of_100_000_are_accepted_and_100_001_refused() {
         ("stats", "tenants", stats),
         ("tenants", "tenants", tenants),
     ];
-    let response = |body| Frame::Response { id: 1, body: Ok(body) };
+    let response = |body| Frame::Response {
+        id: 1,
+        body: Ok(body),
+    };
     for (kind, what, list) in kinds {
         accepted(kind, response(list(MAX_LIST)));
         refused(kind, response(list(MAX_LIST + 1)), what, MAX_LIST);
