@@ -330,6 +330,12 @@ async fn a_hostile_tenant_is_bounded_while_another_is_served() {
         stalled < 16 << 20,
         "SyncAcks flood not bounded: {stalled} bytes"
     );
+    // Stalled with exactly PENDING_SYNCS (64) waiting, never more.
+    let peaks = h.running.as_ref().unwrap().broker.session_peaks();
+    assert_eq!(
+        peaks.pending_syncs, 64,
+        "SyncAcks waiting at once ({stalled} bytes written)"
+    );
     drop(r.recv);
 
     // Empty publishes without reading confirms: each counts a fixed
@@ -364,15 +370,31 @@ async fn a_hostile_tenant_is_bounded_while_another_is_served() {
         code(a.subscribe("acks", u32::MAX).await),
         ErrorCode::LimitExceeded
     );
+    // max_prefetch alone: `a` holds no subscription, so 10 001 is far
+    // within the 65 536 a connection may hold; only max_prefetch refuses it.
+    let e = a.subscribe("acks", 10_001).await.err().expect("refused");
+    assert_eq!(e.code(), Some(ErrorCode::LimitExceeded), "{e}");
+    assert!(
+        e.to_string()
+            .contains("above the broker's maximum of 10000"),
+        "refused by max_prefetch, not another bound: {e}"
+    );
+    // 10 000 (at max_prefetch) is accepted, six times: 60 000 held.
     let mut subs = Vec::new();
     for _ in 0..6 {
         subs.push(a.subscribe("acks", 10_000).await.unwrap());
     }
-    assert_eq!(
-        code(a.subscribe("acks", 10_000).await),
-        ErrorCode::LimitExceeded,
-        "seven subscriptions of 10 000 exceed 65 536 unacked per connection"
-    );
+    // max_unacked_per_connection alone, each prefetch within max_prefetch:
+    // 5 536 more makes exactly 65 536 (accepted), one more is refused.
+    subs.push(a.subscribe("acks", 5_536).await.unwrap());
+    for prefetch in [1, 10_000] {
+        let e = a.subscribe("acks", prefetch).await.err().expect("refused");
+        assert_eq!(e.code(), Some(ErrorCode::LimitExceeded), "{e}");
+        assert!(
+            e.to_string().contains("at most 65536 unacked"),
+            "65 536 + {prefetch} refused by max_unacked_per_connection: {e}"
+        );
+    }
     drop(subs);
     a.declare(QueueSpec::new("big")).await.unwrap();
     a.bind("big", "big").await.unwrap();
@@ -1039,5 +1061,125 @@ async fn subscriptions_per_connection_are_bounded() {
         last.as_ref().unwrap_err().code,
         ErrorCode::LimitExceeded,
         "{last:?}"
+    );
+}
+
+/// `max_queues_per_tenant` bounds every tenant whatever its quota: with the
+/// key at 3, a tenant without a quota (or with a higher one) declares three
+/// queues and the fourth is refused with `limit_exceeded`; a tenant quota
+/// below it is refused with `quota_exceeded` instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_queues_per_tenant_is_a_broker_limit_distinct_from_the_quota() {
+    let h = Harness::start_with(|c| c.max_queues_per_tenant = 3).await;
+    let admin = h.client("admin").await;
+    admin
+        .create_tenant(
+            "globex",
+            proto::TenantQuota {
+                max_queues: Some(10),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    admin
+        .create_tenant(
+            "acme",
+            proto::TenantQuota {
+                max_queues: Some(2),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    // globex's quota (10) is above the broker's limit (3): the limit refuses.
+    let g = h.client("globex").await;
+    for i in 0..3 {
+        g.declare(QueueSpec::new(&format!("q{i}"))).await.unwrap();
+    }
+    let e = g.declare(QueueSpec::new("q3")).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::LimitExceeded), "{e}");
+    // Declaring an existing queue again is not a new queue.
+    g.declare(QueueSpec::new("q0")).await.unwrap();
+    assert_eq!(g.list_queues().await.unwrap().len(), 3);
+    // acme's quota (2) is below it: the quota refuses, first.
+    let a = h.client("acme").await;
+    for i in 0..2 {
+        a.declare(QueueSpec::new(&format!("q{i}"))).await.unwrap();
+    }
+    assert_eq!(
+        code(a.declare(QueueSpec::new("q2")).await),
+        ErrorCode::QuotaExceeded
+    );
+    // Deleting one makes room again under the limit.
+    g.delete("q0").await.unwrap();
+    g.declare(QueueSpec::new("q3")).await.unwrap();
+    assert_eq!(
+        code(g.declare(QueueSpec::new("q4")).await),
+        ErrorCode::LimitExceeded
+    );
+}
+
+/// `max_message_bytes` bounds payload + headers for every tenant: with the
+/// key at 1000, a publish of exactly 1000 bytes is stored and 1001 is
+/// refused with `limit_exceeded`; a tenant's own quota below it refuses
+/// with `quota_exceeded`, and above its quota but over the broker's limit
+/// is still `limit_exceeded`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_message_bytes_is_a_broker_limit_distinct_from_the_quota() {
+    let h = Harness::start_with(|c| c.max_message_bytes = 1000).await;
+    let admin = h.client("admin").await;
+    admin
+        .create_tenant(
+            "globex",
+            proto::TenantQuota {
+                max_message_bytes: Some(500),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    // Headers count: 10 bytes of header names and values, the rest payload.
+    let message = |total: usize| {
+        (
+            vec![("hkey".to_string(), "value!".to_string())],
+            vec![1u8; total - 10],
+        )
+    };
+    let a = h.client("acme").await;
+    a.declare(QueueSpec::new("q")).await.unwrap();
+    a.bind("q", "q").await.unwrap();
+    let (headers, payload) = message(1000);
+    assert_eq!(a.publish("q", headers, payload).await.unwrap(), 1);
+    let (headers, payload) = message(1001);
+    let e = a.publish("q", headers, payload).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::LimitExceeded), "{e}");
+    assert!(e.to_string().contains("1001 bytes"), "{e}");
+    // A payload alone over the limit, no headers.
+    assert_eq!(
+        code(a.publish("q", vec![], vec![0; 1001]).await),
+        ErrorCode::LimitExceeded
+    );
+
+    let g = h.client("globex").await;
+    g.declare(QueueSpec::new("q")).await.unwrap();
+    g.bind("q", "q").await.unwrap();
+    let (headers, payload) = message(500);
+    assert_eq!(g.publish("q", headers, payload).await.unwrap(), 1);
+    let (headers, payload) = message(501);
+    assert_eq!(
+        code(g.publish("q", headers, payload).await),
+        ErrorCode::QuotaExceeded
+    );
+    let (headers, payload) = message(1001);
+    assert_eq!(
+        code(g.publish("q", headers, payload).await),
+        ErrorCode::LimitExceeded
+    );
+    let stored: u64 =
+        a.list_queues().await.unwrap()[0].ready + g.list_queues().await.unwrap()[0].ready;
+    assert_eq!(
+        stored, 2,
+        "only the publishes within the bounds were stored"
     );
 }

@@ -35,7 +35,8 @@ mod tenant;
 
 pub use admin::QueueInfo;
 pub use policies::{PluginInfo, PluginLoad};
-pub use stats::TenantStats;
+pub(crate) use stats::SessionPeakCounters;
+pub use stats::{SessionPeaks, TenantStats};
 
 pub use bindings::BindingTrie;
 pub use error::BrokerError;
@@ -159,6 +160,7 @@ pub(crate) struct Inner {
     connections: AtomicU64,
     low_priority: offload::LowPriority,
     live: std::sync::Mutex<tenancy::Connections>,
+    session_peaks: Arc<stats::SessionPeakCounters>,
 }
 
 /// When a message stored at `now` with `ttl_ms` expires (0: never). Any TTL
@@ -213,6 +215,7 @@ impl Broker {
                 connections: AtomicU64::new(0),
                 low_priority,
                 live: std::sync::Mutex::new(tenancy::Connections::default()),
+                session_peaks: Arc::default(),
             }),
         };
         broker.recover()?;

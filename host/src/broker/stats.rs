@@ -1,6 +1,7 @@
 //! Usage per tenant and the snapshot behind the metrics endpoint.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use super::Broker;
 use super::admin::QueueInfo;
@@ -76,5 +77,61 @@ impl Broker {
             .collect();
         plugins.sort_by(|a, b| (&a.tenant, &a.name).cmp(&(&b.tenant, &b.name)));
         (queues, plugins)
+    }
+}
+
+/// High-water marks of the bounded buffers of client sessions, over every
+/// connection of one broker since it started (each mark is the most one
+/// connection, or one subscription, held at once). They show that a
+/// session's bounds hold (docs/security.md); tests assert them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SessionPeaks {
+    /// Frames queued for one connection's control stream (`OUT_FRAMES`).
+    pub out_frames: u64,
+    /// `SyncAcks` of one connection waiting for their answer (`PENDING_SYNCS`).
+    pub pending_syncs: u64,
+    /// Settle frames queued for one subscription (`SUB_COMMANDS`).
+    pub sub_commands: u64,
+    /// Bytes of deliveries (topic, headers, payload) one subscription
+    /// loaded from the store in one batch (`LOAD_BYTES`).
+    pub delivery_batch_bytes: u64,
+    /// Bytes of deliveries one connection held loaded at once, across its
+    /// subscriptions, until written to their streams (`DELIVERY_BUDGET`).
+    pub delivery_loaded_bytes: u64,
+}
+
+/// The counters behind [`SessionPeaks`], updated by the sessions.
+#[derive(Debug, Default)]
+pub(crate) struct SessionPeakCounters {
+    pub out_frames: AtomicU64,
+    pub pending_syncs: AtomicU64,
+    pub sub_commands: AtomicU64,
+    pub delivery_batch_bytes: AtomicU64,
+    pub delivery_loaded_bytes: AtomicU64,
+}
+
+impl SessionPeakCounters {
+    /// Raise `mark` to `value` if it is higher.
+    pub(crate) fn note(mark: &AtomicU64, value: u64) {
+        mark.fetch_max(value, Relaxed);
+    }
+}
+
+impl Broker {
+    /// The high-water marks of the sessions' buffers.
+    pub fn session_peaks(&self) -> SessionPeaks {
+        let c = &self.inner.session_peaks;
+        SessionPeaks {
+            out_frames: c.out_frames.load(Relaxed),
+            pending_syncs: c.pending_syncs.load(Relaxed),
+            sub_commands: c.sub_commands.load(Relaxed),
+            delivery_batch_bytes: c.delivery_batch_bytes.load(Relaxed),
+            delivery_loaded_bytes: c.delivery_loaded_bytes.load(Relaxed),
+        }
+    }
+
+    /// The counters sessions update.
+    pub(crate) fn session_peak_counters(&self) -> &Arc<SessionPeakCounters> {
+        &self.inner.session_peaks
     }
 }

@@ -8,8 +8,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::deliver::deliver;
 use super::{
-    Link, OPEN_STREAM_TIMEOUT, Ranges, SUB_COMMANDS, Session, SubCmd, SubHandle, error_body,
+    Held, Link, OPEN_STREAM_TIMEOUT, Ranges, SUB_COMMANDS, Session, SubCmd, SubHandle, error_body,
+    queued,
 };
+use crate::broker::SessionPeakCounters;
 use crate::broker::{Broker, BrokerError, Overflow, QueueOptions, Work};
 use crate::plugins::{PluginKind, PluginState, Principal};
 
@@ -23,9 +25,14 @@ impl<L: Link> Session<L> {
         let Ok(permit) = self.syncs.clone().acquire_owned().await else {
             return;
         };
+        let waiting = Held::new(&self.syncs_waiting, 1, &self.peaks.pending_syncs);
         let (tx, rx) = oneshot::channel();
         let queued = match self.subs.get(&sub) {
-            Some(s) => s.cmds.send(SubCmd::Sync(tx)).await.is_ok(),
+            Some(s) => {
+                let sent = s.cmds.send(SubCmd::Sync(tx)).await.is_ok();
+                SessionPeakCounters::note(&self.peaks.sub_commands, queued(&s.cmds));
+                sent
+            }
             None => false,
         };
         let gone = move || error_body(&BrokerError::not_found("subscription", sub.to_string()));
@@ -40,6 +47,7 @@ impl<L: Link> Session<L> {
         let out = self.out.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _waiting = waiting;
             let body = match rx.await {
                 Ok(Ok(())) => Ok(proto::Response::Ok),
                 Ok(Err(e)) => Err(error_body(&e)),
@@ -66,6 +74,7 @@ impl<L: Link> Session<L> {
         }
         if let Some(s) = self.subs.get(&sub) {
             let _ = s.cmds.send(cmd(ranges)).await;
+            SessionPeakCounters::note(&self.peaks.sub_commands, queued(&s.cmds));
         }
         Ok(())
     }

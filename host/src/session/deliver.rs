@@ -1,26 +1,28 @@
 //! One task per subscription: load its deliveries within the connection's
 //! budget, write them to its stream, and apply its settles.
 
-use std::sync::Arc;
-
 use sluice_client::FrameSink;
 use sluice_proto::{self as proto, Frame};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 
-use super::{MAX_DELIVER_FRAME_BYTES, MAX_DELIVERIES_PER_FRAME, Ranges, SETTLE_RANGES, SubCmd};
-use crate::broker::{BrokerError, LOAD_BYTES, Subscription};
+use super::{
+    DeliveryBudget, Held, MAX_DELIVER_FRAME_BYTES, MAX_DELIVERIES_PER_FRAME, Ranges, SETTLE_RANGES,
+    SubCmd,
+};
+use crate::broker::{BrokerError, LOAD_BYTES, SessionPeakCounters, Subscription};
 
 /// Push a subscription's deliveries on its own stream and apply acks.
 /// Deliveries are loaded from the store only with the connection's
 /// delivery budget in hand (at most [`LOAD_BYTES`] per batch), so a
 /// connection whose client reads nothing holds at most [`DELIVERY_BUDGET`]
-/// bytes of loaded payloads, whatever its prefetch and subscriptions.
+/// bytes of loaded payloads, whatever its prefetch and subscriptions
+/// (what it holds is counted in `budget.loaded`, with the broker's peaks).
 pub(super) async fn deliver(
     id: u64,
     mut sub: Subscription,
     mut stream: impl FrameSink,
     mut cmds: mpsc::Receiver<SubCmd>,
-    budget: Arc<Semaphore>,
+    budget: DeliveryBudget,
 ) {
     let mut buf = Vec::with_capacity(64 << 10);
     proto::encode(&Frame::StreamStart { sub: id }, &mut buf);
@@ -37,13 +39,17 @@ pub(super) async fn deliver(
                 if !ready {
                     break;
                 }
-                let Ok(_permit) = budget.clone().acquire_many_owned(LOAD_BYTES as u32).await else {
+                let Ok(_permit) = budget.permits.clone().acquire_many_owned(LOAD_BYTES as u32).await else {
                     break;
                 };
                 let batch = sub.load(LOAD_BYTES);
                 if batch.is_empty() {
                     continue;
                 }
+                // Held until the batch is written to the stream.
+                let loaded: u64 = batch.iter().map(|d| loaded_size(d) as u64).sum();
+                SessionPeakCounters::note(&budget.peaks.delivery_batch_bytes, loaded);
+                let _loaded = Held::new(&budget.loaded, loaded, &budget.peaks.delivery_loaded_bytes);
                 buf.clear();
                 // Cut frames by count and by bytes so that no Deliver frame
                 // exceeds the decoder's frame limit, whatever the sizes.
@@ -112,4 +118,15 @@ fn settle(sub: &Subscription, first: SubCmd, cmds: &mut mpsc::Receiver<SubCmd>) 
     if !acks.is_empty() {
         sub.ack_ranges(&acks);
     }
+}
+
+/// Bytes of a loaded delivery in memory: topic, header names and values,
+/// payload.
+fn loaded_size(d: &crate::broker::Delivery) -> usize {
+    d.topic.len()
+        + d.payload.len()
+        + d.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
 }

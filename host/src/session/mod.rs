@@ -37,6 +37,7 @@ mod publish;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use sluice_proto::{self as proto, Decoder, ErrorBody, ErrorCode, Frame, Limits};
@@ -44,7 +45,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use sluice_client::FrameSink;
 
-use crate::broker::{Broker, BrokerError, Publish};
+use crate::broker::{Broker, BrokerError, Publish, SessionPeakCounters};
 use crate::plugins::{Action, Principal, Resource};
 use crate::tls::{IdentityMapping, peer_identity};
 use publish::{PublishBatch, publish_size, publisher};
@@ -210,6 +211,44 @@ struct SubHandle {
     prefetch: u32,
 }
 
+/// Frames (or commands) queued in `tx` right now.
+fn queued<T>(tx: &mpsc::Sender<T>) -> u64 {
+    (tx.max_capacity() - tx.capacity()) as u64
+}
+
+/// `n` of something a connection holds (counted in `now`) until dropped;
+/// raises the broker's high-water `mark` on the way.
+struct Held {
+    now: Arc<AtomicU64>,
+    n: u64,
+}
+
+impl Held {
+    fn new(now: &Arc<AtomicU64>, n: u64, mark: &AtomicU64) -> Held {
+        let total = now.fetch_add(n, Relaxed) + n;
+        SessionPeakCounters::note(mark, total);
+        Held {
+            now: now.clone(),
+            n,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.now.fetch_sub(self.n, Relaxed);
+    }
+}
+
+/// What the delivery tasks of one connection share: the budget of bytes
+/// they may load ([`DELIVERY_BUDGET`]) and what they hold loaded.
+#[derive(Clone)]
+struct DeliveryBudget {
+    permits: Arc<Semaphore>,
+    loaded: Arc<AtomicU64>,
+    peaks: Arc<SessionPeakCounters>,
+}
+
 /// Run a session until the connection ends.
 pub(crate) async fn run(conn: quinn::Connection, broker: Broker, mapping: &IdentityMapping) {
     let who = match peer_identity(&conn, mapping) {
@@ -280,6 +319,7 @@ pub(crate) async fn serve<L: Link>(
         taken: Vec::new(),
     };
     tokio::spawn(sluice_client::frame_writer(send, outbox));
+    let peaks = broker.session_peak_counters().clone();
     let mut session = Session {
         link,
         broker,
@@ -289,8 +329,14 @@ pub(crate) async fn serve<L: Link>(
         next_sub: 1,
         publishes: None,
         budget: Arc::new(Semaphore::new(PUBLISH_BUDGET)),
-        delivery_budget: Arc::new(Semaphore::new(DELIVERY_BUDGET as usize)),
+        delivery_budget: DeliveryBudget {
+            permits: Arc::new(Semaphore::new(DELIVERY_BUDGET as usize)),
+            loaded: Arc::default(),
+            peaks: peaks.clone(),
+        },
         syncs: Arc::new(Semaphore::new(PENDING_SYNCS)),
+        syncs_waiting: Arc::default(),
+        peaks,
         welcomed: false,
     };
     let result = session.read_loop(recv).await;
@@ -313,9 +359,13 @@ struct Session<L: Link> {
     /// Bytes of publishes this connection may have unanswered.
     budget: Arc<Semaphore>,
     /// Stored bytes of deliveries being loaded and written.
-    delivery_budget: Arc<Semaphore>,
+    delivery_budget: DeliveryBudget,
     /// `SyncAcks` waiting for their commit.
     syncs: Arc<Semaphore>,
+    /// How many `SyncAcks` wait (what `syncs` bounds).
+    syncs_waiting: Arc<AtomicU64>,
+    /// The broker's high-water marks of session buffers.
+    peaks: Arc<SessionPeakCounters>,
     welcomed: bool,
 }
 
@@ -428,6 +478,7 @@ impl<L: Link> Session<L> {
     /// Queue a frame for the control stream (waits while the queue is full).
     async fn send(&self, frame: Frame) {
         let _ = self.out.send(frame.into()).await;
+        SessionPeakCounters::note(&self.peaks.out_frames, queued(&self.out));
     }
 
     async fn handle(&mut self, frame: Frame) -> Result<(), ErrorBody> {
