@@ -1222,3 +1222,217 @@ fn log_lines_are_limited_per_second() {
         "{written} lines written in {elapsed:.2} s (at most {allowed})"
     );
 }
+
+// ---------------------------------------------------------------- output bounds
+
+/// Replacement headers are bounded by their bytes, not only their count:
+/// 8 headers totalling exactly 16 KiB pass, 8 bytes more are refused.
+#[test]
+fn replacement_header_bytes_are_bounded() {
+    let rt = runtime(relaxed());
+    let hostile = load(&rt, "hostile", PluginKind::Filter, &[]);
+    let max = rt.config().output.max_header_bytes;
+    assert_eq!(max, 16 << 10);
+    let replace = |bytes: usize| {
+        let bytes = bytes.to_string();
+        hostile.filter(&msg(
+            "t",
+            &[("hostile", "header-bytes"), ("bytes", &bytes)],
+            b"",
+        ))
+    };
+    let FilterVerdict::Replace(r) = replace(max).unwrap() else {
+        panic!("expected a replacement at the bound")
+    };
+    assert_eq!(r.headers.len(), 8);
+    let bytes: usize = r.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    assert_eq!(bytes, max);
+    let f = replace(max + 8).unwrap_err();
+    assert_eq!(f.kind, FailureKind::Output, "{f}");
+    assert!(f.message.contains("16392 header bytes"), "{f}");
+    assert_eq!(hostile.metrics().output_rejected, 1);
+    assert_eq!(hostile.metrics().traps(), 0);
+}
+
+/// Reasons (a filter's drop, a guest error, per message in a batch) are cut
+/// to 1 KiB on a char boundary.
+#[test]
+fn reasons_are_cut_to_1_kib() {
+    let rt = runtime(relaxed());
+    let hostile = load(&rt, "hostile", PluginKind::Filter, &[]);
+    let max = rt.config().output.max_reason_bytes;
+    assert_eq!(max, 1024);
+    let long = "€".repeat(5000 / 3);
+    let cut = |reason: &str| {
+        // 1024 is not a multiple of 3: the cut keeps whole chars only.
+        assert_eq!(reason.len(), 1023, "{} bytes", reason.len());
+        assert!(long.starts_with(reason));
+    };
+    let drop = hostile
+        .filter(&msg("t", &[("hostile", "long-reason")], b""))
+        .unwrap();
+    let FilterVerdict::Drop(reason) = drop else {
+        panic!("expected a drop, got {drop:?}")
+    };
+    cut(&reason);
+    let f = hostile
+        .filter(&msg("t", &[("hostile", "long-error")], b""))
+        .unwrap_err();
+    assert_eq!(f.kind, FailureKind::Guest);
+    cut(&f.message);
+    let batch = hostile
+        .filter_batch(&[
+            msg("t", &[("hostile", "long-reason")], b""),
+            msg("t", &[("hostile", "long-error")], b""),
+        ])
+        .unwrap();
+    let Ok(FilterVerdict::Drop(reason)) = &batch[0] else {
+        panic!("{:?}", batch[0])
+    };
+    cut(reason);
+    cut(batch[1].as_ref().unwrap_err());
+    // Short ones are kept whole.
+    let short = hostile
+        .filter(&msg(
+            "t",
+            &[("hostile", "long-reason"), ("bytes", "30")],
+            b"",
+        ))
+        .unwrap();
+    assert_eq!(short, FilterVerdict::Drop("€".repeat(10)));
+}
+
+/// A batch call must return one result per input, for filters and routers:
+/// one fewer or one more is an `output` failure of the whole call.
+#[test]
+fn batch_results_must_match_inputs() {
+    let rt = runtime(relaxed());
+    let filter = load(&rt, "hostile", PluginKind::Filter, &[]);
+    let router = load(&rt, "hostile-router", PluginKind::Router, &[]);
+    for mode in ["short-batch", "long-batch"] {
+        let msgs = [
+            msg("t", &[], b""),
+            msg("t", &[("hostile", mode)], b""),
+            msg("t", &[], b""),
+        ];
+        let want = if mode == "short-batch" { 2 } else { 4 };
+        let f = filter.filter_batch(&msgs).unwrap_err();
+        assert_eq!(f.kind, FailureKind::Output, "{mode}: {f}");
+        assert!(
+            f.message
+                .contains(&format!("returned {want} results for 3 inputs")),
+            "{mode}: {f}"
+        );
+        let requests: Vec<_> = msgs
+            .iter()
+            .map(|m| RouteRequest {
+                msg: m.clone(),
+                candidates: strings(&["q"]),
+            })
+            .collect();
+        let f = router.route_batch(&requests).unwrap_err();
+        assert_eq!(f.kind, FailureKind::Output, "{mode}: {f}");
+        assert!(
+            f.message
+                .contains(&format!("returned {want} results for 3 inputs")),
+            "{mode}: {f}"
+        );
+    }
+    // A well-formed batch of the same plugins passes.
+    let ok = [msg("t", &[], b""), msg("t", &[], b"")];
+    assert_eq!(filter.filter_batch(&ok).unwrap().len(), 2);
+    assert_eq!(filter.metrics().output_rejected, 2);
+    assert_eq!(router.metrics().output_rejected, 2);
+}
+
+/// A router's queue names are 1..=255 bytes, one call at a time and in a
+/// batch.
+#[test]
+fn router_queue_names_are_bounded() {
+    let rt = runtime(relaxed());
+    let router = load(&rt, "hostile-router", PluginKind::Router, &[]);
+    let max = rt.config().output.max_name_bytes;
+    assert_eq!(max, 255);
+    let named = |len: usize| {
+        msg(
+            "t",
+            &[("hostile", "long-name"), ("count", &len.to_string())],
+            b"",
+        )
+    };
+    assert_eq!(
+        router.route(&named(max), &[]).unwrap(),
+        ["q".repeat(max)],
+        "a name at the bound"
+    );
+    let f = router.route(&named(max + 1), &[]).unwrap_err();
+    assert_eq!(f.kind, FailureKind::Output, "{f}");
+    assert!(f.message.contains("256 bytes (allowed 1..=255)"), "{f}");
+    let f = router
+        .route(&msg("t", &[("hostile", "empty-name")], b""), &[])
+        .unwrap_err();
+    assert_eq!(f.kind, FailureKind::Output, "{f}");
+    assert!(f.message.contains("0 bytes"), "{f}");
+    let f = router
+        .route_batch(&[
+            RouteRequest {
+                msg: msg("t", &[], b""),
+                candidates: strings(&["q"]),
+            },
+            RouteRequest {
+                msg: named(max + 1),
+                candidates: vec![],
+            },
+        ])
+        .unwrap_err();
+    assert_eq!(f.kind, FailureKind::Output, "{f}");
+    assert_eq!(router.metrics().output_rejected, 3);
+}
+
+/// A router returns at most 1024 targets (before any de-duplication by
+/// the broker).
+#[test]
+fn router_target_count_is_bounded() {
+    let rt = runtime(relaxed());
+    let router = load(&rt, "hostile-router", PluginKind::Router, &[]);
+    let max = rt.config().output.max_targets;
+    assert_eq!(max, 1024);
+    let many = |n: usize| msg("t", &[("hostile", "many"), ("count", &n.to_string())], b"");
+    assert_eq!(router.route(&many(max), &[]).unwrap().len(), max);
+    let f = router.route(&many(max + 1), &[]).unwrap_err();
+    assert_eq!(f.kind, FailureKind::Output, "{f}");
+    assert!(f.message.contains("1025 targets (max 1024)"), "{f}");
+}
+
+/// A plugin trapping on every call is re-instantiated only after a pause
+/// that doubles up to 250 ms: calls made back to back for a second
+/// instantiate it about ten times, not once per call. (An upper bound on a
+/// count within a time: a slower machine only makes fewer calls.)
+#[test]
+fn repeated_traps_back_off_before_reinstantiating() {
+    let rt = runtime(SandboxConfig {
+        trap_threshold: u32::MAX,
+        ..hostile_config()
+    });
+    let hostile = load(&rt, "hostile", PluginKind::Filter, &[]);
+    let start = std::time::Instant::now();
+    let mut calls = 0u64;
+    while start.elapsed() < Duration::from_secs(1) {
+        let f = hostile
+            .filter(&msg("t", &[("hostile", "panic")], b""))
+            .unwrap_err();
+        assert_eq!(f.kind, FailureKind::Panic);
+        calls += 1;
+    }
+    let m = hostile.metrics();
+    assert_eq!(m.traps_panic, calls);
+    // Pauses before instantiations 3, 4, ...: 5, 10, 20, 40, 80, 160 ms,
+    // then 250 ms each: within a second at most 1 (load) + 2 + 6 + 3.
+    assert!(
+        m.instantiations <= 12,
+        "{} instantiations for {calls} trapping calls in a second",
+        m.instantiations
+    );
+    assert!(m.instantiations >= 2, "{}", m.instantiations);
+    assert_eq!(hostile.state(), PluginState::Ready);
+}

@@ -328,3 +328,161 @@ async fn a_0_1_0_authorizer_keeps_working_and_fails_closed() {
         "ci purges orders after the restart",
     );
 }
+
+/// A tenant holds at most `max_plugins_per_tenant` plugins: the next load
+/// is `limit_exceeded`, replacing one of them by name is not a new one, and
+/// an unload makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_per_tenant_are_bounded() {
+    let h = Harness::start_with(|c| c.max_plugins_per_tenant = 3).await;
+    let a = h.client("acme").await;
+    a.declare(QueueSpec::new("q")).await.unwrap();
+    let load = |name: &'static str, config: Vec<(String, String)>| {
+        a.load_plugin(name, "filter", Some("q"), wasm("header-filter"), config)
+    };
+    for name in ["f1", "f2", "f3"] {
+        load(name, vec![]).await.unwrap();
+    }
+    let e = load("f4", vec![]).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::LimitExceeded), "{e}");
+    assert!(e.to_string().contains("has 3 plugins (max 3)"), "{e}");
+    // A router is a plugin like any other.
+    let e = a
+        .load_plugin("r", "router", None, wasm("topic-router"), vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::LimitExceeded), "{e}");
+    // Replacing f2 (a hot swap) is allowed at the limit.
+    load("f2", kv(&[("drop", "x")])).await.unwrap();
+    assert_eq!(a.list_plugins().await.unwrap().len(), 3);
+    // Another tenant has its own three.
+    let g = h.client("globex").await;
+    g.declare(QueueSpec::new("q")).await.unwrap();
+    g.load_plugin("f1", "filter", Some("q"), wasm("header-filter"), vec![])
+        .await
+        .unwrap();
+    a.unload_plugin("f1").await.unwrap();
+    load("f4", vec![]).await.unwrap();
+    let names: Vec<_> = plugins(&a).await.into_iter().map(|p| p.0).collect();
+    assert_eq!(names, ["f2", "f3", "f4"]);
+}
+
+/// Publishes `t` (bound to `q`): Ok(stored queues) or the refusal code.
+async fn publish(c: &Client) -> Result<u32, Option<ErrorCode>> {
+    c.publish("t", vec![], b"x".to_vec())
+        .await
+        .map_err(|e| e.code())
+}
+
+/// An authorizer that fails denies, whether it traps, panics or spins past
+/// its deadline; one errored after repeated traps denies everything, also
+/// what it allowed before (cached decisions are not used), and a new
+/// connection. Nothing it failed on is ever allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_or_errored_authorizer_denies() {
+    let h = Harness::start_with(|c| c.sandbox.trap_threshold = 3).await;
+    let a = h.client("acme").await;
+    a.declare(QueueSpec::new("q")).await.unwrap();
+    a.bind("q", "t").await.unwrap();
+    let admin = h.client("admin").await.for_tenant(Some("acme".into()));
+    let install = |mode: &str, on: Option<&str>| {
+        let mut config = kv(&[("mode", mode)]);
+        config.extend(on.map(|on| ("on".to_string(), on.to_string())));
+        admin.load_plugin(
+            "auth",
+            "authorizer",
+            None,
+            wasm("hostile-authorizer"),
+            config,
+        )
+    };
+
+    // Each way of failing on `purge` denies it, with the kind of failure;
+    // the other questions are allowed.
+    for (mode, why) in [
+        ("trap", "unreachable"),
+        ("error", "hostile authorizer error"),
+        ("spin", "deadline"),
+    ] {
+        install(mode, Some("purge")).await.unwrap();
+        let e = a.purge("q").await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::Unauthorized), "{mode}: {e}");
+        assert!(e.to_string().contains("authorizer failed"), "{mode}: {e}");
+        assert!(e.to_string().contains(why), "{mode}: {e}");
+        assert_eq!(publish(&a).await, Ok(1), "{mode}: publish is allowed");
+    }
+    install("deny-all", None).await.unwrap();
+    let e = a.purge("q").await.unwrap_err();
+    assert!(
+        e.to_string().contains("denied by hostile-authorizer"),
+        "{e}"
+    );
+    assert_eq!(publish(&a).await, Err(Some(ErrorCode::Unauthorized)));
+
+    // Trapping on purge until errored (3 traps): the publish it allowed
+    // (and the broker cached) is denied from then on, and so is connecting.
+    install("trap", Some("purge")).await.unwrap();
+    assert_eq!(publish(&a).await, Ok(1));
+    for _ in 0..3 {
+        let e = a.purge("q").await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::Unauthorized), "{e}");
+    }
+    let listed = a.list_plugins().await.unwrap();
+    assert!(listed[0].state.starts_with("errored"), "{listed:?}");
+    let e = a.purge("q").await.unwrap_err();
+    assert!(e.to_string().contains("errored"), "{e}");
+    assert_eq!(publish(&a).await, Err(Some(ErrorCode::Unauthorized)));
+    let e = h
+        .try_client("acme")
+        .await
+        .err()
+        .expect("connecting is denied");
+    assert!(e.to_string().contains("errored"), "{e}");
+    // The repair path: an administrator reloads it.
+    install("allow", None).await.unwrap();
+    assert_eq!(publish(&a).await, Ok(1));
+    a.purge("q").await.unwrap();
+    h.client("acme").await;
+}
+
+/// A router that spins is stopped at its call deadline: the publish is
+/// refused with `plugin_failed` naming the deadline, nothing is stored, and
+/// the router answers the next publish. (Its own runtime, shut down without
+/// waiting: were the deadline gone, the spinning call would keep a blocking
+/// thread forever and the test would fail, not hang.)
+#[test]
+fn a_router_past_its_deadline_refuses_the_publish() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.block_on(router_past_its_deadline())
+    }));
+    rt.shutdown_background();
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn router_past_its_deadline() {
+    let h = Harness::start().await;
+    let a = h.client("acme").await;
+    a.declare(QueueSpec::new("q")).await.unwrap();
+    a.bind("q", "t").await.unwrap();
+    a.load_plugin("r", "router", None, wasm("hostile-router"), vec![])
+        .await
+        .unwrap();
+    let spin = vec![("hostile".to_string(), "loop".to_string())];
+    let e = tokio::time::timeout(WAIT, a.publish("t", spin, b"x".to_vec()))
+        .await
+        .expect("the deadline stops the router")
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::PluginFailed), "{e}");
+    assert!(e.to_string().contains("deadline"), "{e}");
+    assert_eq!(a.list_queues().await.unwrap()[0].ready, 0);
+    let r = &a.list_plugins().await.unwrap()[0];
+    assert_eq!((r.traps, r.state.as_str()), (1, "ready"), "{r:?}");
+    assert_eq!(publish(&a).await, Ok(1));
+}

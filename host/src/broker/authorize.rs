@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::tenant::Tenant;
+use super::tenant::{AuthCache, Tenant};
 use super::{Broker, BrokerError, check_tenant};
 use crate::plugins::{Action, Decision, Principal, Resource};
 
@@ -13,17 +13,24 @@ const AUTH_CACHE_ENTRIES: usize = 10_000;
 /// The cache key of an authorizer question: everything the plugin sees of
 /// the principal (two certificates with one client name but different
 /// subjects or SANs may get different answers), the action and the resource.
+/// Debug text of each is unambiguous (strings are quoted and escaped, lists
+/// bracketed), so two different questions never share a key, and a field
+/// added to the principal is part of the key without a change here.
 fn auth_key(who: &Principal, action: Action, resource: &Resource) -> String {
-    let mut key = format!(
-        "{}\u{0}{}\u{0}{}\u{0}{}",
-        who.tenant, who.client, who.subject, who.admin
-    );
-    for san in &who.sans {
-        key.push('\u{0}');
-        key.push_str(san);
+    format!("{who:?}\u{1}{action:?}\u{1}{resource:?}")
+}
+
+/// Store `decision` under `key` if the authorizer is still the one of
+/// `generation` (the one that decided), clearing the cache when it holds
+/// [`AUTH_CACHE_ENTRIES`] already.
+fn remember(cache: &mut AuthCache, generation: u64, key: String, decision: Result<(), String>) {
+    if cache.generation != generation {
+        return;
     }
-    key.push_str(&format!("\u{1}{action:?}\u{0}{resource:?}"));
-    key
+    if cache.decisions.len() >= AUTH_CACHE_ENTRIES {
+        cache.decisions.clear();
+    }
+    cache.decisions.insert(key, decision);
 }
 
 impl Broker {
@@ -110,6 +117,14 @@ impl Broker {
                  reloads or unloads it"
             ))
         })?;
+        // An errored authorizer denies everything, also what it allowed
+        // before (a cached decision is not asked for).
+        if plugin.is_errored() {
+            return Err(BrokerError::Unauthorized(format!(
+                "authorizer `{name}` is errored after repeated traps, denying; an \
+                 administrator reloads or unloads it"
+            )));
+        }
         // Decisions are cached per principal (everything the plugin sees)
         // until the authorizer changes; a failing call is not cached.
         let key = auth_key(who, action, resource);
@@ -131,13 +146,12 @@ impl Broker {
                 )));
             }
         };
-        let mut cache = t.auth_cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.generation == generation {
-            if cache.decisions.len() >= AUTH_CACHE_ENTRIES {
-                cache.decisions.clear();
-            }
-            cache.decisions.insert(key, decision.clone());
-        }
+        remember(
+            &mut t.auth_cache.lock().unwrap_or_else(|p| p.into_inner()),
+            generation,
+            key,
+            decision.clone(),
+        );
         decision.map_err(BrokerError::Unauthorized)
     }
 }
@@ -168,9 +182,42 @@ mod tests {
             principal("CN=ci,O=acme", &["a", "b"]),
             principal("CN=ci,O=acme", &[]),
             principal("CN=ci,O=acme", &["a\u{0}"]),
+            Principal {
+                client: "ci2".into(),
+                ..principal("CN=ci,O=acme", &["a"])
+            },
+            Principal {
+                tenant: "acme2".into(),
+                ..principal("CN=ci,O=acme", &["a"])
+            },
+            Principal {
+                admin: true,
+                ..principal("CN=ci,O=acme", &["a"])
+            },
         ] {
             assert_ne!(auth_key(&other, Action::Purge, &q), base, "{other:?}");
         }
+        // No separator inside a field can make two principals look alike.
+        assert_ne!(
+            auth_key(&principal("s", &["a", "b"]), Action::Purge, &q),
+            auth_key(&principal("s", &["a\u{0}b"]), Action::Purge, &q)
+        );
+        let shifted = |client: &str, subject: &str| Principal {
+            client: client.into(),
+            ..principal(subject, &[])
+        };
+        assert_ne!(
+            auth_key(&shifted("ci\u{0}x", "y"), Action::Purge, &q),
+            auth_key(&shifted("ci", "x\u{0}y"), Action::Purge, &q)
+        );
+        assert_ne!(
+            auth_key(&principal("s", &[]), Action::Purge, &q),
+            auth_key(
+                &principal("s", &[]),
+                Action::Purge,
+                &Resource::Topic("q".into())
+            )
+        );
         assert_ne!(
             auth_key(&principal("CN=ci,O=acme", &["a"]), Action::Delete, &q),
             base
@@ -179,5 +226,34 @@ mod tests {
             auth_key(&principal("CN=ci,O=acme", &["a"]), Action::Purge, &q),
             base
         );
+    }
+
+    /// At most `AUTH_CACHE_ENTRIES` decisions are kept (the cache is
+    /// cleared when full), and a decision of an authorizer swapped out
+    /// meanwhile (an older generation) is never stored.
+    #[test]
+    fn auth_cache_is_bounded() {
+        let mut cache = AuthCache::default();
+        for i in 0..AUTH_CACHE_ENTRIES {
+            remember(&mut cache, 0, format!("k{i}"), Ok(()));
+        }
+        assert_eq!(cache.decisions.len(), AUTH_CACHE_ENTRIES);
+        remember(&mut cache, 0, "one more".into(), Err("no".into()));
+        assert_eq!(cache.decisions.len(), 1, "cleared when full");
+        assert_eq!(cache.decisions.get("one more"), Some(&Err("no".into())));
+        for i in 0..3 * AUTH_CACHE_ENTRIES {
+            remember(&mut cache, 0, format!("k{i}"), Ok(()));
+            assert!(cache.decisions.len() <= AUTH_CACHE_ENTRIES);
+        }
+
+        cache.generation = 1;
+        cache.decisions.clear();
+        remember(&mut cache, 0, "stale".into(), Ok(()));
+        assert!(
+            cache.decisions.is_empty(),
+            "a swapped-out authorizer's decision"
+        );
+        remember(&mut cache, 1, "fresh".into(), Ok(()));
+        assert_eq!(cache.decisions.len(), 1);
     }
 }

@@ -244,4 +244,70 @@ mod tests {
         assert!(e.contains("compiled plugin code"), "{e}");
         assert_eq!(b.held("d"), Amount::default());
     }
+
+    /// Memory is a bound of its own: with instances to spare (the tenant may
+    /// hold 100), the tenant's fourth plugin would reserve 4 × 2 × 16 MiB
+    /// over its 96 MiB, and is refused naming the key.
+    #[test]
+    fn tenant_memory_is_bounded_with_instances_to_spare() {
+        let b = Arc::new(Budgets::new(SandboxConfig {
+            instances_per_plugin: 2,
+            instances_per_tenant: 100,
+            memory_per_tenant: 96 << 20,
+            pool_instances: 100,
+            ..SandboxConfig::default()
+        }));
+        let a: Arc<str> = "a".into();
+        let amount = b.amount(0);
+        assert_eq!(amount.memory, 32 << 20);
+        let held: Vec<_> = (0..3)
+            .map(|_| b.reserve(&a, amount, None).unwrap())
+            .collect();
+        let e = b.reserve(&a, amount, None).unwrap_err();
+        assert!(matches!(e, LoadError::Capacity(_)), "{e}");
+        let e = e.to_string();
+        assert!(e.contains("plugin_memory_per_tenant_mib"), "{e}");
+        assert!(e.contains("128 MiB") && e.contains("max 96 MiB"), "{e}");
+        assert_eq!(b.held("a").memory, 96 << 20);
+        // Another tenant has its own 96 MiB.
+        let c: Arc<str> = "c".into();
+        let _c = b.reserve(&c, amount, None).unwrap();
+        drop(held);
+        assert_eq!(b.held("a"), Amount::default());
+    }
+
+    /// Compiled code is bounded per tenant and in all: one tenant past its
+    /// own 100 bytes is refused naming `plugin_cache_mib_per_tenant` (the
+    /// broker has room); tenants each within their share together reach
+    /// the broker's 250, and the next plugin is refused naming
+    /// `plugin_cache_mib`.
+    #[test]
+    fn compiled_code_is_bounded_in_all() {
+        let b = Arc::new(Budgets::new(SandboxConfig {
+            instances_per_plugin: 1,
+            instances_per_tenant: 100,
+            memory_per_tenant: u64::MAX,
+            cache_bytes_per_tenant: 100,
+            cache_bytes_total: 250,
+            pool_instances: 100,
+            ..SandboxConfig::default()
+        }));
+        let tenant = |n: &str| -> Arc<str> { n.into() };
+        let _d = b.reserve(&tenant("d"), b.amount(40), None).unwrap();
+        let e = b
+            .reserve(&tenant("d"), b.amount(61), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("plugin_cache_mib_per_tenant"), "{e}");
+        let _d2 = b.reserve(&tenant("d"), b.amount(60), None).unwrap();
+        assert_eq!(b.held("d").cache_bytes, 100);
+
+        let _a = b.reserve(&tenant("a"), b.amount(100), None).unwrap();
+        let e = b.reserve(&tenant("c"), b.amount(51), None).unwrap_err();
+        assert!(matches!(e, LoadError::Capacity(_)), "{e}");
+        let e = e.to_string();
+        assert!(e.contains("plugin_cache_mib)"), "{e}");
+        assert_eq!(b.held("c"), Amount::default());
+        let _c = b.reserve(&tenant("c"), b.amount(50), None).unwrap();
+    }
 }

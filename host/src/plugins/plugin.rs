@@ -207,6 +207,11 @@ impl Plugin {
         }
     }
 
+    /// Whether the plugin is errored (refusing calls until reloaded).
+    pub fn is_errored(&self) -> bool {
+        self.errored.load(Ordering::Acquire)
+    }
+
     /// The most recent failure, if any.
     pub fn last_failure(&self) -> Option<PluginFailure> {
         self.last_failure.lock().ok().and_then(|f| f.clone())
@@ -510,11 +515,8 @@ impl Plugin {
     /// under load, costs no pause. The pause is spent on the tenant's own
     /// plugin thread.
     fn back_off(&self) {
-        let traps = self.consecutive_traps.load(Ordering::Relaxed);
-        if traps >= 2 {
-            let pause = Duration::from_millis(5)
-                .saturating_mul(1 << (traps - 2).min(16))
-                .min(MAX_BACKOFF);
+        let pause = back_off_pause(self.consecutive_traps.load(Ordering::Relaxed));
+        if !pause.is_zero() {
             std::thread::sleep(pause);
         }
     }
@@ -669,6 +671,18 @@ impl Plugin {
     }
 }
 
+/// The pause before re-instantiating a plugin after `traps` consecutive
+/// traps: none after one, then 5 ms doubling with every trap, at most
+/// [`MAX_BACKOFF`].
+fn back_off_pause(traps: u32) -> Duration {
+    if traps < 2 {
+        return Duration::ZERO;
+    }
+    Duration::from_millis(5)
+        .saturating_mul(1 << (traps - 2).min(16))
+        .min(MAX_BACKOFF)
+}
+
 /// Give the next call (or `init`) on `store` a budget of `cpu` of its
 /// thread's CPU time (see [`Deadline`]).
 fn arm(store: &mut Store<StoreState>, cfg: &SandboxConfig, cpu: Duration) {
@@ -682,4 +696,86 @@ fn unreachable_kind<R>() -> wasmtime::Result<R> {
     Err(wasmtime::Error::msg(
         "internal error: plugin exports do not match its kind",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugins::{PluginRuntime, PluginSpec};
+
+    fn message() -> Message {
+        Message {
+            topic: "t".into(),
+            headers: Vec::new(),
+            payload: Vec::new(),
+            tenant: "acme".into(),
+            client: "c".into(),
+            timestamp_ms: 0,
+            redelivery_count: 0,
+        }
+    }
+
+    /// A `header-filter` reserving two instances, with calls of `deadline`.
+    fn filter(deadline: Duration) -> (PluginRuntime, Plugin) {
+        let rt = PluginRuntime::new(SandboxConfig {
+            call_deadline: deadline,
+            init_deadline: Duration::from_secs(5),
+            instances_per_plugin: 2,
+            pool_instances: 8,
+            ..SandboxConfig::default()
+        })
+        .unwrap();
+        let wasm = crate::bundled::wasm("header-filter").unwrap().to_vec();
+        let plugin = rt
+            .load(PluginSpec {
+                tenant: "acme".into(),
+                name: "f".into(),
+                kind: PluginKind::Filter,
+                wasm,
+                config: Vec::new(),
+            })
+            .unwrap();
+        (rt, plugin)
+    }
+
+    /// With both reserved instances busy (held here), a third call neither
+    /// instantiates a third one nor traps: it waits, and gets an instance
+    /// freed before its deadline, or fails with `capacity` when none is.
+    #[test]
+    fn calls_beyond_the_reserved_instances_wait_then_fail_with_capacity() {
+        let (_rt, plugin) = filter(Duration::from_millis(300));
+        let held = [plugin.acquire().unwrap(), plugin.acquire().unwrap()];
+        let f = plugin.filter(&message()).unwrap_err();
+        assert_eq!(f.kind, FailureKind::Capacity, "{f}");
+        assert!(f.message.contains("all 2 instances"), "{f}");
+        let m = plugin.metrics();
+        assert_eq!(m.instantiations, 2, "no third instance");
+        assert_eq!(m.traps(), 0, "a capacity failure is not a trap");
+        assert_eq!(plugin.consecutive_traps.load(Ordering::Relaxed), 0);
+        assert_eq!(plugin.state(), PluginState::Ready);
+        drop(held);
+
+        // The wait: an instance freed while the call waits (well within its
+        // deadline) serves it.
+        let (_rt, plugin) = filter(Duration::from_secs(30));
+        let mut held = vec![plugin.acquire().unwrap(), plugin.acquire().unwrap()];
+        let served = std::thread::scope(|s| {
+            let call = s.spawn(|| plugin.filter(&message()));
+            std::thread::sleep(Duration::from_millis(100));
+            plugin.park(held.pop().unwrap());
+            call.join().unwrap()
+        });
+        assert_eq!(served.unwrap(), FilterVerdict::Accept);
+        assert_eq!(plugin.metrics().instantiations, 2, "no third instance");
+        drop(held);
+    }
+
+    #[test]
+    fn trap_back_off_doubles_up_to_its_cap() {
+        let ms = |n| back_off_pause(n).as_millis();
+        let pauses: Vec<u128> = (0..=9).map(ms).collect();
+        assert_eq!(pauses, [0, 0, 5, 10, 20, 40, 80, 160, 250, 250]);
+        assert_eq!(back_off_pause(u32::MAX), MAX_BACKOFF);
+        assert_eq!(MAX_BACKOFF, Duration::from_millis(250));
+    }
 }

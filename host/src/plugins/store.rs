@@ -88,19 +88,29 @@ pub(crate) struct LineLimit {
 
 impl LineLimit {
     pub(crate) fn new(per_sec: u32) -> Self {
+        Self::new_at(per_sec, Instant::now())
+    }
+
+    /// A full bucket at `now` (tests pass their own clock).
+    fn new_at(per_sec: u32, now: Instant) -> Self {
         Self {
             per_sec,
-            state: std::sync::Mutex::new((f64::from(per_sec), std::time::Instant::now())),
+            state: std::sync::Mutex::new((f64::from(per_sec), now)),
         }
     }
 
     /// Whether one more line may be written now.
     pub(crate) fn take(&self) -> bool {
+        self.take_at(Instant::now())
+    }
+
+    /// Whether one more line may be written at `now`.
+    fn take_at(&self, now: Instant) -> bool {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let now = std::time::Instant::now();
         let rate = f64::from(self.per_sec);
-        st.0 = (st.0 + now.duration_since(st.1).as_secs_f64() * rate).min(rate);
-        st.1 = now;
+        // A clock that went backwards (another thread's earlier `now`) adds nothing.
+        st.0 = (st.0 + now.saturating_duration_since(st.1).as_secs_f64() * rate).min(rate);
+        st.1 = st.1.max(now);
         if st.0 >= 1.0 {
             st.0 -= 1.0;
             true
@@ -184,6 +194,18 @@ impl LogBudget {
         self.lines = 0;
         self.last_panic = None;
     }
+
+    /// The part of `text` to write as one more line of this call, cut to
+    /// the line bound; `None` (counted as dropped) past the call's lines or
+    /// the plugin's lines per second.
+    fn admit<'t>(&mut self, lines: &LineLimit, text: &'t str) -> Option<&'t str> {
+        if self.lines >= self.max_lines || !lines.take() {
+            self.dropped += 1;
+            return None;
+        }
+        self.lines += 1;
+        Some(truncate(text, self.max_bytes))
+    }
 }
 
 /// Prefix the guest SDK puts before a panic message.
@@ -195,12 +217,9 @@ impl bindings::host::Host for StoreState {
         if let Some(msg) = text.strip_prefix(PANIC_PREFIX) {
             budget.last_panic = Some(truncate(msg, budget.max_bytes).to_string());
         }
-        if budget.lines >= budget.max_lines || !self.lines.take() {
-            budget.dropped += 1;
+        let Some(text) = budget.admit(&self.lines, &text) else {
             return;
-        }
-        budget.lines += 1;
-        let text = truncate(&text, budget.max_bytes);
+        };
         let (tenant, plugin) = (&*self.id.tenant, &*self.id.name);
         match level {
             LogLevel::Trace => tracing::trace!(target: "sluice::plugin", tenant, plugin, "{text}"),
@@ -267,6 +286,49 @@ mod tests {
         assert!(matches!(d.check(), UpdateDeadline::Continue(_)));
         std::thread::sleep(Duration::from_micros(500) * WALL_BACKSTOP + Duration::from_millis(5));
         assert!(matches!(d.check(), UpdateDeadline::Interrupt));
+    }
+
+    /// A bucket of one second's worth: a burst of `per_sec`, then one line
+    /// per `1/per_sec` of (injected) time, never more than `per_sec` saved.
+    #[test]
+    fn log_lines_per_second_are_a_token_bucket() {
+        let t0 = Instant::now();
+        let limit = LineLimit::new_at(100, t0);
+        let taken = |at: Instant, n: usize| (0..n).filter(|_| limit.take_at(at)).count();
+        assert_eq!(taken(t0, 150), 100, "the burst is one second's worth");
+        assert_eq!(taken(t0 + Duration::from_millis(50), 10), 5, "100/s refill");
+        // Ten idle seconds still save only one second's worth.
+        assert_eq!(taken(t0 + Duration::from_secs(10), 1000), 100);
+        // An earlier instant (another thread's clock) gives nothing back.
+        assert_eq!(taken(t0 + Duration::from_secs(5), 10), 0);
+        assert_eq!(taken(t0 + Duration::from_millis(10_010), 10), 1);
+    }
+
+    /// Per call at most `max_lines` lines, each cut to `max_bytes` on a char
+    /// boundary; the rest are counted as dropped, and the per-second bucket
+    /// shared by the plugin's instances bounds calls together.
+    #[test]
+    fn log_lines_are_cut_and_counted() {
+        let lines = LineLimit::new_at(100, Instant::now() + Duration::from_secs(3600));
+        let mut budget = LogBudget::new(64, 4096);
+        let long = "€".repeat(2000);
+        let cut = budget.admit(&lines, &long).unwrap();
+        assert_eq!(cut.len(), 4095, "4 KiB, cut on a char boundary");
+        assert!(long.starts_with(cut));
+        assert_eq!(budget.admit(&lines, "short"), Some("short"));
+        let admitted = (0..100)
+            .filter(|_| budget.admit(&lines, "x").is_some())
+            .count();
+        assert_eq!(admitted, 62, "64 lines per call");
+        assert_eq!(budget.dropped, 38);
+        // The next call starts a new count, but the plugin's second is used up
+        // after 100 lines (the bucket's clock is an hour ahead: no refill).
+        budget.start_call();
+        let admitted = (0..64)
+            .filter(|_| budget.admit(&lines, "x").is_some())
+            .count();
+        assert_eq!(admitted, 100 - 64);
+        assert_eq!(budget.dropped, 38 + 28);
     }
 
     #[test]

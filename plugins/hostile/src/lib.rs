@@ -17,7 +17,18 @@
 //! - `log-flood`: logs 10 000 lines of 1 KiB, then accepts;
 //! - `error`: returns `Err("hostile error")`;
 //! - `n-headers`: replaces the headers with `count` (header) of them;
-//! - `slow`: busy-loops `ms` (header) × 200 000 iterations, then accepts.
+//! - `slow`: busy-loops `ms` (header) × 200 000 iterations, then accepts;
+//! - `header-bytes`: replaces the headers with 8 headers `h0`..`h7` whose
+//!   names and values total `bytes` (header, default 17 000; a multiple of
+//!   8 is exact): over the 16 KiB header-byte bound in far fewer than 64
+//!   headers;
+//! - `long-reason`: drops the message with a reason of `bytes` (header,
+//!   default 5 000) bytes of `€` (3 bytes each, so a cut at 1 KiB must
+//!   respect char boundaries);
+//! - `long-error`: returns an error of that length.
+//!
+//! In a batch call, a message with header `hostile: short-batch` makes the
+//! call return one result fewer than it got messages, `long-batch` one more.
 
 use std::hint::black_box;
 
@@ -90,9 +101,46 @@ impl Filter for Hostile {
                 black_box(x);
                 Ok(FilterVerdict::Accept)
             }
+            Some("header-bytes") => {
+                let bytes: usize = msg
+                    .header("bytes")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(17_000);
+                let value = "v".repeat((bytes / 8).saturating_sub(2));
+                Ok(FilterVerdict::Replace(Replacement {
+                    headers: (0..8).map(|i| (format!("h{i}"), value.clone())).collect(),
+                    payload: msg.payload.clone(),
+                }))
+            }
+            Some("long-reason") => Ok(FilterVerdict::Drop(long_text(msg))),
+            Some("long-error") => Err(long_text(msg)),
+            // Only meaningful in a batch (see `filter_batch`).
+            Some("short-batch" | "long-batch") => Ok(FilterVerdict::Accept),
             Some(other) => Err(format!("unknown hostile mode `{other}`")),
         }
     }
+
+    fn filter_batch(&mut self, msgs: Vec<Message>) -> Vec<Result<FilterVerdict, String>> {
+        let mode = |m: &str| msgs.iter().any(|msg| msg.header("hostile") == Some(m));
+        let (short, long) = (mode("short-batch"), mode("long-batch"));
+        let mut out: Vec<_> = msgs.iter().map(|m| self.filter(m)).collect();
+        if short {
+            out.pop();
+        }
+        if long {
+            out.push(Ok(FilterVerdict::Accept));
+        }
+        out
+    }
+}
+
+/// `bytes` (header, default 5 000) bytes of `€`, rounded down to whole chars.
+fn long_text(msg: &Message) -> String {
+    let bytes: usize = msg
+        .header("bytes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000);
+    "€".repeat(bytes / '€'.len_utf8())
 }
 
 /// Spin forever; the optimizer cannot remove the loop.
