@@ -221,20 +221,14 @@ pub(crate) async fn run(conn: quinn::Connection, broker: Broker, mapping: &Ident
         }
     };
     // The authorizer may run a plugin: off the async workers, within the
-    // tenant's share of control requests.
-    let allowed = match broker.control_permit(&who.tenant).await {
-        Ok(permit) => {
-            let (b, w) = (broker.clone(), who.clone());
-            broker
-                .offload(&who.tenant, crate::broker::Work::Request, move || {
-                    let _permit = permit;
-                    b.authorize(&w, &w.tenant, Action::Connect, &Resource::Broker)
-                })
-                .await
-                .and_then(|r| r)
-        }
-        Err(e) => Err(e),
-    };
+    // tenant's share of control requests and of plugin calls.
+    let (b, w) = (broker.clone(), who.clone());
+    let allowed = broker
+        .offload_request(&who, &who.tenant, crate::broker::Work::Request, move || {
+            b.authorize(&w, &w.tenant, Action::Connect, &Resource::Broker)
+        })
+        .await
+        .and_then(|r| r);
     if let Err(e) = allowed {
         conn.close(CLOSE_IDENTITY.into(), e.to_string().as_bytes());
         return;
