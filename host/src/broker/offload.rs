@@ -395,6 +395,38 @@ mod tests {
         assert!(c.over(0.4));
     }
 
+    /// The nice value of the calling thread.
+    fn nice() -> i32 {
+        // SAFETY: plain integers in and out. -1 is a valid nice value, so
+        // errno tells an error apart (reset first).
+        unsafe {
+            *libc::__errno_location() = 0;
+            let n = libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t);
+            assert_eq!(*libc::__errno_location(), 0, "getpriority failed");
+            n
+        }
+    }
+
+    /// Jobs of a demoted tenant run at nice 19 (the real value of the
+    /// thread that runs them), and the threads that start them are not
+    /// lowered.
+    #[test]
+    fn low_priority_threads_run_at_nice_19() {
+        let before = nice();
+        let low = LowPriority::start(2).unwrap();
+        let (tx, rx) = mpsc::channel();
+        for _ in 0..4 {
+            let tx = tx.clone();
+            assert!(low.run(Box::new(move || {
+                let _ = tx.send(nice());
+            })));
+        }
+        for _ in 0..4 {
+            assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 19);
+        }
+        assert_eq!(nice(), before, "only the pool's own threads are lowered");
+    }
+
     #[test]
     fn an_infinite_share_never_demotes() {
         let mut c = CpuUse::default();
