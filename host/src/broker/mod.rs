@@ -354,6 +354,12 @@ impl Broker {
         .await
     }
 
+    /// Run `log` (a tracing call caused by `tenant`'s clients) within the
+    /// tenant's log limit; lines over it are counted, not written.
+    pub(crate) fn log_limited(&self, tenant: &str, log: impl FnOnce()) {
+        self.tenant(tenant).log_limited(log);
+    }
+
     /// Plugin calls and control requests of `tenant` running now and at
     /// their peak since start.
     pub fn tenant_calls(&self, tenant: &str) -> TenantCalls {

@@ -215,7 +215,8 @@ pub(crate) async fn run(conn: quinn::Connection, broker: Broker, mapping: &Ident
     let who = match peer_identity(&conn, mapping) {
         Ok(p) => p,
         Err(e) => {
-            tracing::info!(error = %e, "refusing connection");
+            // Anyone reaching the port causes this: not above debug.
+            tracing::debug!(error = %e, "refusing connection");
             conn.close(CLOSE_IDENTITY.into(), e.to_string().as_bytes());
             return;
         }
@@ -291,7 +292,11 @@ pub(crate) async fn serve<L: Link>(
     if let Err(e) = &result {
         // Best effort: a client that reads nothing does not get it.
         let _ = session.out.try_send(Frame::Error(e.clone()).into());
-        tracing::info!(client = %session.who.client, error = %e, "closing session");
+        // A tenant's clients cause this line: within its log limit.
+        let who = &session.who;
+        session.broker.log_limited(&who.tenant, || {
+            tracing::info!(tenant = %who.tenant, client = %who.client, error = %e, "closing session")
+        });
     }
     result
 }
