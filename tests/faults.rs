@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use sluice::broker::{Broker, BrokerConfig, Publish, QueueOptions};
+use sluice::broker::{Broker, BrokerConfig, BrokerError, Publish, QueueOptions};
 use sluice::plugins::Principal;
 use sluice::store::{Append, Commit, MessageStore, MsgId, QueueId, Store, StoreConfig, StoreError};
 
@@ -111,7 +111,12 @@ async fn disk_full_refuses_publishes_and_recovers() {
         .await
         .remove(0)
         .unwrap_err();
-    assert!(refused.to_string().contains("No space left"), "{refused}");
+    // The storage error itself (wire code `storage`), with its cause; not
+    // just some refusal.
+    assert!(
+        matches!(&refused, BrokerError::Store(StoreError::Io { message, .. }) if message.contains("No space left")),
+        "a full disk is a storage error: {refused:?}"
+    );
     let info = broker.list_queues(&who, "acme").unwrap();
     assert_eq!(info[0].ready, 1, "a refused publish leaves nothing behind");
 

@@ -448,3 +448,230 @@ async fn a_noisy_neighbour_does_not_stall_others() {
         spin.traps
     );
 }
+
+/// `wasm` with a custom section appended: the same plugin, another digest,
+/// so the broker compiles it again instead of taking it from its cache (a
+/// load that takes a while).
+fn distinct(wasm: &[u8], i: u32) -> Vec<u8> {
+    fn leb(out: &mut Vec<u8>, mut n: usize) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let name = b"sluice-test";
+    let mut body = vec![name.len() as u8];
+    body.extend_from_slice(name);
+    body.extend_from_slice(&i.to_le_bytes());
+    let mut out = wasm.to_vec();
+    out.push(0);
+    leb(&mut out, body.len());
+    out.extend(body);
+    out
+}
+
+/// One tenant calling its plugins every way at once, from 8 connections:
+/// publishes through a router and a filter that spins ~10 ms a message
+/// (within its deadline), control requests asked of its authorizer (each
+/// queue name a new question), plugin loads that compile, and new
+/// connections (the authorizer's `connect` question). Everything succeeds.
+/// Returns what ran for the tenant.
+async fn every_kind_of_plugin_call(h: &Harness) -> sluice::broker::TenantCalls {
+    let a = h.client("acme").await;
+    a.declare(QueueSpec::new("q")).await.unwrap();
+    a.bind("q", "t").await.unwrap();
+    a.load_plugin(
+        "route",
+        "router",
+        None,
+        wasm("topic-router"),
+        vec![("fallback".into(), "q".into())],
+    )
+    .await
+    .unwrap();
+    a.load_plugin("slow", "filter", Some("q"), wasm("hostile"), vec![])
+        .await
+        .unwrap();
+    a.load_plugin(
+        "acl",
+        "authorizer",
+        None,
+        wasm("acl-authorizer"),
+        vec![("default".into(), "allow".into())],
+    )
+    .await
+    .unwrap();
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(h.client("acme").await);
+    }
+    let slow = || {
+        vec![
+            ("hostile".to_string(), "slow".to_string()),
+            ("ms".to_string(), "10".to_string()),
+        ]
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, c) in clients.into_iter().enumerate() {
+        let identity = h.certs.join("acme");
+        let addr = h.addr;
+        tasks.spawn(async move {
+            match i % 4 {
+                // Publishers, 4 messages in flight each.
+                0 | 1 => {
+                    for _ in 0..3 {
+                        let batch: Vec<_> =
+                            (0..4).map(|_| c.publish("t", slow(), vec![1])).collect();
+                        for f in batch {
+                            assert_eq!(f.await.unwrap(), 1);
+                        }
+                    }
+                }
+                // Control requests: new names, new authorizer questions.
+                2 => {
+                    for n in 0..8 {
+                        let name = format!("c{i}-{n}");
+                        c.declare(QueueSpec::new(&name)).await.unwrap();
+                        c.bind(&name, &format!("x.{i}.{n}")).await.unwrap();
+                    }
+                    for _ in 0..4 {
+                        let again = Client::connect(addr, &identity).await.unwrap();
+                        again.list_queues().await.unwrap();
+                        again.close();
+                    }
+                }
+                // Plugin loads (compile and `init`).
+                _ => {
+                    for n in 0..2u32 {
+                        let queue = format!("l{i}-{n}");
+                        c.declare(QueueSpec::new(&queue)).await.unwrap();
+                        c.load_plugin(
+                            &format!("f{i}-{n}"),
+                            "filter",
+                            Some(&queue),
+                            distinct(&wasm("header-filter"), i as u32 * 10 + n),
+                            vec![],
+                        )
+                        .await
+                        .unwrap();
+                    }
+                }
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    h.running.as_ref().unwrap().broker.tenant_calls("acme")
+}
+
+/// `plugin_concurrency_per_tenant`: every plugin call of a tenant (router,
+/// filter, authorizer from a request or a connection, load with compile
+/// and `init`) runs in one of its plugin slots, so however many run
+/// concurrently the peak is the bound, for bounds 1 and 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_plugin_calls_run_at_most_n_at_once() {
+    for bound in [1, 2] {
+        let h = Harness::start_with(move |c| {
+            c.plugin_concurrency_per_tenant = bound;
+            // Control slots are not what limits here.
+            c.control_concurrency_per_tenant = 8;
+            // Demotion would put the calls on the few low-priority threads.
+            c.plugin_cpu_share = f64::INFINITY;
+            c.sandbox.call_deadline = Duration::from_secs(5);
+            c.max_plugins_per_tenant = 32;
+        })
+        .await;
+        let calls = every_kind_of_plugin_call(&h).await;
+        println!("bound {bound}: {calls:?}");
+        assert_eq!(
+            calls.plugin_calls_peak, bound as u64,
+            "at most {bound} plugin calls at once, and that many ran: {calls:?}"
+        );
+        assert_eq!(calls.plugin_calls_running, 0, "{calls:?}");
+    }
+}
+
+/// "No plugin call runs on the async workers": every plugin call of the
+/// workload above (with a tiny CPU share, so the tenant is demoted to the
+/// low-priority threads on the way) runs inside the broker's offload pools.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_calls_do_not_run_on_the_async_workers() {
+    let h = Harness::start_with(|c| {
+        c.sandbox.call_deadline = Duration::from_secs(5);
+        c.max_plugins_per_tenant = 32;
+        // Any real plugin work is over this share: the tenant's calls move
+        // to the low-priority threads, which must count as offloaded too.
+        c.plugin_cpu_share = 0.01;
+    })
+    .await;
+    let calls = every_kind_of_plugin_call(&h).await;
+    println!("{calls:?}");
+    assert!(calls.plugin_calls_peak >= 1, "plugins ran: {calls:?}");
+    assert_eq!(
+        calls.plugin_calls_outside_offload, 0,
+        "plugin calls made on an async worker: {calls:?}"
+    );
+    let usage = h.running.as_ref().unwrap().broker.tenant_usage();
+    let acme = usage.iter().find(|u| u.name == "acme").unwrap();
+    assert!(
+        acme.demoted_jobs > 0,
+        "the spinning filter demoted the tenant, so the low-priority threads ran calls too"
+    );
+}
+
+/// `control_concurrency_per_tenant` (2): control requests of one tenant
+/// from 8 connections at once (plugin loads that compile, declares) run at
+/// most two at a time, and two did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_control_requests_run_at_most_n_at_once() {
+    let h = Harness::start_with(|c| {
+        // Plugin slots are not what limits here.
+        c.plugin_concurrency_per_tenant = 16;
+        c.max_plugins_per_tenant = 32;
+    })
+    .await;
+    assert_eq!(
+        h.running
+            .as_ref()
+            .unwrap()
+            .broker
+            .config()
+            .control_concurrency_per_tenant,
+        2
+    );
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(h.client("acme").await);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, c) in clients.into_iter().enumerate() {
+        tasks.spawn(async move {
+            for n in 0..2u32 {
+                let queue = format!("q{i}-{n}");
+                c.declare(QueueSpec::new(&queue)).await.unwrap();
+                c.load_plugin(
+                    &format!("f{i}-{n}"),
+                    "filter",
+                    Some(&queue),
+                    distinct(&wasm("header-filter"), i as u32 * 10 + n),
+                    vec![],
+                )
+                .await
+                .unwrap();
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let calls = h.running.as_ref().unwrap().broker.tenant_calls("acme");
+    println!("{calls:?}");
+    assert_eq!(calls.control_peak, 2, "{calls:?}");
+    assert_eq!(calls.control_running, 0, "{calls:?}");
+}

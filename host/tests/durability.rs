@@ -296,7 +296,9 @@ async fn confirms_follow_fdatasync_of_the_data_file() {
 /// Large messages make sled write blob files (a leaf of 16 one-MiB values
 /// is larger than its inline limit) that sled itself never fsyncs: every
 /// blob file must be fsynced by the broker before the publishes it holds
-/// are confirmed. Checked with strace on the real binary.
+/// are confirmed; so must the blob file of a plugin component above the
+/// inline limit before its load is confirmed. Checked with strace on the
+/// real binary, stopped right after the last confirm.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sled_blob_files_are_fsynced_before_confirms() {
     provision::require("the fsync check", provision::STRACE);
@@ -320,17 +322,53 @@ async fn sled_blob_files_are_fsynced_before_confirms() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let blob_files = || -> BTreeSet<String> {
+        std::fs::read_dir(dir.path().join("data/store/blobs"))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     for i in 0..40u8 {
         c.publish("t", vec![], vec![i; 1 << 20]).await.unwrap();
     }
-    // Everything on disk now was needed by a confirmed publish (or is
-    // newer); the last confirm came after the last commit's syncs.
-    let blobs: Vec<String> = std::fs::read_dir(dir.path().join("data/store/blobs"))
-        .map(|d| {
-            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
+    let after_publishes = blob_files();
+    // A plugin component above sled's inline size (a quarter of its 8 MiB
+    // segments): the plugin load stores it in a blob file of its own, which
+    // must be fsynced before the load is confirmed. A custom section makes
+    // a small plugin 3 MiB.
+    let mut component = sluice::bundled::wasm("header-filter").unwrap().to_vec();
+    let payload = 3usize << 20;
+    let name = b"padding";
+    let mut section = vec![name.len() as u8];
+    section.extend_from_slice(name);
+    section.resize(section.len() + payload, 0x5a);
+    component.push(0);
+    let mut n = section.len();
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            component.push(byte);
+            break;
+        }
+        component.push(byte | 0x80);
+    }
+    component.extend(section);
+    c.load_plugin("big", "filter", Some("q"), component, vec![])
+        .await
+        .unwrap();
+    // Stop the broker at once: nothing it does after the last confirm can
+    // count. Everything on disk now was needed by a confirmed publish or
+    // the load; nothing else commits, so a blob file not fsynced by now
+    // (the commits those confirms waited for) never is.
+    let stopped = Command::new("kill")
+        .args(["-STOP", &broker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let blobs = blob_files();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let _ = strace.kill();
     let _ = strace.wait();
@@ -338,8 +376,12 @@ async fn sled_blob_files_are_fsynced_before_confirms() {
     broker.wait().unwrap();
     let text = std::fs::read_to_string(&trace).unwrap_or_default();
     assert!(
-        !blobs.is_empty(),
+        !after_publishes.is_empty(),
         "40 one-MiB messages should make sled write blob files"
+    );
+    assert!(
+        blobs.difference(&after_publishes).next().is_some(),
+        "a 3 MiB plugin component should make sled write a blob file: {blobs:?}"
     );
     for b in &blobs {
         assert!(
@@ -417,7 +459,7 @@ async fn sighup_reloads_crls_and_disconnects_revoked_clients() {
 /// was not stored); the broker keeps serving; after the filesystem grows
 /// (remount) publishes are confirmed again; after a restart every confirmed
 /// message is there. Needs `mount` (root; CI runs as root): elsewhere it
-/// says why and stops.
+/// fails, saying why (never a silent pass).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_publishes_and_recovers() {
     use futures::StreamExt;
@@ -425,18 +467,19 @@ async fn a_full_disk_refuses_publishes_and_recovers() {
     certs(dir.path());
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
+    // No silent skip: a run that cannot mount the tmpfs fails, naming why.
     let mounted = Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=12m", "sluice-full"])
         .arg(&data)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        // tests/faults.rs covers the same path with an injected fault.
-        eprintln!(
-            "cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): skipping the real \
-             disk-full test"
-        );
-        return;
+        .output();
+    match &mounted {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => panic!(
+            "the real disk-full test needs `mount -t tmpfs` (root or CAP_SYS_ADMIN): {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => panic!("the real disk-full test needs `mount` (util-linux): {e}"),
     }
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {

@@ -137,7 +137,12 @@ impl Broker {
         {
             return cached.clone().map_err(BrokerError::Unauthorized);
         }
-        let decision = match plugin.authorize(who, action, resource) {
+        let call = t.plugin_call().map_err(|why| {
+            BrokerError::Unauthorized(format!("authorizer not asked, denying: {why}"))
+        })?;
+        let answer = plugin.authorize(who, action, resource);
+        drop(call);
+        let decision = match answer {
             Ok(Decision::Allow) => Ok(()),
             Ok(Decision::Deny(reason)) => Err(reason),
             Err(f) => {

@@ -41,7 +41,7 @@ pub use stats::{SessionPeaks, TenantStats};
 pub use bindings::BindingTrie;
 pub use error::BrokerError;
 pub use names::{Token, check_name, check_tenant, check_topic, parse_pattern};
-pub use offload::Work;
+pub use offload::{TenantCalls, Work};
 pub use queue::{Delivery, Overflow, QueueOptions};
 pub use routing::{PendingPublish, Publish};
 
@@ -53,7 +53,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 
-use crate::plugins::{PluginKind, PluginRegistry, PluginRuntime, SandboxConfig};
+use crate::plugins::{PluginKind, PluginRegistry, PluginRuntime, Principal, SandboxConfig};
 use crate::store::{MessageStore, Store, StoreConfig};
 use queue::Queue;
 use tenant::Tenant;
@@ -285,11 +285,25 @@ impl Broker {
 
     /// Run `f` off the async workers for `tenant`, charged to its CPU
     /// share (see [`offload`]): plugin calls, store syncs, anything that
-    /// may block.
+    /// may block. A plugin call in `f` needs a free plugin slot of the
+    /// tenant (else it is refused); [`Broker::offload_request`] takes one
+    /// first when the request may call a plugin.
     pub async fn offload<T: Send + 'static>(
         &self,
         tenant: &str,
         work: Work,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, BrokerError> {
+        self.offload_with_slot(tenant, work, None, f).await
+    }
+
+    /// [`Broker::offload`] holding `slot` (one of the tenant's plugin
+    /// slots) until `f` returns.
+    pub(crate) async fn offload_with_slot<T: Send + 'static>(
+        &self,
+        tenant: &str,
+        work: Work,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, BrokerError> {
         let t = self.tenant(tenant);
@@ -298,9 +312,61 @@ impl Broker {
             self.inner.config.plugin_cpu_share,
             &self.inner.low_priority,
             work,
+            slot,
             f,
         )
         .await
+    }
+
+    /// Run the control request `f` of `who` on `tenant` (a declare, a
+    /// plugin load, the authorizer's question at connection, ...) off the
+    /// async workers: in one of the tenant's control slots
+    /// ([`BrokerConfig::control_concurrency_per_tenant`]), and in one of
+    /// its plugin slots too when it may call a plugin (a plugin load, or
+    /// any request of a tenant principal while the tenant has an
+    /// authorizer), so that every plugin call of a tenant counts against
+    /// [`BrokerConfig::plugin_concurrency_per_tenant`]. The control slot is
+    /// taken first, the plugin slot second; the publish path takes only a
+    /// plugin slot, so neither waits on the other in a cycle.
+    pub async fn offload_request<T: Send + 'static>(
+        &self,
+        who: &Principal,
+        tenant: &str,
+        work: Work,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, BrokerError> {
+        let permit = self.control_permit(tenant).await?;
+        let t = self.tenant(tenant);
+        let calls_plugin = work == Work::Load || (!who.admin && t.read().authorizer.is_some());
+        let slot = if calls_plugin {
+            Some(
+                t.plugin_slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| BrokerError::ShuttingDown)?,
+            )
+        } else {
+            None
+        };
+        self.offload_with_slot(tenant, work, slot, move || {
+            let _permit = permit;
+            let _running = offload::Count::start(&t.running.control, &t.running.control_peak);
+            f()
+        })
+        .await
+    }
+
+    /// Run `log` (a tracing call caused by `tenant`'s clients) within the
+    /// tenant's log limit; lines over it are counted, not written.
+    pub(crate) fn log_limited(&self, tenant: &str, log: impl FnOnce()) {
+        self.tenant(tenant).log_limited(log);
+    }
+
+    /// Plugin calls and control requests of `tenant` running now and at
+    /// their peak since start.
+    pub fn tenant_calls(&self, tenant: &str) -> TenantCalls {
+        self.tenant(tenant).running.snapshot()
     }
 
     /// The plugin runtime.

@@ -14,7 +14,9 @@
 //!
 //! [`BrokerConfig::plugin_cpu_share`]: super::BrokerConfig::plugin_cpu_share
 
+use std::cell::RefCell;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -118,17 +120,17 @@ pub enum Work {
     Load,
 }
 
-type Job = Box<dyn FnOnce() + Send>;
+type BoxedJob = Box<dyn FnOnce() + Send>;
 
 /// Threads at the lowest CPU priority for tenants over their share.
 pub(crate) struct LowPriority {
-    tx: Mutex<mpsc::Sender<Job>>,
+    tx: Mutex<mpsc::Sender<BoxedJob>>,
 }
 
 impl LowPriority {
     /// Start `threads` workers.
     pub(crate) fn start(threads: usize) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::channel::<BoxedJob>();
         let rx = std::sync::Arc::new(Mutex::new(rx));
         for i in 0..threads.max(1) {
             let rx = rx.clone();
@@ -151,7 +153,7 @@ impl LowPriority {
         Ok(Self { tx: Mutex::new(tx) })
     }
 
-    fn run(&self, job: Job) -> bool {
+    fn run(&self, job: BoxedJob) -> bool {
         self.tx
             .lock()
             .map(|tx| tx.send(job).is_ok())
@@ -177,22 +179,168 @@ fn lower_priority() {
     }
 }
 
+/// What the offloaded job running on this thread is: whose, and whether it
+/// holds one of that tenant's plugin slots.
+struct Job {
+    tenant: String,
+    plugin_slot: bool,
+}
+
+thread_local! {
+    /// Set while an offloaded job runs on this thread.
+    static JOB: RefCell<Option<Job>> = const { RefCell::new(None) };
+}
+
+/// Clears [`JOB`] when the job ends, even by a panic.
+struct JobScope;
+
+impl JobScope {
+    fn enter(tenant: String, plugin_slot: bool) -> Self {
+        JOB.with(|j| {
+            *j.borrow_mut() = Some(Job {
+                tenant,
+                plugin_slot,
+            })
+        });
+        JobScope
+    }
+}
+
+impl Drop for JobScope {
+    fn drop(&mut self) {
+        JOB.with(|j| j.borrow_mut().take());
+    }
+}
+
+/// Counters of the work running for one tenant: plugin calls and control
+/// requests, now and at their peak (see [`super::TenantCalls`]).
+#[derive(Debug, Default)]
+pub(crate) struct Running {
+    pub plugin_calls: AtomicU64,
+    pub plugin_peak: AtomicU64,
+    pub plugin_outside_offload: AtomicU64,
+    pub control: AtomicU64,
+    pub control_peak: AtomicU64,
+}
+
+/// What runs for one tenant now and at most at once since the broker
+/// started, for tests and operators ([`super::Broker::tenant_calls`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TenantCalls {
+    /// Plugin calls (router, filter, authorizer, load with compile and
+    /// `init`) running now.
+    pub plugin_calls_running: u64,
+    /// Most plugin calls that ran at once: at most
+    /// [`super::BrokerConfig::plugin_concurrency_per_tenant`].
+    pub plugin_calls_peak: u64,
+    /// Plugin calls made outside the offload pools (on an async worker, or
+    /// by a caller of the broker's synchronous API on its own thread).
+    pub plugin_calls_outside_offload: u64,
+    /// Control requests running now.
+    pub control_running: u64,
+    /// Most control requests that ran at once: at most
+    /// [`super::BrokerConfig::control_concurrency_per_tenant`].
+    pub control_peak: u64,
+}
+
+impl Running {
+    pub(crate) fn snapshot(&self) -> TenantCalls {
+        TenantCalls {
+            plugin_calls_running: self.plugin_calls.load(Relaxed),
+            plugin_calls_peak: self.plugin_peak.load(Relaxed),
+            plugin_calls_outside_offload: self.plugin_outside_offload.load(Relaxed),
+            control_running: self.control.load(Relaxed),
+            control_peak: self.control_peak.load(Relaxed),
+        }
+    }
+}
+
+/// Counts one running unit of work in `now`/`peak` while alive.
+pub(crate) struct Count<'a> {
+    now: &'a AtomicU64,
+}
+
+impl<'a> Count<'a> {
+    pub(crate) fn start(now: &'a AtomicU64, peak: &AtomicU64) -> Self {
+        let n = now.fetch_add(1, Relaxed) + 1;
+        peak.fetch_max(n, Relaxed);
+        Count { now }
+    }
+}
+
+impl Drop for Count<'_> {
+    fn drop(&mut self) {
+        self.now.fetch_sub(1, Relaxed);
+    }
+}
+
+/// One plugin call of a tenant, while it runs (see [`Tenant::plugin_call`]).
+pub(crate) struct PluginCall<'a> {
+    _count: Count<'a>,
+    _permit: Option<tokio::sync::SemaphorePermit<'a>>,
+    /// Whether the call runs inside [`offload`] (off the async workers).
+    pub offloaded: bool,
+}
+
+impl Tenant {
+    /// Enter a call into one of this tenant's plugins. The call runs in one
+    /// of the tenant's plugin slots: the one the offloaded job holds, or one
+    /// taken now if it is free (a plugin attached while a request that did
+    /// not expect one ran). With every slot taken the call is refused:
+    /// waiting here would hold a thread that the slot's holder may need.
+    /// Calls made outside [`offload`] are counted.
+    pub(crate) fn plugin_call(&self) -> Result<PluginCall<'_>, String> {
+        let (offloaded, holds) = JOB.with(|j| match &*j.borrow() {
+            Some(job) => (true, job.plugin_slot && job.tenant == self.name),
+            None => (false, false),
+        });
+        if !offloaded {
+            self.running.plugin_outside_offload.fetch_add(1, Relaxed);
+        }
+        let permit = if holds {
+            None
+        } else {
+            match self.plugin_slots.try_acquire() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    return Err(format!(
+                        "every plugin slot of tenant `{}` is busy (its plugins changed while this \
+                         request ran); try again",
+                        self.name
+                    ));
+                }
+            }
+        };
+        Ok(PluginCall {
+            _count: Count::start(&self.running.plugin_calls, &self.running.plugin_peak),
+            _permit: permit,
+            offloaded,
+        })
+    }
+}
+
 /// Run `f` for `tenant` off the async workers: at normal priority while the
 /// tenant is within `share` of a core, at the lowest priority beyond.
-/// Its CPU time is charged to the tenant.
+/// Its CPU time is charged to the tenant. `slot`, one of the tenant's
+/// plugin slots, is held until `f` returns; plugin calls in `f` run in it.
 pub(crate) async fn offload<T: Send + 'static>(
     tenant: &Tenant,
     share: f64,
     low: &LowPriority,
     work: Work,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, BrokerError> {
     let over = tenant.cpu().over(share);
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let name = tenant.name.clone();
     let job = move || {
+        let scope = JobScope::enter(name, slot.is_some());
         let start = thread_cpu_time();
         let out = f();
         let used = thread_cpu_time().saturating_sub(start);
+        drop(scope);
+        drop(slot);
         let _ = tx.send((out, used));
     };
     if tenant.set_demoted(over) {
@@ -245,6 +393,38 @@ mod tests {
         // One spinning call is enough.
         c.charge(0.010, Some(1), 0.4);
         assert!(c.over(0.4));
+    }
+
+    /// The nice value of the calling thread.
+    fn nice() -> i32 {
+        // SAFETY: plain integers in and out. -1 is a valid nice value, so
+        // errno tells an error apart (reset first).
+        unsafe {
+            *libc::__errno_location() = 0;
+            let n = libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t);
+            assert_eq!(*libc::__errno_location(), 0, "getpriority failed");
+            n
+        }
+    }
+
+    /// Jobs of a demoted tenant run at nice 19 (the real value of the
+    /// thread that runs them), and the threads that start them are not
+    /// lowered.
+    #[test]
+    fn low_priority_threads_run_at_nice_19() {
+        let before = nice();
+        let low = LowPriority::start(2).unwrap();
+        let (tx, rx) = mpsc::channel();
+        for _ in 0..4 {
+            let tx = tx.clone();
+            assert!(low.run(Box::new(move || {
+                let _ = tx.send(nice());
+            })));
+        }
+        for _ in 0..4 {
+            assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 19);
+        }
+        assert_eq!(nice(), before, "only the pool's own threads are lowered");
     }
 
     #[test]

@@ -104,6 +104,9 @@ impl Broker {
             config: config.clone(),
         };
         let old = self.inner.plugins.get(tenant, name);
+        // Compiling and `init` are plugin work of the tenant: in its slot.
+        let t = self.tenant(tenant);
+        let call = t.plugin_call().map_err(BrokerError::Conflict)?;
         let plugin = self.inner.runtime.load_replacing(
             PluginSpec {
                 tenant: tenant.into(),
@@ -114,6 +117,7 @@ impl Broker {
             },
             old.as_deref(),
         );
+        drop(call);
         drop(old);
         let plugin = match plugin {
             Ok(p) => p,
@@ -127,7 +131,6 @@ impl Broker {
         self.inner.store.put_blob(&key, &wasm)?;
         self.inner.store.put_meta(&key, &encode(&record))?;
         self.inner.store.sync_meta()?;
-        let t = self.tenant(tenant);
         {
             let mut tw = t.write();
             if let Some(old) = tw.not_running.get(name).map(|n| n.kind) {

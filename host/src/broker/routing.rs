@@ -49,6 +49,21 @@ struct Routed {
     dead: Vec<(Arc<Queue>, Encoded)>,
 }
 
+/// Enter a router or filter call of `t` (see [`Tenant::plugin_call`]). A
+/// message routed on an async worker (no plugin was attached when the
+/// publish began) is refused rather than run a plugin there; the client
+/// publishes it again.
+fn plugin_call(t: &Tenant) -> Result<super::offload::PluginCall<'_>, BrokerError> {
+    let call = t.plugin_call().map_err(BrokerError::Conflict)?;
+    if !call.offloaded {
+        return Err(BrokerError::Conflict(format!(
+            "the plugins of tenant `{}` changed while this message was routed; publish it again",
+            t.name
+        )));
+    }
+    Ok(call)
+}
+
 impl Broker {
     /// Publish messages for `who` into `tenant`. Returns, per message in
     /// order, the number of queues it was stored in (after fsync for
@@ -90,8 +105,7 @@ impl Broker {
             };
             let (broker, who, tenant_name) = (self.clone(), who.clone(), tenant.to_string());
             match self
-                .offload(tenant, super::Work::Messages(n), move || {
-                    let _permit = permit;
+                .offload_with_slot(tenant, super::Work::Messages(n), Some(permit), move || {
                     let t = broker.tenant(&tenant_name);
                     msgs.iter().map(|m| broker.route(&t, &who, m)).collect()
                 })
@@ -181,6 +195,7 @@ impl Broker {
                 // A configured router that is not running refuses: the
                 // bindings alone are not the tenant's routing policy.
                 let plugin = self.running(t, name).map_err(BrokerError::Router)?;
+                let _call = plugin_call(t)?;
                 plugin
                     .route(wit.get_or_insert_with(wit_message), &candidates)
                     .map_err(|f| BrokerError::router(&f))?
@@ -244,7 +259,10 @@ impl Broker {
                 let wit = wit.get_or_insert_with(wit_message);
                 wit.headers = headers.clone();
                 wit.payload = payload.clone();
-                match f.filter(wit) {
+                let call = plugin_call(t)?;
+                let verdict = f.filter(wit);
+                drop(call);
+                match verdict {
                     Ok(FilterVerdict::Accept) => {}
                     Ok(FilterVerdict::Drop(reason)) => {
                         tracing::debug!(tenant = %t.name, queue = %name, filter = %fname, %reason, "filter dropped a message");

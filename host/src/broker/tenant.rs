@@ -147,6 +147,8 @@ pub(crate) struct Tenant {
     demoted: AtomicBool,
     /// Jobs run at the lowest priority since start.
     pub demoted_jobs: AtomicU64,
+    /// Plugin calls and control requests running now and at their peak.
+    pub running: super::offload::Running,
 }
 
 /// Log lines per second (and burst) one tenant's actions may cause.
@@ -206,6 +208,7 @@ impl Tenant {
             cpu: Mutex::new(super::offload::CpuUse::default()),
             demoted: AtomicBool::new(false),
             demoted_jobs: AtomicU64::new(0),
+            running: Default::default(),
         }
     }
 

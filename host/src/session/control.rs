@@ -81,7 +81,8 @@ impl<L: Link> Session<L> {
 
     /// Run a broker call that may block (authorizer plugin, store sync) on
     /// a blocking thread, at most the tenant's share of them at once, so no
-    /// tenant stalls the async workers or another tenant's requests.
+    /// tenant stalls the async workers or another tenant's requests (see
+    /// [`Broker::offload_request`]: in a plugin slot too if it may call one).
     async fn blocking<T: Send + 'static>(
         &self,
         tenant: &str,
@@ -97,13 +98,9 @@ impl<L: Link> Session<L> {
         work: Work,
         f: impl FnOnce(&Broker, &Principal) -> Result<T, BrokerError> + Send + 'static,
     ) -> Result<T, BrokerError> {
-        let permit = self.broker.control_permit(tenant).await?;
         let (b, who) = (self.broker.clone(), self.who.clone());
         self.broker
-            .offload(tenant, work, move || {
-                let _permit = permit;
-                f(&b, &who)
-            })
+            .offload_request(&self.who, tenant, work, move || f(&b, &who))
             .await?
     }
 

@@ -254,26 +254,21 @@ pub(crate) async fn run(conn: quinn::Connection, broker: Broker, mapping: &Ident
     let who = match peer_identity(&conn, mapping) {
         Ok(p) => p,
         Err(e) => {
-            tracing::info!(error = %e, "refusing connection");
+            // Anyone reaching the port causes this: not above debug.
+            tracing::debug!(error = %e, "refusing connection");
             conn.close(CLOSE_IDENTITY.into(), e.to_string().as_bytes());
             return;
         }
     };
     // The authorizer may run a plugin: off the async workers, within the
-    // tenant's share of control requests.
-    let allowed = match broker.control_permit(&who.tenant).await {
-        Ok(permit) => {
-            let (b, w) = (broker.clone(), who.clone());
-            broker
-                .offload(&who.tenant, crate::broker::Work::Request, move || {
-                    let _permit = permit;
-                    b.authorize(&w, &w.tenant, Action::Connect, &Resource::Broker)
-                })
-                .await
-                .and_then(|r| r)
-        }
-        Err(e) => Err(e),
-    };
+    // tenant's share of control requests and of plugin calls.
+    let (b, w) = (broker.clone(), who.clone());
+    let allowed = broker
+        .offload_request(&who, &who.tenant, crate::broker::Work::Request, move || {
+            b.authorize(&w, &w.tenant, Action::Connect, &Resource::Broker)
+        })
+        .await
+        .and_then(|r| r);
     if let Err(e) = allowed {
         conn.close(CLOSE_IDENTITY.into(), e.to_string().as_bytes());
         return;
@@ -343,7 +338,11 @@ pub(crate) async fn serve<L: Link>(
     if let Err(e) = &result {
         // Best effort: a client that reads nothing does not get it.
         let _ = session.out.try_send(Frame::Error(e.clone()).into());
-        tracing::info!(client = %session.who.client, error = %e, "closing session");
+        // A tenant's clients cause this line: within its log limit.
+        let who = &session.who;
+        session.broker.log_limited(&who.tenant, || {
+            tracing::info!(tenant = %who.tenant, client = %who.client, error = %e, "closing session")
+        });
     }
     result
 }

@@ -152,6 +152,8 @@ pub(crate) struct CommitLog {
     pub manifest_at: std::time::Instant,
     /// sled blob files already fsynced.
     pub synced_blobs: std::collections::HashMap<std::ffi::OsString, u64>,
+    /// fdatasyncs of the data file so far (one per durable group commit).
+    pub syncs: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn run(rx: mpsc::Receiver<Request>, mut log: CommitLog, max_batch: usize) {
@@ -233,6 +235,7 @@ fn sync(log: &mut CommitLog, s: &Sled, durable: bool, manifest: bool) -> Result<
         path: "db".into(),
         message: e.to_string(),
     })?;
+    log.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     log.commit += 1;
     if manifest || log.manifest_at.elapsed() >= std::time::Duration::from_millis(100) {
         manifest::write(&log.dir, log.commit)?;

@@ -93,6 +93,8 @@ pub struct Append {
 pub struct Store {
     sled: Arc<handles::Handles>,
     committer: Committer,
+    /// fdatasyncs of the data file by the group committer.
+    syncs: Arc<std::sync::atomic::AtomicU64>,
     dir: PathBuf,
     max_value: usize,
     /// Live chunks per queue.
@@ -162,6 +164,13 @@ fn key(queue: QueueId, id: MsgId) -> [u8; 16] {
 }
 
 impl Store {
+    /// How many times the group committer has fdatasynced sled's data file
+    /// since the store was opened: once per durable group commit, shared
+    /// by every append and sync committed with it.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Open (or create) the store in `config.dir`.
     pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
         let sled = handles::Sled::open(config)?;
@@ -169,6 +178,7 @@ impl Store {
         Self::migrate(&sled.messages, &sled.meta)?;
         let sled = Arc::new(handles::Handles::new(sled, config.clone()));
         let index = Arc::new(chunk::Index::default());
+        let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let committer = Committer::start(
             commit::CommitLog {
                 sled: sled.clone(),
@@ -178,6 +188,7 @@ impl Store {
                 failed: false,
                 manifest_at: std::time::Instant::now(),
                 synced_blobs: Default::default(),
+                syncs: syncs.clone(),
             },
             config.max_batch.max(1),
         )
@@ -185,6 +196,7 @@ impl Store {
         Ok(Self {
             sled,
             committer,
+            syncs,
             dir: config.dir.clone(),
             // sled inlines page updates up to segment_size / 4 (minus a
             // header); keep a margin for the key and node framing.

@@ -116,6 +116,53 @@ async fn many_concurrent_appends_are_group_committed() {
     assert_eq!(store.scan_queue(q).count(), 200);
 }
 
+/// "One fsync per group commit, shared by everything committing": 64
+/// threads appending durably at once (8 appends each, each waiting for its
+/// confirm) take far fewer fdatasyncs than appends, and at least one.
+#[test]
+fn concurrent_appends_share_their_fsyncs() {
+    const THREADS: u64 = 64;
+    const EACH: u64 = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(Store::open(&StoreConfig::new(dir.path())).unwrap());
+    let q = store.allocate_queue_id().unwrap();
+    let before = store.syncs();
+    let start = std::sync::Arc::new(std::sync::Barrier::new(THREADS as usize));
+    let threads: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (store, start) = (store.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                for i in 0..EACH {
+                    store
+                        .append(
+                            vec![Append {
+                                queue: q,
+                                id: t * EACH + i,
+                                value: msg("t", b"p", 0).encode(),
+                            }],
+                            true,
+                        )
+                        .wait()
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let appends = THREADS * EACH;
+    let syncs = store.syncs() - before;
+    println!("{appends} durable appends from {THREADS} threads: {syncs} fdatasyncs");
+    assert_eq!(store.scan_queue(q).count() as u64, appends);
+    assert!(syncs >= 1, "durable appends are fsynced");
+    assert!(
+        syncs <= appends / 2,
+        "{syncs} fdatasyncs for {appends} concurrent appends: not group committed"
+    );
+}
+
 #[test]
 fn large_messages_stay_inline_and_durable() {
     let dir = tempfile::tempdir().unwrap();
