@@ -367,6 +367,51 @@ async fn plugins_per_tenant_are_bounded() {
     assert_eq!(names, ["f2", "f3", "f4"]);
 }
 
+/// Loads of one tenant running at the same time (in separate control and
+/// plugin slots) cannot both pass the plugin count: exactly the bound wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_loads_do_not_overshoot_the_plugin_bound() {
+    let h = Harness::start_with(|c| {
+        c.max_plugins_per_tenant = 3;
+        c.plugin_concurrency_per_tenant = 8;
+        c.control_concurrency_per_tenant = 8;
+    })
+    .await;
+    let a = h.client("acme").await;
+    a.declare(QueueSpec::new("q")).await.unwrap();
+    // Distinct components (distinct configs would share one compilation):
+    // the count is checked before compiling, which takes a while.
+    // One connection each: a connection's control requests run in order.
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(h.client("acme").await);
+    }
+    let loads: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let name = if i % 2 == 0 {
+                "header-filter"
+            } else {
+                "redact-transform"
+            };
+            tokio::spawn(async move {
+                a.load_plugin(&format!("f{i}"), "filter", Some("q"), wasm(name), vec![])
+                    .await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for l in loads {
+        match l.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => assert_eq!(e.code(), Some(ErrorCode::LimitExceeded), "{e}"),
+        }
+    }
+    assert_eq!(ok, 3, "loads accepted");
+    assert_eq!(a.list_plugins().await.unwrap().len(), 3);
+}
+
 /// Publishes `t` (bound to `q`): Ok(stored queues) or the refusal code.
 async fn publish(c: &Client) -> Result<u32, Option<ErrorCode>> {
     c.publish("t", vec![], b"x".to_vec())

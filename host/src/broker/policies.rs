@@ -80,6 +80,10 @@ impl Broker {
         if let Some(q) = &queue {
             self.queue(tenant, q)?;
         }
+        // One load or unload of this tenant at a time from here to the
+        // install: the role and count checked below stay true until then.
+        let t = self.tenant(tenant);
+        let _admin = t.plugin_admin.lock().unwrap_or_else(|p| p.into_inner());
         // Loading over a plugin of the same name (running or not) with
         // another kind or queue removes that one: it needs the permission to
         // remove it, too.
@@ -105,7 +109,6 @@ impl Broker {
         };
         let old = self.inner.plugins.get(tenant, name);
         // Compiling and `init` are plugin work of the tenant: in its slot.
-        let t = self.tenant(tenant);
         let call = t.plugin_call().map_err(BrokerError::Conflict)?;
         let plugin = self.inner.runtime.load_replacing(
             PluginSpec {
@@ -185,6 +188,7 @@ impl Broker {
         let (action, resource) = kind.management_question(name, queue);
         self.authorize(who, tenant, action, &resource)?;
         let t = self.tenant(tenant);
+        let _admin = t.plugin_admin.lock().unwrap_or_else(|p| p.into_inner());
         let kind = match self.inner.plugins.remove(tenant, name) {
             Some(p) => p.kind(),
             None => t

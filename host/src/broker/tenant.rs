@@ -149,6 +149,9 @@ pub(crate) struct Tenant {
     pub demoted_jobs: AtomicU64,
     /// Plugin calls and control requests running now and at their peak.
     pub running: super::offload::Running,
+    /// Held by a plugin load or unload from its checks to its install, so
+    /// concurrent loads cannot both pass `max_plugins_per_tenant`.
+    pub plugin_admin: Mutex<()>,
 }
 
 /// Log lines per second (and burst) one tenant's actions may cause.
@@ -209,6 +212,7 @@ impl Tenant {
             demoted: AtomicBool::new(false),
             demoted_jobs: AtomicU64::new(0),
             running: Default::default(),
+            plugin_admin: Mutex::new(()),
         }
     }
 
