@@ -452,6 +452,24 @@ async fn a_noisy_neighbour_does_not_stall_others() {
 /// `wasm` with a custom section appended: the same plugin, another digest,
 /// so the broker compiles it again instead of taking it from its cache (a
 /// load that takes a while).
+/// Client `i` declares queues `{prefix}{i}-0` and `-1` and loads a filter
+/// on each from a component of its own, so every load really compiles.
+async fn load_two_filters(c: &Client, prefix: &str, i: usize) {
+    for n in 0..2u32 {
+        let queue = format!("{prefix}{i}-{n}");
+        c.declare(QueueSpec::new(&queue)).await.unwrap();
+        c.load_plugin(
+            &format!("f{i}-{n}"),
+            "filter",
+            Some(&queue),
+            distinct(&wasm("header-filter"), i as u32 * 10 + n),
+            vec![],
+        )
+        .await
+        .unwrap();
+    }
+}
+
 fn distinct(wasm: &[u8], i: u32) -> Vec<u8> {
     fn leb(out: &mut Vec<u8>, mut n: usize) {
         loop {
@@ -546,21 +564,7 @@ async fn every_kind_of_plugin_call(h: &Harness) -> sluice::broker::TenantCalls {
                     }
                 }
                 // Plugin loads (compile and `init`).
-                _ => {
-                    for n in 0..2u32 {
-                        let queue = format!("l{i}-{n}");
-                        c.declare(QueueSpec::new(&queue)).await.unwrap();
-                        c.load_plugin(
-                            &format!("f{i}-{n}"),
-                            "filter",
-                            Some(&queue),
-                            distinct(&wasm("header-filter"), i as u32 * 10 + n),
-                            vec![],
-                        )
-                        .await
-                        .unwrap();
-                    }
-                }
+                _ => load_two_filters(&c, "l", i).await,
             }
         });
     }
@@ -651,21 +655,7 @@ async fn a_tenants_control_requests_run_at_most_n_at_once() {
     }
     let mut tasks = tokio::task::JoinSet::new();
     for (i, c) in clients.into_iter().enumerate() {
-        tasks.spawn(async move {
-            for n in 0..2u32 {
-                let queue = format!("q{i}-{n}");
-                c.declare(QueueSpec::new(&queue)).await.unwrap();
-                c.load_plugin(
-                    &format!("f{i}-{n}"),
-                    "filter",
-                    Some(&queue),
-                    distinct(&wasm("header-filter"), i as u32 * 10 + n),
-                    vec![],
-                )
-                .await
-                .unwrap();
-            }
-        });
+        tasks.spawn(async move { load_two_filters(&c, "q", i).await });
     }
     while let Some(r) = tasks.join_next().await {
         r.unwrap();

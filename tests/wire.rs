@@ -5,13 +5,12 @@
 //! bounded amount for each, and a well-behaved client is served throughout.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_client::{ErrorCode, QueueSpec};
 use sluice_proto::{self as proto, Frame, Request, Response};
 use sluice_tests::Harness;
-use sluice_tests::raw::{Raw, connect, flood, hello, raw, read_frames, stalls};
+use sluice_tests::raw::{Raw, connect, connect_windows, flood, hello, raw, read_frames, stalls};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -33,30 +32,18 @@ fn broker(h: &Harness) -> &sluice::broker::Broker {
 /// delivery streams it never reads stall at a few KiB while the control
 /// stream keeps the rest of the connection's credit.
 async fn raw_windows(h: &Harness, stream_window: u32, conn_window: u32) -> Raw {
-    let identity = sluice_client::Identity::load(&h.certs.join("acme")).unwrap();
-    let mut config = identity.quinn_config().unwrap();
-    let mut transport = quinn::TransportConfig::default();
-    transport.stream_receive_window(stream_window.into());
-    transport.receive_window(conn_window.into());
-    transport.max_concurrent_uni_streams(proto::MAX_SUBSCRIPTIONS.into());
-    config.transport_config(Arc::new(transport));
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(config);
-    let conn = endpoint
-        .connect(h.addr, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&hello()).await.unwrap();
-    let welcome = read_frames(&mut recv, 1).await;
+    let mut r = connect_windows(
+        h,
+        "acme",
+        stream_window,
+        conn_window,
+        proto::MAX_SUBSCRIPTIONS,
+    )
+    .await;
+    r.send.write_all(&hello()).await.unwrap();
+    let welcome = read_frames(&mut r.recv, 1).await;
     assert!(matches!(welcome[0], Frame::Welcome { .. }), "{welcome:?}");
-    Raw {
-        endpoint,
-        conn,
-        send,
-        recv,
-    }
+    r
 }
 
 /// Subscribe to `queue` on a raw connection; the subscription id.

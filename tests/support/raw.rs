@@ -57,11 +57,23 @@ pub async fn connect_as(h: &Harness, who: &str, window: u32) -> Raw {
 
 /// [`connect_as`] granting the broker `uni_streams` streams.
 pub async fn connect_with(h: &Harness, who: &str, window: u32, uni_streams: u32) -> Raw {
+    connect_windows(h, who, window, window, uni_streams).await
+}
+
+/// [`connect_with`] giving each stream `stream_window` bytes of credit and
+/// the connection `conn_window` in all.
+pub async fn connect_windows(
+    h: &Harness,
+    who: &str,
+    stream_window: u32,
+    conn_window: u32,
+    uni_streams: u32,
+) -> Raw {
     let identity = sluice_client::Identity::load(&h.certs.join(who)).unwrap();
     let mut config = identity.quinn_config().unwrap();
     let mut transport = quinn::TransportConfig::default();
-    transport.stream_receive_window(window.into());
-    transport.receive_window(window.into());
+    transport.stream_receive_window(stream_window.into());
+    transport.receive_window(conn_window.into());
     transport.max_concurrent_uni_streams(uni_streams.into());
     config.transport_config(Arc::new(transport));
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
