@@ -573,6 +573,10 @@ fn hostile_config() -> SandboxConfig {
         init_deadline: Duration::from_millis(500),
         trap_threshold: 100,
         pool_instances: 32,
+        // What these tests check does not depend on the throttle of long
+        // calls (it would make each spinning call ten times as long);
+        // `spinning_calls_are_throttled_after_a_millisecond` tests it.
+        throttle_percent: 100,
         ..SandboxConfig::default()
     }
 }
@@ -980,6 +984,42 @@ fn call_deadline_is_configurable() {
             "stopped after {took:?}, deadline {ms} ms"
         );
     }
+}
+
+/// A call that spins gets all of a core for its first millisecond of CPU,
+/// then a tenth of one: it sleeps nine times the CPU it uses, so it holds a
+/// core for at most one epoch tick at a time. Legitimate calls (µs) are
+/// never throttled, and `throttle_percent = 100` turns it off.
+#[test]
+fn spinning_calls_are_throttled_after_a_millisecond() {
+    let throttled = |percent: u32, headers: &[(&str, &str)]| {
+        let rt = runtime(SandboxConfig {
+            call_deadline: Duration::from_millis(30),
+            throttle_percent: percent,
+            ..hostile_config()
+        });
+        assert_eq!(rt.config().throttle_after, Duration::from_millis(1));
+        let hostile = load(&rt, "hostile", PluginKind::Filter, &[]);
+        let start = std::time::Instant::now();
+        let verdict = hostile.filter(&msg("t", headers, b""));
+        (verdict, start.elapsed(), hostile.metrics().throttled_ns)
+    };
+    let spin = [("hostile", "loop")];
+    let (verdict, took, slept) = throttled(10, &spin);
+    assert_eq!(verdict.unwrap_err().kind, FailureKind::Deadline);
+    // 9 × (the CPU it used past 1 ms up to its last check): that check came
+    // within a tick or two of the 30 ms deadline.
+    let slept = Duration::from_nanos(slept);
+    assert!(slept >= Duration::from_millis(9 * 20), "slept {slept:?}");
+    assert!(took >= slept + Duration::from_millis(29), "took {took:?}");
+    // A call of microseconds: never throttled.
+    let (verdict, _, slept) = throttled(10, &[]);
+    assert!(verdict.is_ok());
+    assert_eq!(slept, 0);
+    // Off.
+    let (verdict, _, slept) = throttled(100, &spin);
+    assert_eq!(verdict.unwrap_err().kind, FailureKind::Deadline);
+    assert_eq!(slept, 0);
 }
 
 // ---------------------------------------------------------------- a second language

@@ -443,6 +443,21 @@ async fn a_noisy_neighbour_does_not_stall_others() {
         dead.ready, abused as u64,
         "each of A's messages was dead-lettered with its reason"
     );
+    // A's calls that spun were throttled once past their first millisecond
+    // of CPU (operators see it per plugin); B's calls never were.
+    let metrics = sluice::metrics::render(&h.running.as_ref().unwrap().broker);
+    let throttled = |tenant: &str, plugin: &str| -> f64 {
+        let series = format!(
+            "sluice_plugin_throttled_seconds_total{{tenant=\"{tenant}\",plugin=\"{plugin}\"}} "
+        );
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(&series))
+            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"));
+        line[series.len()..].trim().parse().unwrap()
+    };
+    assert!(throttled("acme", "spin") > 0.0, "{metrics}");
+    assert_eq!(throttled("globex", "pass"), 0.0);
     println!(
         "noisy neighbour: B moved 300 messages in {took:?} while A's plugin trapped {} times",
         spin.traps

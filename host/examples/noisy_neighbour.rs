@@ -6,7 +6,9 @@
 //! B's queues are transient by default, so the figures show how B shares
 //! the CPU with A's plugins, not the disk's fsync latency (which on a busy
 //! VM varies by tens of milliseconds between runs); `SLUICE_NOISY_DURABLE=1`
-//! makes them durable.
+//! makes them durable. `SLUICE_NOISY_MODES=loop,alloc,slow` picks what A's plugin
+//! does, `SLUICE_NOISY_CPU_SHARE=inf` turns the CPU-share demotion off and
+//! `SLUICE_NOISY_THROTTLE_PERCENT=100` the throttle of long calls.
 
 use std::time::{Duration, Instant};
 
@@ -75,6 +77,13 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|v| v.parse().ok())
     {
         config.plugin_cpu_share = share;
+    }
+    // SLUICE_NOISY_THROTTLE_PERCENT=100 turns the throttle of long calls off.
+    if let Some(pct) = std::env::var("SLUICE_NOISY_THROTTLE_PERCENT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.sandbox.throttle_percent = pct;
     }
     let running = sluice::cli::start(
         "127.0.0.1:0".parse()?,

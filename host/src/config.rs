@@ -29,6 +29,12 @@ pub struct FileConfig {
     pub max_message_bytes: Option<usize>,
     /// Plugin call deadline in milliseconds (default 10).
     pub plugin_deadline_ms: Option<u64>,
+    /// CPU a plugin call may use at full speed before it is throttled, in
+    /// µs (default 1000).
+    pub plugin_throttle_after_us: Option<u64>,
+    /// Percent of one core a call gets beyond `plugin_throttle_after_us`,
+    /// 5 to 100 (default 10; 100 turns throttling off).
+    pub plugin_throttle_percent: Option<u32>,
     /// Plugin memory cap in MiB (default 16).
     pub plugin_memory_mib: Option<usize>,
     /// Refuse clients of tenants not registered here or with `sluice tenant
@@ -96,6 +102,17 @@ impl FileConfig {
         if let Some(ms) = self.plugin_deadline_ms {
             anyhow::ensure!(ms >= 1, "plugin_deadline_ms must be at least 1");
             config.sandbox.call_deadline = std::time::Duration::from_millis(ms);
+        }
+        if let Some(us) = self.plugin_throttle_after_us {
+            anyhow::ensure!(us >= 1, "plugin_throttle_after_us must be at least 1");
+            config.sandbox.throttle_after = std::time::Duration::from_micros(us);
+        }
+        if let Some(pct) = self.plugin_throttle_percent {
+            anyhow::ensure!(
+                (5..=100).contains(&pct),
+                "plugin_throttle_percent = {pct}: must be 5 to 100"
+            );
+            config.sandbox.throttle_percent = pct;
         }
         if let Some(mib) = self.plugin_memory_mib {
             anyhow::ensure!(
@@ -268,6 +285,27 @@ mod tests {
         let mut config = crate::broker::BrokerConfig::new("/nonexistent");
         file.apply(&mut config)?;
         Ok(config)
+    }
+
+    #[test]
+    fn plugin_throttle_keys_are_bounded() {
+        let c = applied("plugin_throttle_after_us = 250\nplugin_throttle_percent = 50").unwrap();
+        assert_eq!(
+            c.sandbox.throttle_after,
+            std::time::Duration::from_micros(250)
+        );
+        assert_eq!(c.sandbox.throttle_percent, 50);
+        for bad in [
+            "plugin_throttle_percent = 4",
+            "plugin_throttle_percent = 101",
+        ] {
+            let e = applied(bad).unwrap_err().to_string();
+            assert!(e.contains("must be 5 to 100"), "{bad}: {e}");
+        }
+        let e = applied("plugin_throttle_after_us = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at least 1"), "{e}");
     }
 
     #[test]

@@ -300,6 +300,21 @@ pub fn render(broker: &Broker) -> String {
     }
     family(
         &mut out,
+        "sluice_plugin_throttled_seconds_total",
+        "counter",
+        "Time calls slept after using plugin_throttle_after_us of CPU (a plugin keeping a core busy).",
+    );
+    for p in &plugins {
+        let _ = writeln!(
+            out,
+            "sluice_plugin_throttled_seconds_total{{tenant=\"{}\",plugin=\"{}\"}} {}",
+            label(&p.tenant),
+            label(&p.name),
+            p.metrics.throttled_ns as f64 / 1e9
+        );
+    }
+    family(
+        &mut out,
         "sluice_plugin_call_seconds",
         "histogram",
         "Guest call latency.",

@@ -26,6 +26,7 @@ pub struct PluginMetrics {
     latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     logs_dropped: AtomicU64,
     peak_memory: AtomicU64,
+    throttled_ns: AtomicU64,
 }
 
 /// A point-in-time copy of [`PluginMetrics`].
@@ -68,6 +69,9 @@ pub struct MetricsSnapshot {
     pub logs_dropped: u64,
     /// Largest linear memory of any instance, bytes.
     pub peak_memory_bytes: u64,
+    /// Time calls slept because they ran past the sandbox's
+    /// `throttle_after` (a plugin that keeps a core busy, slowed down).
+    pub throttled_ns: u64,
 }
 
 impl MetricsSnapshot {
@@ -121,6 +125,13 @@ impl PluginMetrics {
         self.peak_memory.fetch_max(bytes as u64, Relaxed);
     }
 
+    pub(crate) fn throttled(&self, slept: Duration) {
+        if !slept.is_zero() {
+            let ns = u64::try_from(slept.as_nanos()).unwrap_or(u64::MAX);
+            self.throttled_ns.fetch_add(ns, Relaxed);
+        }
+    }
+
     pub(crate) fn logs_dropped(&self, n: u64) {
         if n > 0 {
             self.logs_dropped.fetch_add(n, Relaxed);
@@ -149,6 +160,7 @@ impl PluginMetrics {
             latency_buckets: self.latency.iter().map(|c| c.load(Relaxed)).collect(),
             logs_dropped: self.logs_dropped.load(Relaxed),
             peak_memory_bytes: self.peak_memory.load(Relaxed),
+            throttled_ns: self.throttled_ns.load(Relaxed),
         }
     }
 }

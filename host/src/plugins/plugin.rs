@@ -15,7 +15,9 @@ use super::cache::CacheRef;
 use super::engine::RuntimeInner;
 use super::failure::classify;
 use super::metrics::{MetricsSnapshot, PluginMetrics};
-use super::store::{Deadline, Limiter, LineLimit, LogBudget, PluginId, StoreState, truncate};
+use super::store::{
+    Deadline, Limiter, LineLimit, LogBudget, PluginId, StoreState, Throttle, truncate,
+};
 use super::{
     Action, Decision, FailureKind, FilterVerdict, LoadError, Message, PluginFailure, PluginKind,
     Principal, Resource, RouteRequest, SandboxConfig,
@@ -371,6 +373,7 @@ impl Plugin {
         let result = f(&mut warm.store, &warm.exports);
         self.metrics.call(messages, start.elapsed());
         let state = warm.store.data_mut();
+        self.metrics.throttled(state.deadline.slept);
         self.metrics
             .logs_dropped(std::mem::take(&mut state.log.dropped));
         self.metrics.memory(state.limiter.peak_memory);
@@ -408,7 +411,7 @@ impl Plugin {
         };
         let mut store = Store::new(&self.runtime.engine, state);
         store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_callback(|store| Ok(store.data().deadline.check()));
+        store.epoch_deadline_callback(|mut store| Ok(store.data_mut().deadline.check()));
         arm(&mut store, cfg, cfg.init_deadline);
         let fail = |store: &mut Store<StoreState>, e: wasmtime::Error| {
             let (kind, mut message) = classify(&e, store.data().limiter.memory_denied);
@@ -453,6 +456,7 @@ impl Plugin {
             Exports::FilterV01(f) => f.call_init(&mut store, &self.config),
             Exports::AuthorizerV01(a) => a.call_init(&mut store, &self.config),
         };
+        self.metrics.throttled(store.data().deadline.slept);
         match init {
             Ok(Ok(())) => {
                 self.metrics.instantiated();
@@ -684,10 +688,15 @@ fn back_off_pause(traps: u32) -> Duration {
 }
 
 /// Give the next call (or `init`) on `store` a budget of `cpu` of its
-/// thread's CPU time (see [`Deadline`]).
+/// thread's CPU time, throttled beyond the sandbox's `throttle_after` (see
+/// [`Deadline`]).
 fn arm(store: &mut Store<StoreState>, cfg: &SandboxConfig, cpu: Duration) {
-    store.data_mut().deadline = Deadline::start(cpu, cfg.epoch_tick);
-    store.set_epoch_deadline(cfg.ticks(cpu));
+    let throttle = Throttle {
+        after: cfg.throttle_after,
+        share: f64::from(cfg.throttle_percent.clamp(1, 100)) / 100.0,
+    };
+    store.data_mut().deadline = Deadline::throttled(cpu, cfg.epoch_tick, throttle);
+    store.set_epoch_deadline(cfg.ticks(cpu.min(throttle.after)));
 }
 
 /// The typed entry points check the kind first, and a plugin's exports

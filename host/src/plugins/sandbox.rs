@@ -18,6 +18,15 @@ pub struct SandboxConfig {
     pub init_deadline: Duration,
     /// Epoch tick: the deadline resolution. Default 1 ms.
     pub epoch_tick: Duration,
+    /// CPU time a call (or `init`) may use at full speed. A call that runs
+    /// on is throttled to `throttle_percent` of a core for the rest of its
+    /// budget: it sleeps at every epoch tick for as long as keeps it there,
+    /// so a plugin spinning to its deadline holds a core for at most this
+    /// long at a time. Policy calls take microseconds. Default 1 ms.
+    pub throttle_after: Duration,
+    /// Percent of one core a call gets beyond `throttle_after`, 5 to 100
+    /// (100: never throttled). Default 10.
+    pub throttle_percent: u32,
     /// Linear memory cap per instance. Default 16 MiB.
     pub memory_limit: usize,
     /// Table elements cap per instance. Default 20 000.
@@ -64,6 +73,8 @@ impl Default for SandboxConfig {
             call_deadline: Duration::from_millis(10),
             init_deadline: Duration::from_millis(100),
             epoch_tick: Duration::from_millis(1),
+            throttle_after: Duration::from_millis(1),
+            throttle_percent: 10,
             memory_limit: 16 << 20,
             table_elements_limit: 20_000,
             pool_instances: 256,

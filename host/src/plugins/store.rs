@@ -50,29 +50,80 @@ pub(crate) struct Deadline {
     wall_start: Instant,
     cpu: Duration,
     tick: Duration,
+    throttle: Throttle,
+    /// CPU used by the call when it was last throttled.
+    throttled_at: Duration,
+    /// Time the call slept to stay within its throttle.
+    pub(crate) slept: Duration,
+}
+
+/// How a long call is slowed down: once it has used `after` of CPU, it
+/// may use at most `share` of a core for the rest of its budget.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Throttle {
+    /// CPU a call may use at full speed.
+    pub after: Duration,
+    /// Share of one core a call gets beyond `after` (1.0: no throttle).
+    pub share: f64,
+}
+
+impl Throttle {
+    /// No throttling.
+    pub(crate) const NONE: Throttle = Throttle {
+        after: Duration::MAX,
+        share: 1.0,
+    };
 }
 
 impl Deadline {
     /// A budget of `cpu` starting now on this thread, checked every `tick`.
     pub(crate) fn start(cpu: Duration, tick: Duration) -> Self {
+        Self::throttled(cpu, tick, Throttle::NONE)
+    }
+
+    /// A budget of `cpu` whose use beyond `throttle.after` is slowed to
+    /// `throttle.share` of a core.
+    pub(crate) fn throttled(cpu: Duration, tick: Duration, throttle: Throttle) -> Self {
         Self {
             cpu_start: thread_cpu_time(),
             wall_start: Instant::now(),
             cpu,
             tick: tick.max(Duration::from_nanos(1)),
+            throttle,
+            throttled_at: throttle.after,
+            slept: Duration::ZERO,
         }
+    }
+
+    /// The epoch ticks that make up `d`, at least 1.
+    fn ticks(&self, d: Duration) -> u64 {
+        let ticks = d.as_nanos().div_ceil(self.tick.as_nanos()).max(1);
+        u64::try_from(ticks).unwrap_or(u64::MAX)
     }
 
     /// The epoch deadline was reached: stop the call if it used its CPU
     /// budget (or the wall-clock backstop), else extend by what is left.
-    pub(crate) fn check(&self) -> UpdateDeadline {
+    /// A call past its throttle point first sleeps for as long as keeps its
+    /// use since the last check within the throttle's share, then is
+    /// checked again after one tick.
+    pub(crate) fn check(&mut self) -> UpdateDeadline {
         let used = thread_cpu_time().saturating_sub(self.cpu_start);
         if used >= self.cpu || self.wall_start.elapsed() >= self.cpu.saturating_mul(WALL_BACKSTOP) {
             return UpdateDeadline::Interrupt;
         }
         let left = self.cpu - used;
-        let ticks = left.as_nanos().div_ceil(self.tick.as_nanos()).max(1);
-        UpdateDeadline::Continue(u64::try_from(ticks).unwrap_or(u64::MAX))
+        if used < self.throttle.after {
+            return UpdateDeadline::Continue(self.ticks(left.min(self.throttle.after - used)));
+        }
+        let burst = used.saturating_sub(self.throttled_at);
+        self.throttled_at = used;
+        let share = self.throttle.share.clamp(0.01, 1.0);
+        if share < 1.0 && !burst.is_zero() {
+            let pause = burst.mul_f64((1.0 - share) / share);
+            std::thread::sleep(pause);
+            self.slept += pause;
+        }
+        UpdateDeadline::Continue(1)
     }
 }
 
@@ -269,7 +320,7 @@ mod tests {
     /// not use the budget; using the CPU does.
     #[test]
     fn a_deadline_counts_cpu_time_not_waiting() {
-        let d = Deadline::start(Duration::from_millis(40), Duration::from_millis(1));
+        let mut d = Deadline::start(Duration::from_millis(40), Duration::from_millis(1));
         std::thread::sleep(Duration::from_millis(100));
         let UpdateDeadline::Continue(ticks) = d.check() else {
             panic!("stopped after sleeping past the deadline without using the CPU");
@@ -282,10 +333,51 @@ mod tests {
     /// A call that cannot get a core still ends after the backstop.
     #[test]
     fn a_deadline_has_a_wall_clock_backstop() {
-        let d = Deadline::start(Duration::from_micros(500), Duration::from_millis(1));
+        let mut d = Deadline::start(Duration::from_micros(500), Duration::from_millis(1));
         assert!(matches!(d.check(), UpdateDeadline::Continue(_)));
         std::thread::sleep(Duration::from_micros(500) * WALL_BACKSTOP + Duration::from_millis(5));
         assert!(matches!(d.check(), UpdateDeadline::Interrupt));
+    }
+
+    /// Up to its throttle point a call runs at full speed and its next
+    /// check comes at that point; past it, every check (one per tick)
+    /// sleeps (1 − share) / share times the CPU used since the last one.
+    #[test]
+    fn a_call_past_its_throttle_point_sleeps_for_its_share() {
+        let throttle = Throttle {
+            after: Duration::from_millis(2),
+            share: 0.25,
+        };
+        let tick = Duration::from_millis(1);
+        let mut d = Deadline::throttled(Duration::from_secs(10), tick, throttle);
+        let UpdateDeadline::Continue(ticks) = d.check() else {
+            panic!("stopped early");
+        };
+        assert!((1..=2).contains(&ticks), "next check at the point: {ticks}");
+        assert_eq!(d.slept, Duration::ZERO);
+        spin(Duration::from_millis(2));
+        for _ in 0..4 {
+            assert!(matches!(d.check(), UpdateDeadline::Continue(1)));
+            spin(Duration::from_millis(1));
+        }
+        assert!(matches!(d.check(), UpdateDeadline::Continue(1)));
+        let beyond = d.throttled_at - throttle.after;
+        assert!(beyond >= Duration::from_millis(4), "{beyond:?}");
+        let expected = beyond * 3;
+        let diff = d.slept.abs_diff(expected);
+        assert!(
+            diff < Duration::from_micros(10),
+            "slept {:?}, expected {expected:?}",
+            d.slept
+        );
+        // Unthrottled: the next check is when the budget is used up.
+        let mut d = Deadline::start(Duration::from_millis(40), tick);
+        spin(Duration::from_millis(5));
+        let UpdateDeadline::Continue(ticks) = d.check() else {
+            panic!("stopped early");
+        };
+        assert!(ticks >= 30, "{ticks}");
+        assert_eq!(d.slept, Duration::ZERO);
     }
 
     /// A bucket of one second's worth: a burst of `per_sec`, then one line
