@@ -9,6 +9,8 @@
 //!   failure classification, metrics, hot swap);
 //! - [`broker`]: tenants, queues, bindings, routing through plugins, consumers;
 //! - [`store`]: durable queues and metadata on sled, with group commit;
+//! - [`cluster`]: replication on openraft (today: the Raft log and the
+//!   metadata state machine on sled);
 //! - [`tls`]: QUIC/TLS setup, identities from certificates, dev certificates;
 //! - [`server`] (with the private `session`): the QUIC listener and one
 //!   session per connection;
@@ -23,6 +25,7 @@
 pub mod broker;
 pub mod bundled;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod plugins;

@@ -1,0 +1,94 @@
+//! Replication on openraft: the storage half.
+//!
+//! A Sluice cluster replicates its state through Raft groups run by
+//! [openraft](https://docs.rs/openraft) (`0.10.0-alpha.37`, pinned): a
+//! metadata group on every node (tenants, queues, bindings, plugins) and
+//! data groups holding queues. This module is the one home of everything
+//! that knows openraft's types; the rest of the broker talks to it in its
+//! own terms.
+//!
+//! What is here today is the durable storage every group stands on, tested
+//! against openraft's own storage conformance suite:
+//!
+//! - [`log::SledLog`]: the Raft log and vote in sled. `append` returns once
+//!   the entries are readable and reports them flushed only after
+//!   `fdatasync` (one flusher thread, which group-commits the flushes of
+//!   appends that arrive while it syncs); the vote is durable before
+//!   `save_vote` returns.
+//! - [`meta::MetaState`]: the metadata group's state machine, a keyed map of
+//!   records ([`MetaCommand`]) with its applied log id and membership,
+//!   applied atomically and durably, and snapshots built from a consistent
+//!   view while entries keep being applied.
+//!
+//! Single-node brokers do not use this module (`sluice serve` is unchanged);
+//! the network, the cluster configuration and the data groups build on it.
+
+pub mod log;
+pub mod meta;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+openraft::declare_raft_types!(
+    /// The metadata group: every node holds it.
+    pub MetaGroup:
+        D = MetaCommand,
+        R = MetaResponse,
+);
+
+/// A change to the metadata group's records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaCommand {
+    /// Set `key` to `value`.
+    Put {
+        /// Record key (e.g. `queue/acme/orders`).
+        key: String,
+        /// Record value, encoded by its owner.
+        value: Vec<u8>,
+    },
+    /// Remove `key`.
+    Delete {
+        /// Record key.
+        key: String,
+    },
+}
+
+impl fmt::Display for MetaCommand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MetaCommand::Put { key, value } => write!(f, "put {key} ({} bytes)", value.len()),
+            MetaCommand::Delete { key } => write!(f, "delete {key}"),
+        }
+    }
+}
+
+/// What applying a [`MetaCommand`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaResponse {
+    /// The record's value before the command (`None`: there was none).
+    pub previous: Option<Vec<u8>>,
+}
+
+/// An I/O error for a storage failure of `what`.
+fn io_error(what: &str, e: impl fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("{what}: {e}"))
+}
+
+/// Big-endian bytes of a log index: sled orders keys bytewise, so these
+/// sort as the indexes do.
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn encode<T: Serialize>(what: &str, value: &T) -> std::io::Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| io_error(what, e))
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> std::io::Result<T> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {e}")))
+}
+
+#[cfg(test)]
+mod tests;
