@@ -217,9 +217,25 @@ type Done = Box<dyn FnOnce(io::Result<()>) + Send>;
 /// One thread that makes the database durable for whoever asks: it takes
 /// every request waiting, runs one `flush` (sled's write-out and
 /// `fdatasync`) and answers them all, in order.
+///
+/// Dropped with the last handle of its log: it answers what is waiting,
+/// then its thread ends and releases the database.
 struct Flusher {
-    tx: Mutex<mpsc::Sender<Done>>,
+    tx: Mutex<Option<mpsc::Sender<Done>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     syncs: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        match self.tx.lock() {
+            Ok(mut tx) => drop(tx.take()),
+            Err(p) => drop(p.into_inner().take()),
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Flusher {
@@ -227,7 +243,7 @@ impl Flusher {
         let (tx, rx) = mpsc::channel::<Done>();
         let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = syncs.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("sluice-raft-{group}"))
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
@@ -244,7 +260,8 @@ impl Flusher {
                 }
             })?;
         Ok(Self {
-            tx: Mutex::new(tx),
+            tx: Mutex::new(Some(tx)),
+            thread: Some(thread),
             syncs,
         })
     }
@@ -255,11 +272,15 @@ impl Flusher {
 
     /// Flush later and call `done` with the outcome.
     fn submit(&self, done: Done) {
-        let sent = match self.tx.lock() {
-            Ok(tx) => tx.send(done),
-            Err(p) => p.into_inner().send(done),
+        let tx = match self.tx.lock() {
+            Ok(tx) => tx.clone(),
+            Err(p) => p.into_inner().clone(),
         };
-        if let Err(mpsc::SendError(done)) = sent {
+        let unsent = match tx {
+            Some(tx) => tx.send(done).err().map(|mpsc::SendError(done)| done),
+            None => Some(done),
+        };
+        if let Some(done) = unsent {
             done(Err(io_error("sync the raft log", "the flusher stopped")));
         }
     }

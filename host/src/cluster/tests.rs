@@ -183,3 +183,275 @@ async fn entries_reported_flushed_survive_kill_9() {
         "reported {reported} flushed, found {last:?} after the crash"
     );
 }
+
+// ------------------------------------------------------------ three nodes
+
+mod three_nodes {
+    //! Three nodes, each on its own sled directory, running real openraft
+    //! over an in-process transport that encodes every request and response
+    //! as it would go on the wire: the storage under real elections,
+    //! replication, a lost leader and a node that comes back.
+
+    use std::collections::{BTreeMap, HashMap};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
+    use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+    use openraft::raft::{
+        AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    };
+    use openraft::type_config::alias::{SnapshotOf, VoteOf};
+    use openraft::{BasicNode, OptionalSend, Raft};
+    use serde::Serialize;
+    use serde::de::DeserializeOwned;
+
+    use super::super::meta::MetaState;
+    use super::super::{MetaCommand, MetaGroup};
+    use super::open;
+
+    type Node = Raft<MetaGroup, MetaState>;
+
+    /// Which nodes are up, by id.
+    #[derive(Clone, Default)]
+    struct Router(Arc<Mutex<HashMap<u64, Node>>>);
+
+    impl Router {
+        fn node(&self, id: u64) -> Result<Node, Unreachable<MetaGroup>> {
+            self.0.lock().unwrap().get(&id).cloned().ok_or_else(|| {
+                Unreachable::new(&std::io::Error::other(format!("node {id} is down")))
+            })
+        }
+    }
+
+    /// Through the bytes a real transport would carry.
+    fn wire<T: Serialize + DeserializeOwned>(value: T) -> T {
+        let bytes = serde_json::to_vec(&value).unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    fn down(e: impl std::fmt::Display) -> Unreachable<MetaGroup> {
+        Unreachable::new(&std::io::Error::other(e.to_string()))
+    }
+
+    struct Peer {
+        target: u64,
+        router: Router,
+    }
+
+    impl RaftNetworkFactory<MetaGroup> for Router {
+        type Network = Peer;
+
+        async fn new_client(&mut self, target: u64, _node: &BasicNode) -> Peer {
+            Peer {
+                target,
+                router: self.clone(),
+            }
+        }
+    }
+
+    impl RaftNetworkV2<MetaGroup> for Peer {
+        type SnapshotData = std::io::Cursor<Vec<u8>>;
+
+        async fn append_entries(
+            &mut self,
+            rpc: AppendEntriesRequest<MetaGroup>,
+            _option: RPCOption,
+        ) -> Result<AppendEntriesResponse<MetaGroup>, RPCError<MetaGroup>> {
+            let node = self.router.node(self.target)?;
+            let r = node.append_entries(wire(rpc)).await.map_err(down)?;
+            Ok(wire(r))
+        }
+
+        async fn vote(
+            &mut self,
+            rpc: VoteRequest<MetaGroup>,
+            _option: RPCOption,
+        ) -> Result<VoteResponse<MetaGroup>, RPCError<MetaGroup>> {
+            let node = self.router.node(self.target)?;
+            let r = node.vote(wire(rpc)).await.map_err(down)?;
+            Ok(wire(r))
+        }
+
+        async fn full_snapshot(
+            &mut self,
+            vote: VoteOf<MetaGroup>,
+            snapshot: SnapshotOf<MetaGroup, Self::SnapshotData>,
+            _cancel: impl std::future::Future<Output = ReplicationClosed> + OptionalSend + 'static,
+            _option: RPCOption,
+        ) -> Result<SnapshotResponse<MetaGroup>, StreamingError<MetaGroup>> {
+            let node = self.router.node(self.target)?;
+            let (vote, meta, data) = wire((vote, snapshot.meta, snapshot.snapshot.into_inner()));
+            let snapshot = SnapshotOf::<MetaGroup, Self::SnapshotData> {
+                meta,
+                snapshot: std::io::Cursor::new(data),
+            };
+            let r = node
+                .install_full_snapshot(vote, snapshot)
+                .await
+                .map_err(down)?;
+            Ok(wire(r))
+        }
+    }
+
+    struct Cluster {
+        router: Router,
+        dirs: HashMap<u64, tempfile::TempDir>,
+        states: HashMap<u64, MetaState>,
+        config: Arc<openraft::Config>,
+    }
+
+    impl Cluster {
+        fn new() -> Self {
+            let config = openraft::Config {
+                // Timers for a busy 2-core machine (API-NOTES): no
+                // spurious elections while tests run beside.
+                heartbeat_interval: 100,
+                election_timeout_min: 1000,
+                election_timeout_max: 2000,
+                ..Default::default()
+            };
+            Self {
+                router: Router::default(),
+                dirs: HashMap::new(),
+                states: HashMap::new(),
+                config: Arc::new(config.validate().unwrap()),
+            }
+        }
+
+        /// Start node `id` on its directory (a new one the first time).
+        async fn start(&mut self, id: u64) {
+            let dir = self
+                .dirs
+                .entry(id)
+                .or_insert_with(|| tempfile::tempdir().unwrap());
+            // A stopped node's database is closed once openraft's tasks
+            // have dropped it.
+            let mut tries = 0;
+            let (_db, log, state) = loop {
+                match open(dir.path()) {
+                    Ok(x) => break x,
+                    Err(_) if tries < 100 => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => panic!("reopen node {id}: {e}"),
+                }
+            };
+            let raft = Raft::new(
+                id,
+                self.config.clone(),
+                self.router.clone(),
+                log,
+                state.clone(),
+            )
+            .await
+            .unwrap();
+            self.states.insert(id, state);
+            self.router.0.lock().unwrap().insert(id, raft);
+        }
+
+        async fn stop(&mut self, id: u64) {
+            let raft = self.router.0.lock().unwrap().remove(&id).unwrap();
+            raft.shutdown().await.unwrap();
+            self.states.remove(&id);
+        }
+
+        fn node(&self, id: u64) -> Node {
+            self.router.node(id).unwrap()
+        }
+
+        /// The leader all running nodes agree on.
+        async fn leader(&self) -> u64 {
+            let ids: Vec<u64> = self.router.0.lock().unwrap().keys().copied().collect();
+            for _ in 0..300 {
+                let mut seen = Vec::new();
+                for id in &ids {
+                    seen.push(self.node(*id).current_leader().await);
+                }
+                if let Some(Some(l)) = seen.first()
+                    && seen.iter().all(|s| *s == Some(*l))
+                    && ids.contains(l)
+                {
+                    return *l;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("no leader agreed on within 30 s");
+        }
+
+        /// Wait until node `id` applied at least `index`.
+        async fn applied(&self, id: u64, index: u64) {
+            self.node(id)
+                .wait(Some(Duration::from_secs(30)))
+                .applied_index_at_least(Some(index), format!("node {id} applies {index}"))
+                .await
+                .unwrap();
+        }
+    }
+
+    fn put(key: &str) -> MetaCommand {
+        super::put(key, &format!("value of {key}"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_nodes_replicate_lose_a_leader_and_catch_up() {
+        let mut c = Cluster::new();
+        for id in 1..=3 {
+            c.start(id).await;
+        }
+        let members: BTreeMap<u64, BasicNode> = (1..=3)
+            .map(|id| (id, BasicNode::new(format!("n{id}"))))
+            .collect();
+        c.node(1).initialize(members).await.unwrap();
+
+        // Writes are answered once a quorum has them and the leader applied
+        // them; every node then applies them.
+        let leader = c.leader().await;
+        let mut last = 0;
+        for i in 0..20 {
+            let r = c
+                .node(leader)
+                .client_write(put(&format!("a{i}")))
+                .await
+                .unwrap();
+            assert_eq!(r.data.previous, None);
+            last = r.log_id.index;
+        }
+        let again = c.node(leader).client_write(put("a0")).await.unwrap();
+        assert_eq!(again.data.previous, Some(b"value of a0".to_vec()));
+        last = last.max(again.log_id.index);
+        for id in 1..=3 {
+            c.applied(id, last).await;
+            assert_eq!(
+                c.states[&id].get("a19").unwrap(),
+                Some(b"value of a19".to_vec())
+            );
+        }
+
+        // The leader is lost: the other two elect one and go on.
+        c.stop(leader).await;
+        let next = c.leader().await;
+        assert_ne!(next, leader);
+        for i in 0..5 {
+            last = c
+                .node(next)
+                .client_write(put(&format!("b{i}")))
+                .await
+                .unwrap()
+                .log_id
+                .index;
+        }
+
+        // The old leader comes back from its directory and catches up,
+        // with nothing it had lost.
+        c.start(leader).await;
+        c.applied(leader, last).await;
+        let state = &c.states[&leader];
+        assert_eq!(state.get("a19").unwrap(), Some(b"value of a19".to_vec()));
+        assert_eq!(state.get("b4").unwrap(), Some(b"value of b4".to_vec()));
+        for id in 1..=3 {
+            c.stop(id).await;
+        }
+    }
+}
