@@ -22,7 +22,7 @@ const COMMITTED: &str = "committed";
 /// index, the vote, the last purged and the committed log id in another.
 ///
 /// Writes are made in the order openraft issues them (it holds `&mut`);
-/// durability comes from the [`Flusher`], whose `fdatasync` covers every
+/// durability comes from its flusher thread, whose `fdatasync` covers every
 /// write made before it started.
 pub struct SledLog<C: RaftTypeConfig> {
     logs: sled::Tree,

@@ -455,3 +455,200 @@ mod three_nodes {
         }
     }
 }
+
+// ------------------------------------------------------------ over QUIC
+
+mod over_quic {
+    //! The same group over real QUIC on loopback, with the nodes'
+    //! certificates from their own CA.
+
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use openraft::{BasicNode, Raft};
+
+    use super::super::meta::MetaState;
+    use super::super::net::{MetaRaft, QuicNetwork, serve};
+    use super::open;
+    use crate::tls::{NodeTls, init_dev_certs, init_node_certs, node_name};
+
+    struct Node {
+        id: u64,
+        raft: MetaRaft,
+        endpoint: quinn::Endpoint,
+        state: MetaState,
+    }
+
+    async fn start(id: u64, dir: &Path, certs: &Path, config: Arc<openraft::Config>) -> Node {
+        let tls = NodeTls::from_dir(&certs.join(node_name(id)));
+        let endpoint =
+            quinn::Endpoint::server(tls.server_config().unwrap(), "127.0.0.1:0".parse().unwrap())
+                .unwrap();
+        let net = QuicNetwork::new(endpoint.clone(), tls.client_config().unwrap());
+        let (_db, log, state) = open(dir).unwrap();
+        let raft = Raft::new(id, config, net, log, state.clone())
+            .await
+            .unwrap();
+        tokio::spawn(serve(endpoint.clone(), raft.clone()));
+        Node {
+            id,
+            raft,
+            endpoint,
+            state,
+        }
+    }
+
+    /// The leader `nodes` agree on, one of them.
+    async fn leader_of(nodes: &[&Node]) -> u64 {
+        for _ in 0..300 {
+            let mut seen = Vec::new();
+            for n in nodes {
+                seen.push(n.raft.current_leader().await);
+            }
+            if let Some(Some(l)) = seen.first()
+                && seen.iter().all(|s| *s == Some(*l))
+                && nodes.iter().any(|n| n.id == *l)
+            {
+                return *l;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no leader agreed on within 30 s");
+    }
+
+    /// One RPC-shaped exchange with `addr` as `identity`: open a stream,
+    /// send an (undecodable) request, read the answer.
+    async fn exchange(identity: NodeTls, addr: std::net::SocketAddr) -> Result<Vec<u8>, String> {
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let config = identity.client_config().map_err(|e| e.to_string())?;
+        let conn = endpoint
+            .connect_with(config, addr, &node_name(1))
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(b"{}").await.map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_nodes_over_quic_replicate_and_survive_their_leader() {
+        let certs = tempfile::tempdir().unwrap();
+        init_node_certs(certs.path(), &[1, 2, 3]).unwrap();
+        let config = Arc::new(
+            openraft::Config {
+                heartbeat_interval: 100,
+                election_timeout_min: 1000,
+                election_timeout_max: 2000,
+                ..Default::default()
+            }
+            .validate()
+            .unwrap(),
+        );
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut nodes = Vec::new();
+        for id in 1..=3u64 {
+            nodes.push(
+                start(
+                    id,
+                    dirs[id as usize - 1].path(),
+                    certs.path(),
+                    config.clone(),
+                )
+                .await,
+            );
+        }
+        let members: BTreeMap<u64, BasicNode> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let addr = n.endpoint.local_addr().unwrap().to_string();
+                (i as u64 + 1, BasicNode::new(addr))
+            })
+            .collect();
+        nodes[0].raft.initialize(members).await.unwrap();
+
+        let all: Vec<&Node> = nodes.iter().collect();
+        let leader = leader_of(&all).await;
+        let mut last = 0;
+        for i in 0..10 {
+            last = nodes[leader as usize - 1]
+                .raft
+                .client_write(super::put(&format!("q{i}"), "v"))
+                .await
+                .unwrap()
+                .log_id
+                .index;
+        }
+        for n in &nodes {
+            n.raft
+                .wait(Some(Duration::from_secs(30)))
+                .applied_index_at_least(Some(last), "replicated")
+                .await
+                .unwrap();
+            assert_eq!(n.state.get("q9").unwrap(), Some(b"v".to_vec()));
+        }
+
+        // The leader goes away; the two others elect one and go on.
+        let gone = &nodes[leader as usize - 1];
+        gone.raft.shutdown().await.unwrap();
+        gone.endpoint.close(0u32.into(), b"stopped");
+        let rest: Vec<&Node> = nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i as u64 + 1 != leader)
+            .map(|(_, n)| n)
+            .collect();
+        let next = leader_of(&rest).await;
+        assert_ne!(next, leader);
+        let r = nodes[next as usize - 1]
+            .raft
+            .client_write(super::put("after", "v"))
+            .await
+            .unwrap();
+        for n in &rest {
+            n.raft
+                .wait(Some(Duration::from_secs(30)))
+                .applied_index_at_least(Some(r.log_id.index), "after the leader left")
+                .await
+                .unwrap();
+            assert_eq!(n.state.get("after").unwrap(), Some(b"v".to_vec()));
+        }
+        for (i, n) in nodes.iter().enumerate() {
+            if i as u64 + 1 != leader {
+                n.raft.shutdown().await.unwrap();
+            }
+        }
+    }
+
+    /// Only the cluster CA's node certificates get an answer: a tenant's
+    /// certificate from the broker's CA is refused, even presented with the
+    /// cluster's ALPN and trusting the cluster CA.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tenant_certificate_cannot_talk_to_a_node() {
+        let certs = tempfile::tempdir().unwrap();
+        init_node_certs(&certs.path().join("cluster"), &[1, 2]).unwrap();
+        init_dev_certs(&certs.path().join("broker"), &["acme".into()], "sluice").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = Arc::new(openraft::Config::default().validate().unwrap());
+        let node = start(1, dir.path(), &certs.path().join("cluster"), config).await;
+        let addr = node.endpoint.local_addr().unwrap();
+        // Another node: answered (a refusal of the undecodable request).
+        let peer = NodeTls::from_dir(&certs.path().join("cluster").join(node_name(2)));
+        let answer = exchange(peer, addr).await.expect("a node is answered");
+        assert!(String::from_utf8_lossy(&answer).contains("undecodable"));
+        // A tenant (and the broker's administrator): refused.
+        for who in ["acme", "admin"] {
+            let identity = NodeTls {
+                ca: certs.path().join("cluster/ca.pem"),
+                ..NodeTls::from_dir(&certs.path().join("broker").join(who))
+            };
+            let refused = exchange(identity, addr).await;
+            assert!(refused.is_err(), "{who} was answered: {refused:?}");
+        }
+        node.raft.shutdown().await.unwrap();
+    }
+}

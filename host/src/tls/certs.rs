@@ -209,3 +209,47 @@ pub fn revoke_cert(ca_dir: &Path, cert: &Path) -> Result<(), TlsError> {
     let crl = params.signed_by(&ca).map_err(rc)?;
     write(&crl_path, &crl.pem().map_err(rc)?, false)
 }
+
+/// Create the PKI of a cluster's nodes in `out`: a cluster CA of its own
+/// (`ca.pem`/`ca.key`, never the tenants' CA, so no tenant or administrator
+/// certificate can pass as a node) and `node-{id}/` (`cert.pem`, `key.pem`,
+/// `ca.pem`) per node id, each valid as server and client as `node-{id}`.
+/// Refuses to replace an existing CA.
+pub fn init_node_certs(out: &Path, nodes: &[u64]) -> Result<(), TlsError> {
+    if out.join("ca.pem").exists() {
+        return Err(file_err(
+            &out.join("ca.pem"),
+            "a CA already exists here; refusing to overwrite it",
+        ));
+    }
+    let ca_key = KeyPair::generate().map_err(rc)?;
+    let mut params = ca_params();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "Sluice cluster CA");
+    dn.push(DnType::OrganizationName, "sluice-cluster");
+    params.distinguished_name = dn;
+    let ca_cert = params.self_signed(&ca_key).map_err(rc)?;
+    let ca_pem = ca_cert.pem();
+    write(&out.join("ca.key"), &ca_key.serialize_pem(), true)?;
+    let ca = Issuer::new(params, ca_key);
+    for id in nodes {
+        let name = super::node_name(*id);
+        let mut p = CertificateParams::new(vec![name.clone()]).map_err(rc)?;
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name.as_str());
+        dn.push(DnType::OrganizationName, "sluice-cluster");
+        p.distinguished_name = dn;
+        let key = KeyPair::generate().map_err(rc)?;
+        let cert = p.signed_by(&key, &ca).map_err(rc)?;
+        let dir = out.join(&name);
+        write(&dir.join("cert.pem"), &cert.pem(), false)?;
+        write(&dir.join("key.pem"), &key.serialize_pem(), true)?;
+        write(&dir.join("ca.pem"), &ca_pem, false)?;
+    }
+    write(&out.join("ca.pem"), &ca_pem, false)
+}

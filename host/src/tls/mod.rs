@@ -23,7 +23,7 @@
 
 mod certs;
 
-pub use certs::{init_dev_certs, issue_client_cert, revoke_cert};
+pub use certs::{init_dev_certs, init_node_certs, issue_client_cert, revoke_cert};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -393,3 +393,77 @@ pub fn revoked_serials(files: &ServerTlsFiles) -> Result<Vec<Vec<u8>>, TlsError>
 
 #[cfg(test)]
 mod tests;
+
+/// The name a cluster node has in its certificate and is dialled by.
+pub fn node_name(id: u64) -> String {
+    format!("node-{id}")
+}
+
+/// ALPN of the connections between cluster nodes.
+pub const CLUSTER_ALPN: &[u8] = b"sluice-raft/1";
+
+/// A cluster node's TLS identity: a folder written by [`init_node_certs`]
+/// (`ca.pem` of the cluster CA, `cert.pem`, `key.pem`).
+#[derive(Debug, Clone)]
+pub struct NodeTls {
+    /// The cluster CA, the only one node certificates are checked against.
+    pub ca: PathBuf,
+    /// This node's certificate chain.
+    pub cert: PathBuf,
+    /// This node's private key.
+    pub key: PathBuf,
+}
+
+impl NodeTls {
+    /// The identity in folder `dir`.
+    pub fn from_dir(dir: &Path) -> Self {
+        Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        }
+    }
+
+    fn roots(&self) -> Result<rustls::RootCertStore, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in load_certs(&self.ca)? {
+            roots.add(c).map_err(|e| file_err(&self.ca, e))?;
+        }
+        Ok(roots)
+    }
+
+    /// The server side of node connections: TLS 1.3, ALPN
+    /// [`CLUSTER_ALPN`], a client certificate of the cluster CA required.
+    pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider())
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(load_certs(&self.cert)?, load_key(&self.key)?)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        tls.alpn_protocols = vec![CLUSTER_ALPN.to_vec()];
+        tls.max_early_data_size = 0;
+        let crypto =
+            QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
+    }
+
+    /// The client side: the peer must present a cluster-CA certificate for
+    /// the node name dialled; this node presents its own.
+    pub fn client_config(&self) -> Result<quinn::ClientConfig, TlsError> {
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(load_certs(&self.cert)?, load_key(&self.key)?)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        tls.alpn_protocols = vec![CLUSTER_ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+    }
+}
