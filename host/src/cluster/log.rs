@@ -67,14 +67,7 @@ impl<C: RaftTypeConfig> SledLog<C> {
     }
 
     fn get_meta<T: for<'de> serde::Deserialize<'de>>(&self, key: &str) -> io::Result<Option<T>> {
-        match self
-            .meta
-            .get(key)
-            .map_err(|e| io_error("read the raft log", e))?
-        {
-            Some(bytes) => decode(key, &bytes).map(Some),
-            None => Ok(None),
-        }
+        super::read(&self.meta, key, "read the raft log")
     }
 
     fn put_meta<T: serde::Serialize>(&self, key: &str, value: &T) -> io::Result<()> {

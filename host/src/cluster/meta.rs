@@ -65,15 +65,8 @@ impl MetaState {
             .map(|v| v.to_vec()))
     }
 
-    fn get_meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> io::Result<Option<T>> {
-        match self
-            .meta
-            .get(key)
-            .map_err(|e| io_error("read the metadata state", e))?
-        {
-            Some(bytes) => decode(key, &bytes).map(Some),
-            None => Ok(None),
-        }
+    fn get_meta<T: for<'de> serde::Deserialize<'de>>(&self, key: &str) -> io::Result<Option<T>> {
+        super::read(&self.meta, key, "read the metadata state")
     }
 
     fn applied(&self) -> io::Result<(Option<LogIdOf<MetaGroup>>, StoredMembershipOf<MetaGroup>)> {

@@ -105,5 +105,18 @@ fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> std::io::Re
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {e}")))
 }
 
+/// The value stored under `key` in `tree`, decoded (`what` names the
+/// store in errors).
+fn read<T: for<'de> Deserialize<'de>>(
+    tree: &sled::Tree,
+    key: &str,
+    what: &str,
+) -> std::io::Result<Option<T>> {
+    match tree.get(key).map_err(|e| io_error(what, e))? {
+        Some(bytes) => decode(key, &bytes).map(Some),
+        None => Ok(None),
+    }
+}
+
 #[cfg(test)]
 mod tests;

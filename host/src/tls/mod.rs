@@ -209,15 +209,7 @@ pub fn server_config(files: &ServerTlsFiles) -> Result<quinn::ServerConfig, TlsE
         .with_crls(crls)
         .build()
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    tls.max_early_data_size = 0;
-    let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let crypto = server_crypto(verifier, &files.cert, &files.key, ALPN)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(
@@ -233,6 +225,25 @@ pub fn server_config(files: &ServerTlsFiles) -> Result<quinn::ServerConfig, TlsE
     transport.max_concurrent_uni_streams(0u32.into());
     server.transport_config(Arc::new(transport));
     Ok(server)
+}
+
+/// TLS 1.3 with `verifier` for client certificates, this server's
+/// certificate and key, one ALPN and no early data.
+fn server_crypto(
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    cert: &Path,
+    key: &Path,
+    alpn: &[u8],
+) -> Result<QuicServerConfig, TlsError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.max_early_data_size = 0;
+    QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))
 }
 
 fn valid_name(name: &str) -> bool {
@@ -439,16 +450,7 @@ impl NodeTls {
             WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider())
                 .build()
                 .map_err(|e| TlsError::Config(e.to_string()))?;
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(load_certs(&self.cert)?, load_key(&self.key)?)
-            .map_err(|e| TlsError::Config(e.to_string()))?;
-        tls.alpn_protocols = vec![CLUSTER_ALPN.to_vec()];
-        tls.max_early_data_size = 0;
-        let crypto =
-            QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+        let crypto = server_crypto(verifier, &self.cert, &self.key, CLUSTER_ALPN)?;
         Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
     }
 
