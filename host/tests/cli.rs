@@ -757,3 +757,120 @@ fn a_plugin_call_is_stopped_for_the_cpu_it_uses_not_for_waiting() {
         stderr(&looping)
     );
 }
+
+/// `certs init --node` writes node identities under a cluster CA of their
+/// own; three nodes using them replicate a write over QUIC, and the
+/// command refuses what it cannot write, in one line.
+#[test]
+fn certs_init_with_nodes_makes_identities_a_cluster_runs_on() {
+    use openraft::{BasicNode, Raft};
+    use sluice::cluster::MetaCommand;
+    use sluice::cluster::log::SledLog;
+    use sluice::cluster::meta::MetaState;
+    use sluice::cluster::net::{QuicNetwork, serve};
+    use sluice::tls::{NodeTls, node_name};
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("certs");
+    let out_s = out.to_str().unwrap();
+    let o = sluice(
+        &[
+            "certs", "init", "--out", out_s, "--tenant", "acme", "--node", "1", "--node", "2",
+            "--node", "3",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("cluster/node-3/"), "{}", stdout(&o));
+    let cluster_ca = std::fs::read(out.join("cluster/ca.pem")).unwrap();
+    assert_ne!(cluster_ca, std::fs::read(out.join("ca.pem")).unwrap());
+    assert!(out.join("acme/cert.pem").exists());
+
+    for (args, says) in [
+        (vec!["--node", "1", "--node", "1"], "node 1 is given twice"),
+        (vec!["--node", "0"], "0 is not in 1.."),
+        (
+            vec!["--node", "1", "--tenant", "cluster"],
+            "tenant `cluster` would share its folder",
+        ),
+    ] {
+        let fresh = dir.path().join("fresh");
+        let mut all = vec!["certs", "init", "--out", fresh.to_str().unwrap()];
+        all.extend(args);
+        let o = sluice(&all, &[]);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains(says), "{}", stderr(&o));
+        assert!(!fresh.join("ca.pem").exists(), "nothing written on refusal");
+    }
+    let o = sluice(&["certs", "init", "--out", out_s, "--node", "4"], &[]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("refusing to overwrite"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let config = std::sync::Arc::new(openraft::Config::default().validate().unwrap());
+        let mut nodes = Vec::new();
+        let mut members = std::collections::BTreeMap::new();
+        for id in 1..=3u64 {
+            let tls = NodeTls::from_dir(&out.join("cluster").join(node_name(id)));
+            let endpoint = quinn::Endpoint::server(
+                tls.server_config().unwrap(),
+                "127.0.0.1:0".parse().unwrap(),
+            )
+            .unwrap();
+            let db = sled::Config::new()
+                .path(dir.path().join(node_name(id)))
+                .open()
+                .unwrap();
+            let log = SledLog::open(&db, "meta").unwrap();
+            let state = MetaState::open(&db, "meta").unwrap();
+            let net = QuicNetwork::new(endpoint.clone(), tls.client_config().unwrap());
+            let raft = Raft::new(id, config.clone(), net, log, state.clone())
+                .await
+                .unwrap();
+            tokio::spawn(serve(endpoint.clone(), raft.clone()));
+            members.insert(
+                id,
+                BasicNode::new(endpoint.local_addr().unwrap().to_string()),
+            );
+            nodes.push((raft, state));
+        }
+        nodes[0].0.initialize(members).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let leader = loop {
+            if let Some(l) = nodes[0].0.current_leader().await {
+                break l;
+            }
+            assert!(Instant::now() < deadline, "no leader elected");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let put = MetaCommand::Put {
+            key: "queue/acme/orders".into(),
+            value: b"declared".to_vec(),
+        };
+        nodes[leader as usize - 1]
+            .0
+            .client_write(put)
+            .await
+            .unwrap();
+        for (raft, state) in &nodes {
+            loop {
+                if state.get("queue/acme/orders").unwrap().as_deref() == Some(&b"declared"[..]) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "a node never applied the write");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            raft.shutdown().await.unwrap();
+        }
+    });
+}

@@ -256,6 +256,12 @@ pub(crate) enum CertsCommand {
         /// SPIFFE trust domain.
         #[arg(long, default_value = "sluice")]
         trust_domain: String,
+        /// Cluster node id to create a node identity for (repeatable):
+        /// writes `cluster/` with a cluster CA of its own (no tenant or
+        /// administrator certificate can pass as a node) and
+        /// `cluster/node-N/` per node.
+        #[arg(long = "node", value_parser = clap::value_parser!(u64).range(1..))]
+        nodes: Vec<u64>,
     },
     /// Issue a client identity with an existing CA folder.
     Issue {
@@ -290,20 +296,55 @@ pub(crate) enum CertsCommand {
     },
 }
 
+/// Folder of the cluster's PKI inside a `certs init` output.
+const CLUSTER_DIR: &str = "cluster";
+
+/// Refuse what `certs init --node` cannot write: a node id twice, a
+/// tenant folder where the cluster's goes, or a cluster CA already there
+/// (checked before anything is written).
+fn check_nodes(out: &Path, tenants: &[String], nodes: &[u64]) -> anyhow::Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(n) = nodes.iter().find(|n| !seen.insert(**n)) {
+        anyhow::bail!("node {n} is given twice");
+    }
+    if tenants.iter().any(|t| t == CLUSTER_DIR) {
+        anyhow::bail!("tenant `{CLUSTER_DIR}` would share its folder with the node identities");
+    }
+    let ca = out.join(CLUSTER_DIR).join("ca.pem");
+    if ca.exists() {
+        anyhow::bail!(
+            "{}: a CA already exists here; refusing to overwrite it",
+            ca.display()
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn certs(cmd: CertsCommand) -> anyhow::Result<()> {
     match cmd {
         CertsCommand::Init {
             out,
             tenants,
             trust_domain,
+            nodes,
         } => {
+            if !nodes.is_empty() {
+                check_nodes(&out, &tenants, &nodes)?;
+            }
             tls::init_dev_certs(&out, &tenants, &trust_domain)?;
+            if !nodes.is_empty() {
+                tls::init_node_certs(&out.join(CLUSTER_DIR), &nodes)?;
+            }
             say!(
-                "wrote {}: ca.pem, ca.key, server/, admin/{}",
+                "wrote {}: ca.pem, ca.key, server/, admin/{}{}",
                 out.display(),
                 tenants
                     .iter()
                     .map(|t| format!(", {t}/"))
+                    .collect::<String>(),
+                nodes
+                    .iter()
+                    .map(|n| format!(", {CLUSTER_DIR}/{}/", tls::node_name(*n)))
                     .collect::<String>()
             );
         }

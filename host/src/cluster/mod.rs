@@ -22,7 +22,7 @@
 //!
 //! - [`net`]: Raft messages between nodes over QUIC with mutual TLS, nodes
 //!   holding certificates of a cluster CA of their own
-//!   ([`crate::tls::init_node_certs`]), so no tenant or administrator
+//!   ([`crate::tls::init_node_certs`], `sluice certs init --node N`), so no tenant or administrator
 //!   certificate of the broker's CA is ever answered; every message is
 //!   read with a bound.
 //!
@@ -33,7 +33,7 @@
 //!
 //! Single-node brokers do not use this module (`sluice serve` is unchanged).
 //! Still to come: the broker's metadata and queues as group state,
-//! `[cluster]` configuration and `sluice certs init --node`, client
+//! `[cluster]` configuration, client
 //! failover, snapshots streamed without loading them, `sluice cluster
 //! status`.
 
