@@ -37,9 +37,11 @@
 //! failover, snapshots streamed without loading them, `sluice cluster
 //! status`.
 
+pub mod data;
 pub mod log;
 pub mod meta;
 pub mod net;
+pub mod store;
 
 use std::fmt;
 
@@ -96,12 +98,22 @@ fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 
+/// Encoding of everything the cluster stores and sends: bincode, read
+/// with a bound so a damaged length cannot make a node allocate more than
+/// one message may hold.
+const CODEC: bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<{ net::MAX_MESSAGE }>,
+> = bincode::config::standard().with_limit::<{ net::MAX_MESSAGE }>();
+
 fn encode<T: Serialize>(what: &str, value: &T) -> std::io::Result<Vec<u8>> {
-    serde_json::to_vec(value).map_err(|e| io_error(what, e))
+    bincode::serde::encode_to_vec(value, CODEC).map_err(|e| io_error(what, e))
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> std::io::Result<T> {
-    serde_json::from_slice(bytes)
+    bincode::serde::decode_from_slice(bytes, CODEC)
+        .map(|(v, _)| v)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {e}")))
 }
 

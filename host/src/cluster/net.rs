@@ -16,34 +16,46 @@ use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
+use openraft::storage::RaftStateMachine;
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
-use openraft::{BasicNode, OptionalSend, Raft};
+use openraft::{BasicNode, OptionalSend, Raft, RaftTypeConfig};
 use serde::{Deserialize, Serialize};
 
 use super::MetaGroup;
 use super::meta::MetaState;
 
-/// Largest request or answer, bytes (a snapshot of the metadata included).
-pub const MAX_MESSAGE: usize = 64 << 20;
+/// Largest request or answer, bytes: an append carries at most
+/// [`MAX_ENTRIES`] entries of at most [`super::store::MAX_OP_BYTES`] each
+/// (and a snapshot of the metadata).
+pub const MAX_MESSAGE: usize = MAX_ENTRIES as usize * (super::store::MAX_OP_BYTES + (1 << 20));
+
+/// Most log entries one append carries (openraft's `max_payload_entries`).
+pub const MAX_ENTRIES: u64 = 4;
+
+/// What a group's type configuration must be to travel here.
+pub trait Group: RaftTypeConfig<NodeId = u64, Node = BasicNode> {}
+impl<C: RaftTypeConfig<NodeId = u64, Node = BasicNode>> Group for C {}
 
 /// A Raft message to a node.
 #[derive(Serialize, Deserialize)]
-enum Request {
-    Append(AppendEntriesRequest<MetaGroup>),
-    Vote(VoteRequest<MetaGroup>),
+#[serde(bound = "")]
+enum Request<C: Group> {
+    Append(AppendEntriesRequest<C>),
+    Vote(VoteRequest<C>),
     Snapshot {
-        vote: VoteOf<MetaGroup>,
-        meta: SnapshotMetaOf<MetaGroup>,
+        vote: VoteOf<C>,
+        meta: SnapshotMetaOf<C>,
         data: Vec<u8>,
     },
 }
 
 /// A node's answer.
 #[derive(Serialize, Deserialize)]
-enum Response {
-    Append(AppendEntriesResponse<MetaGroup>),
-    Vote(VoteResponse<MetaGroup>),
-    Snapshot(SnapshotResponse<MetaGroup>),
+#[serde(bound = "")]
+enum Response<C: Group> {
+    Append(AppendEntriesResponse<C>),
+    Vote(VoteResponse<C>),
+    Snapshot(SnapshotResponse<C>),
     /// The node could not handle the request (shutting down, say).
     Failed(String),
 }
@@ -53,7 +65,11 @@ pub type MetaRaft = Raft<MetaGroup, MetaState>;
 
 /// Answer Raft messages arriving on `endpoint` with `raft`, until the
 /// endpoint is closed.
-pub async fn serve(endpoint: quinn::Endpoint, raft: MetaRaft) {
+pub async fn serve<C, SM>(endpoint: quinn::Endpoint, raft: Raft<C, SM>)
+where
+    C: Group,
+    SM: RaftStateMachine<C, SnapshotData = Cursor<Vec<u8>>>,
+{
     while let Some(incoming) = endpoint.accept().await {
         let raft = raft.clone();
         tokio::spawn(async move {
@@ -67,11 +83,15 @@ pub async fn serve(endpoint: quinn::Endpoint, raft: MetaRaft) {
     }
 }
 
-async fn answer(raft: MetaRaft, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn answer<C, SM>(raft: Raft<C, SM>, mut send: quinn::SendStream, mut recv: quinn::RecvStream)
+where
+    C: Group,
+    SM: RaftStateMachine<C, SnapshotData = Cursor<Vec<u8>>>,
+{
     let Ok(bytes) = recv.read_to_end(MAX_MESSAGE).await else {
         return;
     };
-    let response = match serde_json::from_slice::<Request>(&bytes) {
+    let response = match super::decode::<Request<C>>("raft request", &bytes) {
         Err(e) => Response::Failed(format!("undecodable request: {e}")),
         Ok(Request::Append(rpc)) => match raft.append_entries(rpc).await {
             Ok(r) => Response::Append(r),
@@ -82,7 +102,7 @@ async fn answer(raft: MetaRaft, mut send: quinn::SendStream, mut recv: quinn::Re
             Err(e) => Response::Failed(e.to_string()),
         },
         Ok(Request::Snapshot { vote, meta, data }) => {
-            let snapshot = SnapshotOf::<MetaGroup, Cursor<Vec<u8>>> {
+            let snapshot = SnapshotOf::<C, Cursor<Vec<u8>>> {
                 meta,
                 snapshot: Cursor::new(data),
             };
@@ -92,7 +112,7 @@ async fn answer(raft: MetaRaft, mut send: quinn::SendStream, mut recv: quinn::Re
             }
         }
     };
-    if let Ok(bytes) = serde_json::to_vec(&response) {
+    if let Ok(bytes) = super::encode("raft answer", &response) {
         let _ = send.write_all(&bytes).await;
         let _ = send.finish();
         // Wait for the peer to read the answer before the stream goes.
@@ -116,19 +136,20 @@ impl QuicNetwork {
 
 /// One peer: its address (a [`BasicNode`]'s `addr`), the name its
 /// certificate must carry, and the connection while it lasts.
-pub struct QuicPeer {
+pub struct QuicPeer<C> {
     net: QuicNetwork,
     target: u64,
     addr: String,
     conn: Option<quinn::Connection>,
+    _c: std::marker::PhantomData<C>,
 }
 
-fn unreachable(e: impl std::fmt::Display) -> Unreachable<MetaGroup> {
+fn unreachable<C: Group>(e: impl std::fmt::Display) -> Unreachable<C> {
     Unreachable::new(&std::io::Error::other(e.to_string()))
 }
 
-impl QuicPeer {
-    async fn connection(&mut self) -> Result<quinn::Connection, Unreachable<MetaGroup>> {
+impl<C: Group> QuicPeer<C> {
+    async fn connection(&mut self) -> Result<quinn::Connection, Unreachable<C>> {
         if let Some(c) = &self.conn
             && c.close_reason().is_none()
         {
@@ -152,15 +173,15 @@ impl QuicPeer {
         Ok(conn)
     }
 
-    async fn call(&mut self, request: &Request) -> Result<Response, Unreachable<MetaGroup>> {
+    async fn call(&mut self, request: &Request<C>) -> Result<Response<C>, Unreachable<C>> {
         let result = async {
             let conn = self.connection().await?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(unreachable)?;
-            let bytes = serde_json::to_vec(request).map_err(unreachable)?;
+            let bytes = super::encode("raft request", request).map_err(unreachable)?;
             send.write_all(&bytes).await.map_err(unreachable)?;
             send.finish().map_err(unreachable)?;
             let answer = recv.read_to_end(MAX_MESSAGE).await.map_err(unreachable)?;
-            serde_json::from_slice::<Response>(&answer).map_err(unreachable)
+            super::decode::<Response<C>>("raft answer", &answer).map_err(unreachable)
         }
         .await;
         if result.is_err() {
@@ -173,31 +194,32 @@ impl QuicPeer {
     }
 }
 
-fn unexpected() -> Unreachable<MetaGroup> {
+fn unexpected<C: Group>() -> Unreachable<C> {
     unreachable("the peer answered another request")
 }
 
-impl RaftNetworkFactory<MetaGroup> for QuicNetwork {
-    type Network = QuicPeer;
+impl<C: Group> RaftNetworkFactory<C> for QuicNetwork {
+    type Network = QuicPeer<C>;
 
-    async fn new_client(&mut self, target: u64, node: &BasicNode) -> QuicPeer {
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> QuicPeer<C> {
         QuicPeer {
             net: self.clone(),
             target,
             addr: node.addr.clone(),
             conn: None,
+            _c: std::marker::PhantomData,
         }
     }
 }
 
-impl RaftNetworkV2<MetaGroup> for QuicPeer {
+impl<C: Group> RaftNetworkV2<C> for QuicPeer<C> {
     type SnapshotData = Cursor<Vec<u8>>;
 
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<MetaGroup>,
+        rpc: AppendEntriesRequest<C>,
         _option: RPCOption,
-    ) -> Result<AppendEntriesResponse<MetaGroup>, RPCError<MetaGroup>> {
+    ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
         match self.call(&Request::Append(rpc)).await? {
             Response::Append(r) => Ok(r),
             _ => Err(unexpected().into()),
@@ -206,9 +228,9 @@ impl RaftNetworkV2<MetaGroup> for QuicPeer {
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<MetaGroup>,
+        rpc: VoteRequest<C>,
         _option: RPCOption,
-    ) -> Result<VoteResponse<MetaGroup>, RPCError<MetaGroup>> {
+    ) -> Result<VoteResponse<C>, RPCError<C>> {
         match self.call(&Request::Vote(rpc)).await? {
             Response::Vote(r) => Ok(r),
             _ => Err(unexpected().into()),
@@ -217,11 +239,11 @@ impl RaftNetworkV2<MetaGroup> for QuicPeer {
 
     async fn full_snapshot(
         &mut self,
-        vote: VoteOf<MetaGroup>,
-        snapshot: SnapshotOf<MetaGroup, Self::SnapshotData>,
+        vote: VoteOf<C>,
+        snapshot: SnapshotOf<C, Self::SnapshotData>,
         _cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         _option: RPCOption,
-    ) -> Result<SnapshotResponse<MetaGroup>, StreamingError<MetaGroup>> {
+    ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
         let request = Request::Snapshot {
             vote,
             meta: snapshot.meta,

@@ -66,6 +66,11 @@ impl Commit {
         Commit(CommitInner::Failed(Some(err)))
     }
 
+    /// A commit answered on `rx` (for stores that commit elsewhere).
+    pub(crate) fn pending(rx: oneshot::Receiver<Result<(), StoreError>>) -> Self {
+        Commit(CommitInner::Waiting(rx))
+    }
+
     /// Block the current (non-async) thread until committed.
     pub fn wait(self) -> Result<(), StoreError> {
         match self.0 {

@@ -35,6 +35,16 @@ pub enum StoreError {
         /// The limit.
         max: usize,
     },
+    /// This node of a cluster is not (or no longer) the leader of the
+    /// group: nothing was written.
+    #[error("not the leader; the leader is at {}", leader.as_deref().unwrap_or("(unknown)"))]
+    NotLeader {
+        /// The leader's client address, if known.
+        leader: Option<String>,
+    },
+    /// Replication failed (the group stopped, say); nothing was confirmed.
+    #[error("replication failed: {0}")]
+    Replication(String),
     /// The committer thread is gone (the store is shutting down).
     #[error("the store is shut down")]
     Closed,

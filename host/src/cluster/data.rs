@@ -1,0 +1,346 @@
+//! The data group: the broker's store, replicated.
+//!
+//! Every write the broker makes to its [`MessageStore`] (publishes, acks,
+//! purges, metadata, plugin components) becomes a [`StoreOp`]; the
+//! leader's proposer ([`super::store::ReplicatedStore`]) packs the ops
+//! waiting into one [`StoreBatch`] per log entry (group commit), and every
+//! node applies committed entries, in log order, to a local [`Store`].
+//! Routing, filters and the authorizer ran on the leader before the ops
+//! were made, so applying them is deterministic: it only writes.
+//!
+//! Applying is idempotent per entry (an entry's appends become the same
+//! chunks each time, removes of removed messages do nothing), so entries
+//! applied again after a crash leave the state as it was. The applied log
+//! id and membership are written with the entry's ops and made durable by
+//! the store's next group commit; the log, fsynced before an entry is
+//! committed, is what a publish's confirm stands on.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::io::{self, Cursor};
+use std::sync::Arc;
+
+use futures::{Stream, TryStreamExt};
+use openraft::entry::RaftEntry;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
+use openraft::{EntryPayload, OptionalSend};
+use serde::{Deserialize, Serialize};
+
+use super::{decode, encode, io_error};
+use crate::store::{Append, MessageStore, MsgId, QueueId, Store, StoreError};
+
+openraft::declare_raft_types!(
+    /// The data group: queues and the broker's metadata.
+    pub DataGroup:
+        D = StoreBatch,
+        R = Applied,
+);
+
+/// Metadata key of the applied log id.
+const APPLIED: &str = "cluster/applied";
+/// Metadata key of the applied membership.
+const MEMBERSHIP: &str = "cluster/membership";
+/// Metadata key of the next queue id to hand out.
+pub(crate) const NEXT_QUEUE_ID: &str = "cluster/next-queue-id";
+
+/// One log entry: the store writes of one group commit, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreBatch {
+    /// The writes, applied in this order.
+    pub ops: Vec<StoreOp>,
+}
+
+/// One write to the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoreOp {
+    /// Store messages: (queue, id, encoded value).
+    Append(Vec<(QueueId, MsgId, Vec<u8>)>),
+    /// Remove messages of a queue (acks, expiries, drops).
+    Remove {
+        /// The queue.
+        queue: QueueId,
+        /// The messages.
+        ids: Vec<MsgId>,
+    },
+    /// Delete every message of a queue.
+    ClearQueue {
+        /// The queue.
+        queue: QueueId,
+    },
+    /// Set a metadata value.
+    PutMeta {
+        /// Key.
+        key: String,
+        /// Value.
+        value: Vec<u8>,
+    },
+    /// Delete a metadata value.
+    DeleteMeta {
+        /// Key.
+        key: String,
+    },
+    /// Store a large value.
+    PutBlob {
+        /// Key.
+        key: String,
+        /// Value.
+        value: Vec<u8>,
+    },
+    /// Delete a large value.
+    DeleteBlob {
+        /// Key.
+        key: String,
+    },
+    /// Queue ids below `next` are taken.
+    QueueIds {
+        /// The next id to hand out.
+        next: QueueId,
+    },
+}
+
+impl StoreOp {
+    /// Bytes this op carries (its share of a log entry's size).
+    pub fn size(&self) -> usize {
+        match self {
+            StoreOp::Append(items) => items.iter().map(|(_, _, v)| v.len() + 24).sum(),
+            StoreOp::Remove { ids, .. } => ids.len() * 8 + 16,
+            StoreOp::ClearQueue { .. } | StoreOp::QueueIds { .. } => 16,
+            StoreOp::PutMeta { key, value } | StoreOp::PutBlob { key, value } => {
+                key.len() + value.len() + 16
+            }
+            StoreOp::DeleteMeta { key } | StoreOp::DeleteBlob { key } => key.len() + 16,
+        }
+    }
+}
+
+impl fmt::Display for StoreBatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "store batch of {} op(s)", self.ops.len())
+    }
+}
+
+/// What applying an entry answers: it was applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied;
+
+/// The data group's state machine: a local [`Store`] that committed
+/// entries are applied to.
+#[derive(Clone)]
+pub struct DataState {
+    store: Arc<Store>,
+    /// Queues whose chunk index this process has read from disk (removes
+    /// need it; appends add to it).
+    loaded: Arc<std::sync::Mutex<HashSet<QueueId>>>,
+}
+
+impl DataState {
+    /// The state machine over `store`.
+    pub fn new(store: Arc<Store>) -> Self {
+        Self {
+            store,
+            loaded: Arc::default(),
+        }
+    }
+
+    /// The local store (reads on the leader, status).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    fn get_meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> io::Result<Option<T>> {
+        match self
+            .store
+            .scan_meta(key)
+            .map_err(|e| io_error("read the data state", e))?
+            .into_iter()
+            .find(|(k, _)| k == key)
+        {
+            Some((_, v)) => decode(key, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn applied(&self) -> io::Result<(Option<LogIdOf<DataGroup>>, StoredMembershipOf<DataGroup>)> {
+        Ok((
+            self.get_meta(APPLIED)?,
+            self.get_meta(MEMBERSHIP)?.unwrap_or_default(),
+        ))
+    }
+
+    /// Read `queue`'s chunk index from disk the first time this process
+    /// touches it, so removes find messages stored before a restart.
+    fn touch(&self, queue: QueueId) -> Result<(), StoreError> {
+        let first = match self.loaded.lock() {
+            Ok(mut l) => l.insert(queue),
+            Err(p) => p.into_inner().insert(queue),
+        };
+        if first {
+            for item in self.store.scan_queue(queue) {
+                item?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Apply one entry's ops to the store, in order. Runs on a blocking
+    /// thread.
+    fn apply_ops(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        let mut appends: Vec<Append> = Vec::new();
+        let flush = |appends: &mut Vec<Append>| -> Result<(), StoreError> {
+            if appends.is_empty() {
+                return Ok(());
+            }
+            self.store.append(std::mem::take(appends), false).wait()
+        };
+        for op in ops {
+            if let StoreOp::Append(items) = op {
+                for (queue, id, value) in items {
+                    self.touch(*queue)?;
+                    appends.push(Append {
+                        queue: *queue,
+                        id: *id,
+                        value: value.clone(),
+                    });
+                }
+                continue;
+            }
+            flush(&mut appends)?;
+            match op {
+                StoreOp::Append(_) => {}
+                StoreOp::Remove { queue, ids } => {
+                    self.touch(*queue)?;
+                    self.store.remove(*queue, ids)?;
+                }
+                StoreOp::ClearQueue { queue } => {
+                    self.touch(*queue)?;
+                    self.store.clear_queue(*queue)?;
+                }
+                StoreOp::PutMeta { key, value } => self.store.put_meta(key, value)?,
+                StoreOp::DeleteMeta { key } => self.store.delete_meta(key)?,
+                StoreOp::PutBlob { key, value } => self.store.put_blob(key, value)?,
+                StoreOp::DeleteBlob { key } => self.store.delete_blob(key)?,
+                StoreOp::QueueIds { next } => {
+                    let now: QueueId = self
+                        .get_meta(NEXT_QUEUE_ID)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?
+                        .unwrap_or(0);
+                    if *next > now {
+                        let bytes = encode(NEXT_QUEUE_ID, next)
+                            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                        self.store.put_meta(NEXT_QUEUE_ID, &bytes)?;
+                    }
+                }
+            }
+        }
+        flush(&mut appends)
+    }
+
+    /// The next queue id, as applied here.
+    pub fn next_queue_id(&self) -> io::Result<QueueId> {
+        Ok(self.get_meta(NEXT_QUEUE_ID)?.unwrap_or(0))
+    }
+}
+
+impl RaftSnapshotBuilder<DataGroup> for DataState {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn build_snapshot(
+        &mut self,
+    ) -> Result<SnapshotOf<DataGroup, Self::SnapshotData>, io::Error> {
+        // The group's log is never purged (snapshots are off), so no
+        // follower ever needs one.
+        Err(io_error(
+            "build a snapshot of the data group",
+            "not supported yet: the log is kept whole",
+        ))
+    }
+}
+
+impl RaftStateMachine<DataGroup> for DataState {
+    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogIdOf<DataGroup>>, StoredMembershipOf<DataGroup>), io::Error> {
+        self.applied()
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<DataGroup>, io::Error>> + Unpin + OptionalSend,
+    {
+        let mut batch = Vec::new();
+        while let Some(item) = entries.try_next().await? {
+            batch.push(item);
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let state = self.clone();
+        let responders = tokio::task::spawn_blocking(move || -> io::Result<_> {
+            let mut applied = None;
+            let mut membership = None;
+            let mut responders = Vec::new();
+            for (entry, responder) in batch {
+                applied = Some(entry.log_id());
+                match &entry.payload {
+                    EntryPayload::Blank => {}
+                    EntryPayload::Normal(b) => state
+                        .apply_ops(&b.ops)
+                        .map_err(|e| io_error("apply to the data state", e))?,
+                    EntryPayload::Membership(m) => {
+                        membership = Some(StoredMembershipOf::<DataGroup>::new(
+                            Some(entry.log_id()),
+                            m.clone(),
+                        ));
+                    }
+                }
+                if let Some(r) = responder {
+                    responders.push(r);
+                }
+            }
+            let put = |key: &str, bytes: Vec<u8>| {
+                state
+                    .store
+                    .put_meta(key, &bytes)
+                    .map_err(|e| io_error("apply to the data state", e))
+            };
+            if let Some(m) = &membership {
+                put(MEMBERSHIP, encode(MEMBERSHIP, m)?)?;
+            }
+            if let Some(a) = &applied {
+                put(APPLIED, encode(APPLIED, a)?)?;
+            }
+            Ok(responders)
+        })
+        .await
+        .map_err(|e| io_error("apply to the data state", e))??;
+        for r in responders {
+            r.send(Applied);
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _meta: &SnapshotMetaOf<DataGroup>,
+        _snapshot: Self::SnapshotData,
+    ) -> Result<(), io::Error> {
+        Err(io_error(
+            "install a snapshot of the data group",
+            "not supported yet: the log is kept whole",
+        ))
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<SnapshotOf<DataGroup, Self::SnapshotData>>, io::Error> {
+        Ok(None)
+    }
+}

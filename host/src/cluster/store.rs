@@ -1,0 +1,339 @@
+//! The broker's store on a cluster's leader: reads are local, writes go
+//! through the data group.
+//!
+//! [`ReplicatedStore`] is a [`MessageStore`], so the broker runs on it
+//! unchanged. Every write becomes a [`StoreOp`] queued to one proposer
+//! task, which packs whatever is waiting (up to [`BATCH_BYTES`]) into one
+//! log entry and proposes it, keeping submission order; the entry's
+//! waiters are answered once a quorum has it in its log (fsynced) and the
+//! leader applied it to its local store, so a message is readable here
+//! before its publisher is confirmed. A write that fails (leadership lost,
+//! the group stopped) fails every later one too: the node drops the broker
+//! and clients reconnect to the new leader.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use openraft::Raft;
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::data::{DataGroup, DataState, StoreBatch, StoreOp};
+use crate::store::{Append, Commit, MessageStore, MsgId, QueueId, Store, StoreError};
+
+/// The data group's Raft on one node.
+pub type DataRaft = Raft<DataGroup, DataState>;
+
+/// Ops packed into one log entry until it holds this many bytes (one op
+/// larger than that goes alone).
+pub const BATCH_BYTES: usize = 1 << 20;
+/// Largest op (a plugin component, a fan-out publish): larger ones are
+/// refused before anything is proposed, so that no log entry is too large
+/// to replicate (see [`super::net::MAX_MESSAGE`]).
+pub const MAX_OP_BYTES: usize = 72 << 20;
+/// Log entries proposed and not yet applied, at most.
+const IN_FLIGHT: usize = 64;
+
+/// How a write's caller is answered.
+enum Done {
+    Nothing,
+    Async(oneshot::Sender<Result<(), StoreError>>),
+    Blocking(std::sync::mpsc::SyncSender<Result<(), StoreError>>),
+}
+
+impl Done {
+    fn send(self, r: Result<(), StoreError>) {
+        match self {
+            Done::Nothing => {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "a replicated write failed");
+                }
+            }
+            Done::Async(tx) => {
+                let _ = tx.send(r);
+            }
+            Done::Blocking(tx) => {
+                let _ = tx.send(r);
+            }
+        }
+    }
+}
+
+/// A write waiting for the proposer (no op: a barrier).
+struct Waiting {
+    op: Option<StoreOp>,
+    done: Done,
+}
+
+/// The broker's store on the leader of the data group.
+pub struct ReplicatedStore {
+    local: Arc<Store>,
+    tx: mpsc::UnboundedSender<Waiting>,
+    next_queue_id: AtomicU64,
+    failed: Arc<Mutex<Option<StoreError>>>,
+}
+
+impl ReplicatedStore {
+    /// The store of the leader `raft`, whose state is `state`; `leaders`
+    /// maps node ids to their client addresses (for `not_leader` answers).
+    /// Needs a tokio runtime.
+    pub fn new(
+        raft: DataRaft,
+        state: &DataState,
+        leaders: BTreeMap<u64, String>,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let failed = Arc::new(Mutex::new(None));
+        tokio::spawn(propose(raft, rx, Arc::new(leaders), failed.clone()));
+        Ok(Self {
+            local: state.store().clone(),
+            tx,
+            next_queue_id: AtomicU64::new(state.next_queue_id()?),
+            failed,
+        })
+    }
+
+    fn failure(&self) -> Option<StoreError> {
+        match self.failed.lock() {
+            Ok(f) => f.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Queue `op` (or a barrier) for the proposer.
+    fn submit(&self, op: Option<StoreOp>, done: Done) {
+        if let Some(e) = self.failure() {
+            return done.send(Err(e));
+        }
+        if let Some(op) = &op
+            && op.size() > MAX_OP_BYTES
+        {
+            return done.send(Err(StoreError::TooLarge {
+                len: op.size(),
+                max: MAX_OP_BYTES,
+            }));
+        }
+        if let Err(mpsc::error::SendError(w)) = self.tx.send(Waiting { op, done }) {
+            w.done.send(Err(StoreError::Closed));
+        }
+    }
+
+    /// Queue `op` and return at once (its failure fails later writes).
+    fn write(&self, op: StoreOp) -> Result<(), StoreError> {
+        if let Some(e) = self.failure() {
+            return Err(e);
+        }
+        let size = op.size();
+        if size > MAX_OP_BYTES {
+            return Err(StoreError::TooLarge {
+                len: size,
+                max: MAX_OP_BYTES,
+            });
+        }
+        self.submit(Some(op), Done::Nothing);
+        Ok(())
+    }
+
+    /// Wait on this (non-async) thread until every write queued so far is
+    /// applied.
+    fn barrier(&self) -> Result<(), StoreError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.submit(None, Done::Blocking(tx));
+        rx.recv().unwrap_or(Err(StoreError::Closed))
+    }
+}
+
+/// Pack waiting writes into log entries and propose them, in order.
+async fn propose(
+    raft: DataRaft,
+    mut rx: mpsc::UnboundedReceiver<Waiting>,
+    leaders: Arc<BTreeMap<u64, String>>,
+    failed: Arc<Mutex<Option<StoreError>>>,
+) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut next: Option<Waiting> = None;
+    loop {
+        let first = match next.take() {
+            Some(w) => w,
+            None => match rx.recv().await {
+                Some(w) => w,
+                None => return,
+            },
+        };
+        let mut bytes = first.op.as_ref().map_or(0, StoreOp::size);
+        let mut waiting = vec![first];
+        while bytes < BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(w) => {
+                    let size = w.op.as_ref().map_or(0, StoreOp::size);
+                    if bytes + size > BATCH_BYTES && size > 0 {
+                        next = Some(w);
+                        break;
+                    }
+                    bytes += size;
+                    waiting.push(w);
+                }
+                Err(_) => break,
+            }
+        }
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = StoreBatch::default();
+        let mut dones = Vec::with_capacity(waiting.len());
+        for w in waiting {
+            if let Some(op) = w.op {
+                batch.ops.push(op);
+            }
+            dones.push(w.done);
+        }
+        let (responder, answer) = openraft::impls::ProgressResponder::complete_only();
+        let proposed = raft.client_write_ff(batch, Some(responder)).await;
+        let failed = failed.clone();
+        let leaders = leaders.clone();
+        tokio::spawn(async move {
+            let result = match proposed {
+                Err(fatal) => Err(StoreError::Replication(fatal.to_string())),
+                Ok(()) => match answer.await {
+                    Err(_) => Err(StoreError::Replication("the data group stopped".into())),
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(refusal(&RaftError::APIError(e), &leaders)),
+                },
+            };
+            drop(slot);
+            if let Err(e) = &result {
+                let mut f = match failed.lock() {
+                    Ok(f) => f,
+                    Err(p) => p.into_inner(),
+                };
+                if f.is_none() {
+                    tracing::warn!(error = %e, "replicated writes stop on this node");
+                    *f = Some(e.clone());
+                }
+            }
+            for d in dones {
+                d.send(result.clone());
+            }
+        });
+    }
+}
+
+/// The store error for a refused write.
+fn refusal(
+    e: &RaftError<DataGroup, ClientWriteError<DataGroup>>,
+    leaders: &BTreeMap<u64, String>,
+) -> StoreError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => StoreError::NotLeader {
+            leader: f.leader_id.and_then(|id| leaders.get(&id).cloned()),
+        },
+        e => StoreError::Replication(e.to_string()),
+    }
+}
+
+impl MessageStore for ReplicatedStore {
+    fn append(&self, items: Vec<Append>, durable: bool) -> Commit {
+        let (tx, rx) = oneshot::channel();
+        if items.is_empty() {
+            // A barrier: acks before it are committed once it is.
+            self.submit(None, Done::Async(tx));
+            return Commit::pending(rx);
+        }
+        let max = self.local.max_value();
+        if let Some(big) = items.iter().find(|i| i.value.len() > max) {
+            return Commit::failed(StoreError::TooLarge {
+                len: big.value.len(),
+                max,
+            });
+        }
+        let op = StoreOp::Append(
+            items
+                .into_iter()
+                .map(|a| (a.queue, a.id, a.value))
+                .collect(),
+        );
+        // Every publish is confirmed on quorum commit: `durable` or not, the
+        // log holds it fsynced on a majority first.
+        let _ = durable;
+        self.submit(Some(op), Done::Async(tx));
+        Commit::pending(rx)
+    }
+
+    fn remove(&self, queue: QueueId, ids: &[MsgId]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.write(StoreOp::Remove {
+            queue,
+            ids: ids.to_vec(),
+        })
+    }
+
+    fn get(&self, queue: QueueId, id: MsgId) -> Result<Option<Vec<u8>>, StoreError> {
+        self.local.get(queue, id)
+    }
+
+    fn get_many(&self, queue: QueueId, ids: &[MsgId]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.local.get_many(queue, ids)
+    }
+
+    fn scan_queue(
+        &self,
+        queue: QueueId,
+    ) -> Box<dyn Iterator<Item = Result<(MsgId, u32, u64), StoreError>> + '_> {
+        self.local.scan_queue(queue)
+    }
+
+    fn clear_queue(&self, queue: QueueId) -> Result<u64, StoreError> {
+        let live = self.local.scan_queue(queue).filter(Result::is_ok).count() as u64;
+        self.write(StoreOp::ClearQueue { queue })?;
+        self.barrier()?;
+        Ok(live)
+    }
+
+    fn allocate_queue_id(&self) -> Result<QueueId, StoreError> {
+        let id = self.next_queue_id.fetch_add(1, Ordering::SeqCst);
+        self.write(StoreOp::QueueIds { next: id + 1 })?;
+        Ok(id)
+    }
+
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.write(StoreOp::PutMeta {
+            key: key.into(),
+            value: value.to_vec(),
+        })
+    }
+
+    fn delete_meta(&self, key: &str) -> Result<(), StoreError> {
+        self.write(StoreOp::DeleteMeta { key: key.into() })
+    }
+
+    fn scan_meta(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.local.scan_meta(prefix)
+    }
+
+    fn put_blob(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.write(StoreOp::PutBlob {
+            key: key.into(),
+            value: value.to_vec(),
+        })
+    }
+
+    fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.local.get_blob(key)
+    }
+
+    fn delete_blob(&self, key: &str) -> Result<(), StoreError> {
+        self.write(StoreOp::DeleteBlob { key: key.into() })
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.barrier()
+    }
+
+    fn sync_meta(&self) -> Result<(), StoreError> {
+        self.barrier()
+    }
+}
