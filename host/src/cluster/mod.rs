@@ -20,6 +20,10 @@
 //!   applied atomically and durably, and snapshots built from a consistent
 //!   view while entries keep being applied.
 //!
+//! - [`data`]: the data group, the broker's store as Raft state (one log
+//!   entry per group commit of store writes, applied on every node to a
+//!   local [`crate::store::Store`]); [`store::ReplicatedStore`], the
+//!   leader's `MessageStore`, proposes the writes and reads locally.
 //! - [`net`]: Raft messages between nodes over QUIC with mutual TLS, nodes
 //!   holding certificates of a cluster CA of their own
 //!   ([`crate::tls::init_node_certs`], `sluice certs init --node N`), so no tenant or administrator
@@ -32,8 +36,8 @@
 //! process and over QUIC on loopback).
 //!
 //! Single-node brokers do not use this module (`sluice serve` is unchanged).
-//! Still to come: the broker's metadata and queues as group state,
-//! `[cluster]` configuration, client
+//! Still to come: the node runtime that runs the broker on the leader's
+//! [`store::ReplicatedStore`], `[cluster]` configuration, client
 //! failover, snapshots streamed without loading them, `sluice cluster
 //! status`.
 

@@ -656,3 +656,185 @@ mod over_quic {
         node.raft.shutdown().await.unwrap();
     }
 }
+
+// ------------------------------------------------------------ data group
+
+mod data_group {
+    //! The broker's store replicated: three nodes over QUIC, each applying
+    //! to a real sled store; writes through the leader's
+    //! [`ReplicatedStore`], reads on every node.
+
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use openraft::{BasicNode, Raft};
+
+    use super::super::data::{DataGroup, DataState};
+    use super::super::log::SledLog;
+    use super::super::net::{MAX_ENTRIES, QuicNetwork, serve};
+    use super::super::store::{DataRaft, ReplicatedStore};
+    use crate::store::{Append, MessageStore, Store, StoreConfig, StoreError};
+    use crate::tls::{NodeTls, init_node_certs, node_name};
+
+    struct Node {
+        raft: DataRaft,
+        state: DataState,
+        endpoint: quinn::Endpoint,
+    }
+
+    async fn start(id: u64, dir: &std::path::Path, certs: &std::path::Path) -> Node {
+        let config = Arc::new(
+            openraft::Config {
+                heartbeat_interval: 100,
+                election_timeout_min: 1000,
+                election_timeout_max: 2000,
+                max_payload_entries: MAX_ENTRIES,
+                snapshot_policy: openraft::SnapshotPolicy::Never,
+                ..Default::default()
+            }
+            .validate()
+            .unwrap(),
+        );
+        let tls = NodeTls::from_dir(&certs.join(node_name(id)));
+        let endpoint =
+            quinn::Endpoint::server(tls.server_config().unwrap(), "127.0.0.1:0".parse().unwrap())
+                .unwrap();
+        let net = QuicNetwork::new(endpoint.clone(), tls.client_config().unwrap());
+        let raft_db = sled::Config::new().path(dir.join("raft")).open().unwrap();
+        let log = SledLog::<DataGroup>::open(&raft_db, "data").unwrap();
+        let store = Arc::new(Store::open(&StoreConfig::new(dir.join("store"))).unwrap());
+        let state = DataState::new(store);
+        let raft = Raft::new(id, config, net, log, state.clone())
+            .await
+            .unwrap();
+        tokio::spawn(serve(endpoint.clone(), raft.clone()));
+        Node {
+            raft,
+            state,
+            endpoint,
+        }
+    }
+
+    fn item(queue: u64, id: u64) -> Append {
+        Append {
+            queue,
+            id,
+            value: format!("message {id} of queue {queue}").into_bytes(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_leaders_writes_reach_every_nodes_store_and_followers_refuse() {
+        let certs = tempfile::tempdir().unwrap();
+        init_node_certs(certs.path(), &[1, 2, 3]).unwrap();
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut nodes = Vec::new();
+        for id in 1..=3u64 {
+            nodes.push(start(id, dirs[id as usize - 1].path(), certs.path()).await);
+        }
+        let members: BTreeMap<u64, BasicNode> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let addr = n.endpoint.local_addr().unwrap().to_string();
+                (i as u64 + 1, BasicNode::new(addr))
+            })
+            .collect();
+        nodes[0].raft.initialize(members).await.unwrap();
+        let leader = nodes[0]
+            .raft
+            .wait(Some(Duration::from_secs(30)))
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await
+            .unwrap()
+            .current_leader
+            .unwrap();
+        let clients: BTreeMap<u64, String> =
+            (1..=3).map(|id| (id, format!("client-{id}"))).collect();
+        let l = &nodes[leader as usize - 1];
+        l.raft
+            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+            .await
+            .unwrap();
+        let store = ReplicatedStore::new(l.raft.clone(), &l.state, clients.clone()).unwrap();
+
+        // Publishes (confirmed once applied), acks, metadata, a queue id.
+        let q = store.allocate_queue_id().unwrap();
+        assert_eq!(store.allocate_queue_id().unwrap(), q + 1);
+        let commits: Vec<_> = (0..50u64)
+            .map(|i| store.append(vec![item(q, 2 * i), item(q, 2 * i + 1)], true))
+            .collect();
+        for c in commits {
+            c.await.unwrap();
+        }
+        store.remove(q, &(0..10).collect::<Vec<_>>()).unwrap();
+        store.put_meta("queue/acme/orders", b"declared").unwrap();
+        store.put_blob("plugin/acme/p", &[7u8; 300_000]).unwrap();
+        let s = Arc::new(store);
+        let s2 = s.clone();
+        tokio::task::spawn_blocking(move || s2.sync_meta())
+            .await
+            .unwrap()
+            .unwrap();
+        // An op too large to replicate is refused up front.
+        let huge = vec![0u8; super::super::store::MAX_OP_BYTES + 1];
+        assert!(matches!(
+            s.put_blob("big", &huge),
+            Err(StoreError::TooLarge { .. })
+        ));
+
+        let last = l
+            .raft
+            .wait(None)
+            .metrics(|_| true, "now")
+            .await
+            .unwrap()
+            .last_applied
+            .unwrap()
+            .index;
+        for n in &nodes {
+            n.raft
+                .wait(Some(Duration::from_secs(30)))
+                .applied_index_at_least(Some(last), "replicated")
+                .await
+                .unwrap();
+            let local = n.state.store();
+            let ids: Vec<u64> = local.scan_queue(q).map(|r| r.unwrap().0).collect();
+            assert_eq!(ids, (10..100).collect::<Vec<_>>(), "node's queue");
+            assert_eq!(
+                local.get(q, 42).unwrap(),
+                Some(format!("message 42 of queue {q}").into_bytes())
+            );
+            assert_eq!(
+                local.scan_meta("queue/").unwrap(),
+                vec![("queue/acme/orders".to_string(), b"declared".to_vec())]
+            );
+            assert_eq!(
+                local.get_blob("plugin/acme/p").unwrap().unwrap().len(),
+                300_000
+            );
+            assert_eq!(n.state.next_queue_id().unwrap(), q + 2);
+        }
+
+        // A follower's store refuses, naming the leader's client address.
+        let f = if leader == 1 { 1 } else { 0 };
+        let follower =
+            ReplicatedStore::new(nodes[f].raft.clone(), &nodes[f].state, clients.clone()).unwrap();
+        let refused = follower
+            .append(vec![item(q, 1000)], true)
+            .await
+            .unwrap_err();
+        match &refused {
+            StoreError::NotLeader { leader: Some(addr) } => {
+                assert_eq!(addr, &format!("client-{leader}"))
+            }
+            e => panic!("expected not_leader, got {e}"),
+        }
+        // Failed once, it fails every later write at once.
+        assert!(follower.put_meta("k", b"v").is_err());
+        for n in &nodes {
+            n.raft.shutdown().await.unwrap();
+        }
+    }
+}
