@@ -831,6 +831,15 @@ mod data_group {
             }
             e => panic!("expected not_leader, got {e}"),
         }
+        // Clients see it as `not_leader`, with the address in the message.
+        let body = crate::session::error_body(&crate::broker::BrokerError::Store(refused.clone()));
+        assert_eq!(body.code, sluice_proto::ErrorCode::NotLeader);
+        assert!(
+            body.message
+                .ends_with(&format!("the leader is at client-{leader}")),
+            "{}",
+            body.message
+        );
         // Failed once, it fails every later write at once.
         assert!(follower.put_meta("k", b"v").is_err());
         for n in &nodes {

@@ -143,6 +143,7 @@ pub(crate) fn error_body(e: &BrokerError) -> ErrorBody {
         BrokerError::Quota(_) => ErrorCode::QuotaExceeded,
         BrokerError::PluginLoad(crate::plugins::LoadError::Capacity(_)) => ErrorCode::LimitExceeded,
         BrokerError::Router(_) | BrokerError::PluginLoad(_) => ErrorCode::PluginFailed,
+        BrokerError::Store(crate::store::StoreError::NotLeader { .. }) => ErrorCode::NotLeader,
         BrokerError::Store(_) => ErrorCode::Storage,
         BrokerError::ShuttingDown => ErrorCode::ShuttingDown,
     };

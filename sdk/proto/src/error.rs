@@ -41,10 +41,14 @@ pub enum ErrorCode {
     Internal,
     /// A code this version does not know.
     Other,
+    /// This cluster node is not the leader; the message names the leader's
+    /// address after `the leader is at ` (or says it is unknown). Nothing
+    /// was done: retry on the leader.
+    NotLeader,
 }
 
 impl ErrorCode {
-    const ALL: [ErrorCode; 17] = [
+    const ALL: [ErrorCode; 18] = [
         ErrorCode::BadFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::LimitExceeded,
@@ -62,6 +66,7 @@ impl ErrorCode {
         ErrorCode::ShuttingDown,
         ErrorCode::Internal,
         ErrorCode::Other,
+        ErrorCode::NotLeader,
     ];
 
     /// The numeric code on the wire.
@@ -97,6 +102,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
             ErrorCode::Other => "other",
+            ErrorCode::NotLeader => "not_leader",
         }
     }
 }
@@ -184,5 +190,9 @@ mod tests {
             assert_eq!(ErrorCode::from_u16(c.to_u16()), *c);
         }
         assert_eq!(ErrorCode::from_u16(999), ErrorCode::Other);
+        // Codes added later go after `other`: earlier numbers never move.
+        assert_eq!(ErrorCode::Other.to_u16(), 16);
+        assert_eq!(ErrorCode::NotLeader.to_u16(), 17);
+        assert_eq!(ErrorCode::NotLeader.as_str(), "not_leader");
     }
 }
