@@ -185,7 +185,8 @@ impl DataState {
 
     /// Apply one entry's ops to the store, in order. Runs on a blocking
     /// thread.
-    fn apply_ops(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+    fn apply_ops(&self, ops: Vec<StoreOp>) -> Result<(), StoreError> {
+        // Consecutive appends go to the store as one append.
         let mut appends: Vec<Append> = Vec::new();
         let flush = |appends: &mut Vec<Append>| -> Result<(), StoreError> {
             if appends.is_empty() {
@@ -194,39 +195,35 @@ impl DataState {
             self.store.append(std::mem::take(appends), false).wait()
         };
         for op in ops {
-            if let StoreOp::Append(items) = op {
-                for (queue, id, value) in items {
-                    self.touch(*queue)?;
-                    appends.push(Append {
-                        queue: *queue,
-                        id: *id,
-                        value: value.clone(),
-                    });
-                }
-                continue;
+            if !matches!(op, StoreOp::Append(_)) {
+                flush(&mut appends)?;
             }
-            flush(&mut appends)?;
             match op {
-                StoreOp::Append(_) => {}
+                StoreOp::Append(items) => {
+                    for (queue, id, value) in items {
+                        self.touch(queue)?;
+                        appends.push(Append { queue, id, value });
+                    }
+                }
                 StoreOp::Remove { queue, ids } => {
-                    self.touch(*queue)?;
-                    self.store.remove(*queue, ids)?;
+                    self.touch(queue)?;
+                    self.store.remove(queue, &ids)?;
                 }
                 StoreOp::ClearQueue { queue } => {
-                    self.touch(*queue)?;
-                    self.store.clear_queue(*queue)?;
+                    self.touch(queue)?;
+                    self.store.clear_queue(queue)?;
                 }
-                StoreOp::PutMeta { key, value } => self.store.put_meta(key, value)?,
-                StoreOp::DeleteMeta { key } => self.store.delete_meta(key)?,
-                StoreOp::PutBlob { key, value } => self.store.put_blob(key, value)?,
-                StoreOp::DeleteBlob { key } => self.store.delete_blob(key)?,
+                StoreOp::PutMeta { key, value } => self.store.put_meta(&key, &value)?,
+                StoreOp::DeleteMeta { key } => self.store.delete_meta(&key)?,
+                StoreOp::PutBlob { key, value } => self.store.put_blob(&key, &value)?,
+                StoreOp::DeleteBlob { key } => self.store.delete_blob(&key)?,
                 StoreOp::QueueIds { next } => {
                     let now: QueueId = self
                         .get_meta(NEXT_QUEUE_ID)
                         .map_err(|e| StoreError::Corrupt(e.to_string()))?
                         .unwrap_or(0);
-                    if *next > now {
-                        let bytes = encode(NEXT_QUEUE_ID, next)
+                    if next > now {
+                        let bytes = encode(NEXT_QUEUE_ID, &next)
                             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                         self.store.put_meta(NEXT_QUEUE_ID, &bytes)?;
                     }
@@ -284,17 +281,16 @@ impl RaftStateMachine<DataGroup> for DataState {
             let mut membership = None;
             let mut responders = Vec::new();
             for (entry, responder) in batch {
-                applied = Some(entry.log_id());
-                match &entry.payload {
+                let log_id = entry.log_id();
+                applied = Some(log_id);
+                // Taken by value: payloads go to the store without a copy.
+                match entry.payload {
                     EntryPayload::Blank => {}
                     EntryPayload::Normal(b) => state
-                        .apply_ops(&b.ops)
+                        .apply_ops(b.ops)
                         .map_err(|e| io_error("apply to the data state", e))?,
                     EntryPayload::Membership(m) => {
-                        membership = Some(StoredMembershipOf::<DataGroup>::new(
-                            Some(entry.log_id()),
-                            m.clone(),
-                        ));
+                        membership = Some(StoredMembershipOf::<DataGroup>::new(Some(log_id), m));
                     }
                 }
                 if let Some(r) = responder {

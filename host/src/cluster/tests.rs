@@ -460,18 +460,30 @@ mod three_nodes {
     }
 }
 
+/// Members 1, 2, 3… at the addresses of `endpoints`, in order.
+fn members<'a>(
+    endpoints: impl Iterator<Item = &'a quinn::Endpoint>,
+) -> std::collections::BTreeMap<u64, openraft::BasicNode> {
+    endpoints
+        .enumerate()
+        .map(|(i, e)| {
+            let addr = e.local_addr().unwrap().to_string();
+            (i as u64 + 1, openraft::BasicNode::new(addr))
+        })
+        .collect()
+}
+
 // ------------------------------------------------------------ over QUIC
 
 mod over_quic {
     //! The same group over real QUIC on loopback, with the nodes'
     //! certificates from their own CA.
 
-    use std::collections::BTreeMap;
     use std::path::Path;
     use std::sync::Arc;
     use std::time::Duration;
 
-    use openraft::{BasicNode, Raft};
+    use openraft::Raft;
 
     use super::super::meta::MetaState;
     use super::super::net::{MetaRaft, QuicNetwork, serve};
@@ -565,14 +577,7 @@ mod over_quic {
                 .await,
             );
         }
-        let members: BTreeMap<u64, BasicNode> = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                let addr = n.endpoint.local_addr().unwrap().to_string();
-                (i as u64 + 1, BasicNode::new(addr))
-            })
-            .collect();
+        let members = super::members(nodes.iter().map(|n| &n.endpoint));
         nodes[0].raft.initialize(members).await.unwrap();
 
         let all: Vec<&Node> = nodes.iter().collect();
@@ -668,7 +673,7 @@ mod data_group {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use openraft::{BasicNode, Raft};
+    use openraft::Raft;
 
     use super::super::data::{DataGroup, DataState};
     use super::super::log::SledLog;
@@ -733,14 +738,7 @@ mod data_group {
         for id in 1..=3u64 {
             nodes.push(start(id, dirs[id as usize - 1].path(), certs.path()).await);
         }
-        let members: BTreeMap<u64, BasicNode> = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                let addr = n.endpoint.local_addr().unwrap().to_string();
-                (i as u64 + 1, BasicNode::new(addr))
-            })
-            .collect();
+        let members = super::members(nodes.iter().map(|n| &n.endpoint));
         nodes[0].raft.initialize(members).await.unwrap();
         let leader = nodes[0]
             .raft
