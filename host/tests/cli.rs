@@ -862,7 +862,10 @@ fn certs_init_with_nodes_makes_identities_a_cluster_runs_on() {
             .client_write(put)
             .await
             .unwrap();
-        for (raft, state) in &nodes {
+        // Every node applies it before any stops: a follower learns the
+        // commit from the leader's next message, so stopping the leader
+        // first could leave it never applying.
+        for (_, state) in &nodes {
             loop {
                 if state.get("queue/acme/orders").unwrap().as_deref() == Some(&b"declared"[..]) {
                     break;
@@ -870,6 +873,8 @@ fn certs_init_with_nodes_makes_identities_a_cluster_runs_on() {
                 assert!(Instant::now() < deadline, "a node never applied the write");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
+        }
+        for (raft, _) in &nodes {
             raft.shutdown().await.unwrap();
         }
     });
