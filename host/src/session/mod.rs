@@ -114,6 +114,17 @@ impl ChunkSource for quinn::RecvStream {
     }
 }
 
+/// Refuse a client of a cluster node that does not lead: `not_leader`,
+/// naming the leader's client address when it is known, so the client
+/// reconnects there.
+pub(crate) async fn refuse_not_leader(conn: quinn::Connection, leader: Option<String>) {
+    refuse(
+        &conn,
+        BrokerError::Store(crate::store::StoreError::NotLeader { leader }),
+    )
+    .await;
+}
+
 /// Refuse a connection whose certificate was accepted: answer its first
 /// stream with an error frame so the client reports the reason, then close.
 async fn refuse(conn: &quinn::Connection, e: BrokerError) {
@@ -143,7 +154,9 @@ pub(crate) fn error_body(e: &BrokerError) -> ErrorBody {
         BrokerError::Quota(_) => ErrorCode::QuotaExceeded,
         BrokerError::PluginLoad(crate::plugins::LoadError::Capacity(_)) => ErrorCode::LimitExceeded,
         BrokerError::Router(_) | BrokerError::PluginLoad(_) => ErrorCode::PluginFailed,
-        BrokerError::Store(crate::store::StoreError::NotLeader { .. }) => ErrorCode::NotLeader,
+        BrokerError::Store(crate::store::StoreError::NotLeader { leader }) => {
+            return ErrorBody::not_leader(leader.as_deref());
+        }
         BrokerError::Store(_) => ErrorCode::Storage,
         BrokerError::ShuttingDown => ErrorCode::ShuttingDown,
     };

@@ -37,7 +37,7 @@ pub enum StoreError {
     },
     /// This node of a cluster is not (or no longer) the leader of the
     /// group: nothing was written.
-    #[error("not the leader; the leader is at {}", leader.as_deref().unwrap_or("(unknown)"))]
+    #[error("{}", sluice_proto::ErrorBody::not_leader(leader.as_deref()).message)]
     NotLeader {
         /// The leader's client address, if known.
         leader: Option<String>,

@@ -22,7 +22,29 @@ impl ErrorBody {
             message: message.into(),
         }
     }
+
+    /// A `not_leader` refusal naming the leader's client address, when
+    /// the node knows it (the one place this message is written).
+    pub fn not_leader(leader: Option<&str>) -> Self {
+        let message = match leader {
+            Some(addr) => format!("not the leader; {LEADER_AT}{addr}"),
+            None => "not the leader; no leader is known yet (an election is under way)".into(),
+        };
+        Self::new(ErrorCode::NotLeader, message)
+    }
+
+    /// For a `not_leader` refusal, the leader's address it names, if any.
+    pub fn leader(&self) -> Option<&str> {
+        if self.code != ErrorCode::NotLeader {
+            return None;
+        }
+        let (_, rest) = self.message.rsplit_once(LEADER_AT)?;
+        rest.split_whitespace().next().filter(|a| !a.is_empty())
+    }
 }
+
+/// What precedes the leader's address in a `not_leader` message.
+const LEADER_AT: &str = "the leader is at ";
 
 impl std::fmt::Display for ErrorBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -509,5 +531,21 @@ impl Frame {
             | Frame::Cancel { .. }
             | Frame::Error(_) => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_not_leader_refusal_names_the_leader_it_knows() {
+        let e = ErrorBody::not_leader(Some("127.0.0.1:7602"));
+        assert_eq!(e.code, ErrorCode::NotLeader);
+        assert_eq!(e.leader(), Some("127.0.0.1:7602"));
+        assert_eq!(ErrorBody::not_leader(None).leader(), None);
+        // Only a not_leader code carries a leader.
+        let other = ErrorBody::new(ErrorCode::Invalid, "the leader is at 10.0.0.1:1");
+        assert_eq!(other.leader(), None);
     }
 }
