@@ -84,6 +84,8 @@ pub struct FileConfig {
     /// Tenants registered (or updated) at start, with their quotas.
     #[serde(default)]
     pub tenants: Vec<TenantEntry>,
+    /// Run as one node of a replicated cluster (default: a single node).
+    pub cluster: Option<ClusterFile>,
 }
 
 impl FileConfig {
@@ -264,6 +266,118 @@ impl TlsFiles {
     }
 }
 
+/// `[cluster]`: this broker is one node of a replicated cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    /// This node's id (`--node` overrides it, so nodes can share a file).
+    pub node: Option<u64>,
+    /// Node identity folder (default `<certs>/cluster/node-N`, as
+    /// `sluice certs init --node N` writes it).
+    pub identity: Option<PathBuf>,
+    /// Raft heartbeat interval, ms (default 100).
+    pub heartbeat_ms: Option<u64>,
+    /// Raft election timeout, ms: a leader silent this long (to twice
+    /// this) is replaced (default 1000).
+    pub election_timeout_ms: Option<u64>,
+    /// Every member, this node included.
+    pub members: Vec<MemberEntry>,
+}
+
+/// `[[cluster.members]]`: one node of the cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberEntry {
+    /// Node id, at least 1.
+    pub id: u64,
+    /// Its address for other nodes (QUIC, node certificates only).
+    pub raft: SocketAddr,
+    /// Its address for clients (told to clients it refuses as a follower).
+    pub client: SocketAddr,
+}
+
+/// Most members of a cluster.
+const MAX_MEMBERS: usize = 7;
+
+impl ClusterFile {
+    /// The settings of node `node` (else this file's `node`), with its
+    /// files in `<data>/node-N` and its identity under `certs`; every
+    /// error names the key.
+    pub fn settings(
+        &self,
+        node: Option<u64>,
+        data: &Path,
+        certs: &Path,
+    ) -> anyhow::Result<crate::cluster::node::NodeSettings> {
+        use crate::cluster::node::{Member, NodeSettings};
+        let id = node
+            .or(self.node)
+            .ok_or_else(|| anyhow::anyhow!("[cluster]: no node id: set `node` or pass --node N"))?;
+        anyhow::ensure!(
+            (1..=MAX_MEMBERS).contains(&self.members.len()),
+            "[cluster] members: {} given; a cluster has 1 to {MAX_MEMBERS} (3 or 5 survive one or two failures)",
+            self.members.len()
+        );
+        let mut members = std::collections::BTreeMap::new();
+        let mut addrs = std::collections::BTreeSet::new();
+        for m in &self.members {
+            anyhow::ensure!(m.id >= 1, "[cluster] members: node ids start at 1");
+            for a in [m.raft, m.client] {
+                anyhow::ensure!(
+                    addrs.insert(a),
+                    "[cluster] members: address {a} is given twice"
+                );
+            }
+            let dup = members.insert(
+                m.id,
+                Member {
+                    raft: m.raft,
+                    client: m.client,
+                },
+            );
+            anyhow::ensure!(
+                dup.is_none(),
+                "[cluster] members: node {} is given twice",
+                m.id
+            );
+        }
+        anyhow::ensure!(
+            members.contains_key(&id),
+            "[cluster]: node {id} is not among the members ({})",
+            members
+                .keys()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let ms = |key: &str, v: Option<u64>, default: u64| -> anyhow::Result<std::time::Duration> {
+            let v = v.unwrap_or(default);
+            anyhow::ensure!(
+                (10..=60_000).contains(&v),
+                "[cluster] {key} = {v}: must be 10 to 60000"
+            );
+            Ok(std::time::Duration::from_millis(v))
+        };
+        let heartbeat = ms("heartbeat_ms", self.heartbeat_ms, 100)?;
+        let election_timeout = ms("election_timeout_ms", self.election_timeout_ms, 1000)?;
+        anyhow::ensure!(
+            election_timeout > heartbeat * 2,
+            "[cluster] election_timeout_ms must be more than twice heartbeat_ms"
+        );
+        Ok(NodeSettings {
+            id,
+            members,
+            identity: self
+                .identity
+                .clone()
+                .unwrap_or_else(|| certs.join("cluster").join(crate::tls::node_name(id))),
+            dir: data.join(crate::tls::node_name(id)),
+            heartbeat,
+            election_timeout,
+        })
+    }
+}
+
 /// `[[tenants]]`: a tenant and its quotas.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -306,6 +420,55 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("at least 1"), "{e}");
+    }
+
+    fn node(text: &str, id: Option<u64>) -> anyhow::Result<crate::cluster::node::NodeSettings> {
+        let file: FileConfig = toml::from_str(text)?;
+        file.cluster.expect("a [cluster] section").settings(
+            id,
+            Path::new("data"),
+            Path::new("certs"),
+        )
+    }
+
+    const THREE: &str = r#"
+        [cluster]
+        members = [
+            { id = 1, raft = "127.0.0.1:7701", client = "127.0.0.1:7601" },
+            { id = 2, raft = "127.0.0.1:7702", client = "127.0.0.1:7602" },
+            { id = 3, raft = "127.0.0.1:7703", client = "127.0.0.1:7603" },
+        ]
+    "#;
+
+    #[test]
+    fn a_cluster_section_names_this_node_and_its_files() {
+        let s = node(THREE, Some(2)).unwrap();
+        assert_eq!(s.id, 2);
+        assert_eq!(s.members.len(), 3);
+        assert_eq!(s.dir, Path::new("data/node-2"));
+        assert_eq!(s.identity, Path::new("certs/cluster/node-2"));
+        assert_eq!(s.election_timeout, std::time::Duration::from_millis(1000));
+        for (id, want) in [
+            (None, "no node id"),
+            (Some(4), "node 4 is not among the members (1, 2, 3)"),
+        ] {
+            let e = node(THREE, id).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        let twice = THREE.replace("id = 3", "id = 2");
+        let e = node(&twice, Some(1)).unwrap_err().to_string();
+        assert!(e.contains("node 2 is given twice"), "{e}");
+        let same = THREE.replace("7703", "7702");
+        let e = node(&same, Some(1)).unwrap_err().to_string();
+        assert!(e.contains("127.0.0.1:7702 is given twice"), "{e}");
+        let e = node(&format!("{THREE}\nheartbeat_ms = 600"), Some(1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than twice heartbeat_ms"), "{e}");
+        let e = node("[cluster]\nmembers = []", Some(1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("0 given"), "{e}");
     }
 
     #[test]

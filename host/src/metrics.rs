@@ -347,13 +347,33 @@ pub fn render(broker: &Broker) -> String {
     out
 }
 
-/// Serve `GET /metrics` on `addr` (plain HTTP/1.1, one response per connection).
-pub async fn serve(listener: tokio::net::TcpListener, broker: Broker) {
+fn leading(v: u8) -> String {
+    format!(
+        "# HELP sluice_leading Whether this process runs the broker (1 on a single node and on a cluster's leader).\n\
+         # TYPE sluice_leading gauge\nsluice_leading {v}\n"
+    )
+}
+
+/// The metrics of what serves clients: the broker's, or (a cluster node
+/// that does not lead) only that it does not.
+fn render_serving(serving: &crate::server::Serving) -> String {
+    match serving {
+        crate::server::Serving::Broker(broker) => render(broker) + &leading(1),
+        crate::server::Serving::NotLeader(_) => leading(0),
+    }
+}
+
+/// Serve `GET /metrics` on `addr` (plain HTTP/1.1, one response per
+/// connection) for whatever `serving` holds at each request.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    serving: tokio::sync::watch::Receiver<crate::server::Serving>,
+) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             continue;
         };
-        let broker = broker.clone();
+        let now = serving.borrow().clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
             let n =
@@ -365,7 +385,7 @@ pub async fn serve(listener: tokio::net::TcpListener, broker: Broker) {
                 };
             let request = String::from_utf8_lossy(&buf[..n]);
             let (status, body) = match request.split_whitespace().nth(1) {
-                Some("/metrics") => ("200 OK", render(&broker)),
+                Some("/metrics") => ("200 OK", render_serving(&now)),
                 _ => ("404 Not Found", "try /metrics\n".to_string()),
             };
             let head = format!(

@@ -1,32 +1,66 @@
 //! The QUIC listener: accepts connections and runs a session for each.
+//!
+//! What a connection is served by is a [`Serving`]: one broker for a
+//! single node; on a cluster node it follows the node's role (its broker
+//! while it leads, a `not_leader` refusal naming the leader otherwise).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use tokio::sync::watch;
+
 use crate::broker::Broker;
 use crate::session;
 use crate::tls::IdentityMapping;
 
+/// What serves new connections.
+#[derive(Clone)]
+pub enum Serving {
+    /// This broker.
+    Broker(Broker),
+    /// Nothing here: refuse with `not_leader`, naming the leader's client
+    /// address when it is known.
+    NotLeader(Option<String>),
+}
+
 /// A listening broker endpoint.
 pub struct Server {
     endpoint: quinn::Endpoint,
-    broker: Broker,
+    serving: watch::Receiver<Serving>,
+    max_connections: u64,
     mapping: Arc<IdentityMapping>,
 }
 
 impl Server {
-    /// Bind `addr` with `tls` (from [`crate::tls::server_config`]).
+    /// Bind `addr` with `tls` (from [`crate::tls::server_config`]) for
+    /// one broker.
     pub fn bind(
         addr: SocketAddr,
         tls: quinn::ServerConfig,
         broker: Broker,
         mapping: IdentityMapping,
     ) -> std::io::Result<Self> {
+        let max_connections = broker.config().max_connections;
+        // The receiver keeps the value after the sender is gone.
+        let (_, serving) = watch::channel(Serving::Broker(broker));
+        Self::bind_serving(addr, tls, serving, max_connections, mapping)
+    }
+
+    /// Bind `addr` for whatever `serving` holds when a connection arrives
+    /// (a cluster node's role), with at most `max_connections` at once.
+    pub fn bind_serving(
+        addr: SocketAddr,
+        tls: quinn::ServerConfig,
+        serving: watch::Receiver<Serving>,
+        max_connections: u64,
+        mapping: IdentityMapping,
+    ) -> std::io::Result<Self> {
         let endpoint = quinn::Endpoint::server(tls, addr)?;
         Ok(Self {
             endpoint,
-            broker,
+            serving,
+            max_connections,
             mapping: Arc::new(mapping),
         })
     }
@@ -43,7 +77,7 @@ impl Server {
     pub async fn run(&self) {
         let open = Arc::new(AtomicU64::new(0));
         while let Some(incoming) = self.endpoint.accept().await {
-            let max = self.broker.config().max_connections;
+            let max = self.max_connections;
             if open.load(Relaxed) >= max {
                 tracing::debug!(
                     max,
@@ -52,14 +86,20 @@ impl Server {
                 incoming.refuse();
                 continue;
             }
-            let (broker, mapping) = (self.broker.clone(), self.mapping.clone());
+            let serving = self.serving.borrow().clone();
+            let mapping = self.mapping.clone();
             open.fetch_add(1, Relaxed);
             let open = open.clone();
             tokio::spawn(async move {
-                match incoming.await {
-                    Ok(conn) => session::run(conn, broker, &mapping).await,
+                match (incoming.await, serving) {
+                    (Ok(conn), Serving::Broker(broker)) => {
+                        session::run(conn, broker, &mapping).await
+                    }
+                    (Ok(conn), Serving::NotLeader(leader)) => {
+                        session::refuse_not_leader(conn, leader).await
+                    }
                     // A refused certificate ends here (alert 116 / 48).
-                    Err(e) => tracing::debug!(error = %e, "handshake failed"),
+                    (Err(e), _) => tracing::debug!(error = %e, "handshake failed"),
                 }
                 open.fetch_sub(1, Relaxed);
             });

@@ -299,6 +299,12 @@ impl Broker {
         self.close_where(|c| serials.contains(&c.serial), "certificate revoked")
     }
 
+    /// Close every live connection (a cluster node that stops leading:
+    /// its clients reconnect to the new leader). Returns how many.
+    pub fn close_all(&self, reason: &str) -> usize {
+        self.close_where(|_| true, reason)
+    }
+
     fn close_where(&self, pred: impl Fn(&LiveConnection) -> bool, reason: &str) -> usize {
         let closers: Vec<Closer> = self
             .live()

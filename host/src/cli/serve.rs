@@ -32,6 +32,9 @@ pub(crate) struct ServeArgs {
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    /// This node's id in the config's `[cluster]` (overrides its `node`).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    node: Option<u64>,
 }
 
 /// A running broker, for `serve`, the demo and tests.
@@ -107,6 +110,26 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             )
         })?;
     }
+    if let Some(cluster) = &file.cluster {
+        let settings = cluster.settings(args.node, &data, &certs)?;
+        let listen = args
+            .listen
+            .or(file.listen)
+            .unwrap_or(settings.members[&settings.id].client);
+        return serve_node(
+            settings,
+            listen,
+            &certs,
+            &file,
+            config,
+            args.metrics,
+            args.check_config,
+        )
+        .await;
+    }
+    if args.node.is_some() {
+        anyhow::bail!("--node needs a [cluster] section in the configuration");
+    }
     let dev_certs = !file.tls.is_set() && !certs.join("ca.pem").exists();
     if args.check_config {
         if dev_certs {
@@ -164,23 +187,13 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data.display()
     );
     if let Some((addr, listener)) = metrics {
-        tokio::spawn(crate::metrics::serve(listener, running.broker.clone()));
+        let (_, serving) =
+            tokio::sync::watch::channel(crate::server::Serving::Broker(running.broker.clone()));
+        tokio::spawn(crate::metrics::serve(listener, serving));
         say!("metrics on http://{addr}/metrics");
     }
-    let operator = crate::plugins::Principal {
-        tenant: String::new(),
-        client: "config".into(),
-        subject: String::new(),
-        sans: vec![],
-        admin: true,
-    };
-    for t in &file.tenants {
-        running
-            .broker
-            .create_tenant(&operator, &t.name, t.limits.clone())
-            .with_context(|| format!("tenant `{}` in the config", t.name))?;
-    }
-    wait_for_shutdown(&running, &file.tls, &certs).await;
+    register_tenants(&running.broker, &file.tenants)?;
+    wait_for_shutdown(|| reload_tls(&running, &file.tls.resolve(&certs))).await;
     say!("shutting down");
     running.server.close();
     running.broker.sync()?;
@@ -192,10 +205,134 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Run until SIGINT/SIGTERM. SIGHUP reloads the TLS files (CRLs included):
-/// new connections use them, and connected clients whose certificate is now
-/// revoked are disconnected.
-async fn wait_for_shutdown(running: &Running, tls: &crate::config::TlsFiles, certs: &Path) {
+/// Register (or update) the configuration's tenants.
+fn register_tenants(broker: &Broker, tenants: &[crate::config::TenantEntry]) -> anyhow::Result<()> {
+    let operator = crate::plugins::Principal {
+        tenant: String::new(),
+        client: "config".into(),
+        subject: String::new(),
+        sans: vec![],
+        admin: true,
+    };
+    for t in tenants {
+        broker
+            .create_tenant(&operator, &t.name, t.limits.clone())
+            .with_context(|| format!("tenant `{}` in the config", t.name))?;
+    }
+    Ok(())
+}
+
+/// `sluice serve` with a `[cluster]` section: one node of the cluster,
+/// serving clients while it leads, refusing them with the leader's
+/// address otherwise.
+async fn serve_node(
+    settings: crate::cluster::node::NodeSettings,
+    listen: SocketAddr,
+    certs: &Path,
+    file: &FileConfig,
+    mut config: BrokerConfig,
+    metrics: Option<SocketAddr>,
+    check_only: bool,
+) -> anyhow::Result<()> {
+    use crate::cluster::node::{Node, OnLead};
+    let files = file.tls.resolve(certs);
+    if !file.tls.is_set() && !certs.join("ca.pem").exists() {
+        anyhow::bail!(
+            "{}: no certificates; a cluster's nodes share one CA: run `sluice certs init --out {} --node 1 --node 2 --node 3 --tenant NAME` once and give every node that folder (`certs` or --certs)",
+            certs.display(),
+            certs.display()
+        );
+    }
+    let tls = tls::server_config(&files).context("TLS setup")?;
+    crate::tls::NodeTls::from_dir(&settings.identity)
+        .server_config()
+        .with_context(|| format!("node identity {}", settings.identity.display()))?;
+    let store = settings.dir.join("store");
+    if store.exists() && !settings.dir.join("raft").exists() {
+        anyhow::bail!(
+            "{}: a store without a raft log; a cluster node starts from an empty directory",
+            settings.dir.display()
+        );
+    }
+    if check_only {
+        say!(
+            "configuration ok: node {} of {}, listen {listen}, cluster peers on {}, data {}",
+            settings.id,
+            settings.members.len(),
+            settings.members[&settings.id].raft,
+            settings.dir.display()
+        );
+        return Ok(());
+    }
+    let metrics = match metrics.or(file.metrics) {
+        Some(addr) => Some((
+            addr,
+            crate::metrics::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+        )),
+        None => None,
+    };
+    config.store.dir = store;
+    config.sandbox.cache_dir = Some(settings.dir.join("plugin-cache"));
+    let max_connections = config.max_connections;
+    let tenants = file.tenants.clone();
+    let on_lead: OnLead = std::sync::Arc::new(move |broker| register_tenants(broker, &tenants));
+    let node = Node::start(&settings, config, on_lead).await?;
+    let server = std::sync::Arc::new(
+        Server::bind_serving(
+            listen,
+            tls,
+            node.serving(),
+            max_connections,
+            file.identity.clone(),
+        )
+        .with_context(|| format!("cannot listen on {listen}"))?,
+    );
+    let s = server.clone();
+    tokio::spawn(async move { s.run().await });
+    say!(
+        "sluice node {} listening on {} (cluster peers on {}, data in {})",
+        settings.id,
+        server.local_addr()?,
+        settings.members[&settings.id].raft,
+        settings.dir.display()
+    );
+    if let Some((addr, listener)) = metrics {
+        tokio::spawn(crate::metrics::serve(listener, node.serving()));
+        say!("metrics on http://{addr}/metrics");
+    }
+    let serving = node.serving();
+    wait_for_shutdown(|| {
+        // Resolved again: new *.crl.pem files in the folder count.
+        let files = file.tls.resolve(certs);
+        let result = tls::server_config(&files).and_then(|cfg| {
+            let serials = tls::revoked_serials(&files)?;
+            server.set_tls(cfg);
+            Ok(match &*serving.borrow() {
+                crate::server::Serving::Broker(b) => b.close_revoked(&serials),
+                crate::server::Serving::NotLeader(_) => 0,
+            })
+        });
+        match result {
+            Ok(closed) => say!("reloaded TLS files; closed {closed} revoked connection(s)"),
+            Err(e) => {
+                eprintln!("error: TLS reload failed, keeping the previous configuration: {e}")
+            }
+        }
+    })
+    .await;
+    say!("shutting down");
+    server.close();
+    node.shutdown().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server.wait_idle()).await;
+    Ok(())
+}
+
+/// Run until SIGINT/SIGTERM. SIGHUP calls `reload` (which loads the TLS
+/// files again, CRLs included: new connections use them, and connected
+/// clients whose certificate is now revoked are disconnected).
+async fn wait_for_shutdown(reload: impl Fn()) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -210,14 +347,13 @@ async fn wait_for_shutdown(running: &Running, tls: &crate::config::TlsFiles, cer
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => return,
                 _ = term.recv() => return,
-                // Resolve again: new *.crl.pem files in the folder count.
-                _ = hup.recv() => reload_tls(running, &tls.resolve(certs)),
+                _ = hup.recv() => reload(),
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = (running, tls, certs);
+        let _ = reload;
         let _ = tokio::signal::ctrl_c().await;
     }
 }

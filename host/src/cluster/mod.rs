@@ -1,4 +1,4 @@
-//! Replication on openraft: the storage half.
+//! Replication on openraft.
 //!
 //! A Sluice cluster replicates its state through Raft groups run by
 //! [openraft](https://docs.rs/openraft) (`0.10.0-alpha.37`, pinned): a
@@ -7,8 +7,9 @@
 //! that knows openraft's types; the rest of the broker talks to it in its
 //! own terms.
 //!
-//! What is here today is the durable storage every group stands on and the
-//! transport between nodes:
+//! Today a node runs one group, the data group, and it carries everything
+//! the broker stores (its metadata too); the metadata group's state
+//! machine exists and is tested but no node runs it yet. What is here:
 //!
 //! - [`log::SledLog`]: the Raft log and vote in sled. `append` returns once
 //!   the entries are readable and reports them flushed only after
@@ -35,16 +36,20 @@
 //! their leader and the old leader catching up from its directory (in
 //! process and over QUIC on loopback).
 //!
-//! Single-node brokers do not use this module (`sluice serve` is unchanged).
-//! Still to come: the node runtime that runs the broker on the leader's
-//! [`store::ReplicatedStore`], `[cluster]` configuration, client
-//! failover, snapshots streamed without loading them, `sluice cluster
-//! status`.
+//! - [`node`]: one node as `sluice serve` runs it with `[cluster]`: the
+//!   data group's Raft, and the broker it opens on a
+//!   [`store::ReplicatedStore`] while it leads (clients of the other nodes
+//!   are refused with `not_leader`, naming the leader).
+//!
+//! Single-node brokers do not use this module. Still to come: snapshots
+//! streamed without loading them and log purge, a metadata group apart
+//! from the data, membership changes, `sluice cluster status`.
 
 pub mod data;
 pub mod log;
 pub mod meta;
 pub mod net;
+pub mod node;
 pub mod store;
 
 use std::fmt;

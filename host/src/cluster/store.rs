@@ -17,6 +17,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::Raft;
+use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -78,7 +79,10 @@ pub struct ReplicatedStore {
 impl ReplicatedStore {
     /// The store of the leader `raft`, whose state is `state`; `leaders`
     /// maps node ids to their client addresses (for `not_leader` answers).
-    /// Needs a tokio runtime.
+    /// The store is bound to the term `raft` leads now: once the node is
+    /// not the leader of that term, no write is proposed (were it elected
+    /// again, a broker of the new term owns its writes). Needs a tokio
+    /// runtime.
     pub fn new(
         raft: DataRaft,
         state: &DataState,
@@ -86,13 +90,30 @@ impl ReplicatedStore {
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         let failed = Arc::new(Mutex::new(None));
-        tokio::spawn(propose(raft, rx, Arc::new(leaders), failed.clone()));
+        let term = {
+            let m = raft.metrics();
+            let m = m.borrow_watched();
+            Term {
+                node: m.id,
+                term: m.current_term,
+            }
+        };
+        let leaders = Arc::new(leaders);
+        if let Some(e) = term.lost(&raft, &leaders) {
+            return Err(std::io::Error::other(e.to_string()));
+        }
+        tokio::spawn(propose(raft, term, rx, leaders, failed.clone()));
         Ok(Self {
             local: state.store().clone(),
             tx,
             next_queue_id: AtomicU64::new(state.next_queue_id()?),
             failed,
         })
+    }
+
+    /// Refuse every later write with `e` (the node stopped leading).
+    pub fn stop(&self, e: StoreError) {
+        fail(&self.failed, e);
     }
 
     fn failure(&self) -> Option<StoreError> {
@@ -136,18 +157,64 @@ impl ReplicatedStore {
         Ok(())
     }
 
-    /// Wait on this (non-async) thread until every write queued so far is
-    /// applied.
+    /// Wait until every write queued so far is applied. The proposer runs
+    /// on the async workers, so a caller on one of them (the broker admits
+    /// a connection there, and saves a new tenant) hands its worker over
+    /// while it waits instead of blocking it: with every worker waiting,
+    /// nothing would ever be proposed.
     fn barrier(&self) -> Result<(), StoreError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.submit(None, Done::Blocking(tx));
-        rx.recv().unwrap_or(Err(StoreError::Closed))
+        let wait = move || rx.recv().unwrap_or(Err(StoreError::Closed));
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        }
+    }
+}
+
+/// The term a store was opened in, and its node.
+#[derive(Clone, Copy)]
+struct Term {
+    node: u64,
+    term: u64,
+}
+
+impl Term {
+    /// Why `raft` no longer leads this term, if it does not.
+    fn lost(&self, raft: &DataRaft, leaders: &BTreeMap<u64, String>) -> Option<StoreError> {
+        let m = raft.metrics();
+        let m = m.borrow_watched();
+        if m.current_term == self.term && m.current_leader == Some(self.node) {
+            return None;
+        }
+        Some(StoreError::NotLeader {
+            leader: m
+                .current_leader
+                .filter(|l| *l != self.node)
+                .and_then(|l| leaders.get(&l).cloned()),
+        })
+    }
+}
+
+/// Record the first failure; every later write gets it.
+fn fail(failed: &Mutex<Option<StoreError>>, e: StoreError) {
+    let mut f = match failed.lock() {
+        Ok(f) => f,
+        Err(p) => p.into_inner(),
+    };
+    if f.is_none() {
+        tracing::warn!(error = %e, "replicated writes stop on this node");
+        *f = Some(e);
     }
 }
 
 /// Pack waiting writes into log entries and propose them, in order.
 async fn propose(
     raft: DataRaft,
+    term: Term,
     mut rx: mpsc::UnboundedReceiver<Waiting>,
     leaders: Arc<BTreeMap<u64, String>>,
     failed: Arc<Mutex<Option<StoreError>>>,
@@ -189,6 +256,20 @@ async fn propose(
             }
             dones.push(w.done);
         }
+        // Checked before each proposal: once this term is over, nothing
+        // more is proposed (an entry already proposed commits or not).
+        let stopped = match failed.lock() {
+            Ok(f) => f.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        if let Some(e) = stopped.or_else(|| term.lost(&raft, &leaders)) {
+            drop(slot);
+            fail(&failed, e.clone());
+            for d in dones {
+                d.send(Err(e.clone()));
+            }
+            continue;
+        }
         let (responder, answer) = openraft::impls::ProgressResponder::complete_only();
         let proposed = raft.client_write_ff(batch, Some(responder)).await;
         let failed = failed.clone();
@@ -204,14 +285,7 @@ async fn propose(
             };
             drop(slot);
             if let Err(e) = &result {
-                let mut f = match failed.lock() {
-                    Ok(f) => f,
-                    Err(p) => p.into_inner(),
-                };
-                if f.is_none() {
-                    tracing::warn!(error = %e, "replicated writes stop on this node");
-                    *f = Some(e.clone());
-                }
+                fail(&failed, e.clone());
             }
             for d in dones {
                 d.send(result.clone());

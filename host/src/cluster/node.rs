@@ -1,0 +1,313 @@
+//! One node of a cluster: the data group's Raft, and the broker it runs
+//! while it leads.
+//!
+//! Every node holds the data group's log (`<data>/raft`) and applies it to
+//! its local store (`<data>/store`). The node that leads a term opens a
+//! [`Broker`] on a [`ReplicatedStore`] once its term's first entry is
+//! applied (so its store holds everything committed before), and serves
+//! clients with it; the others refuse clients with `not_leader`, naming
+//! the leader's client address. When the term ends the broker stops: its
+//! store refuses every later write and its connections are closed, and the
+//! clients reconnect to the new leader, which redelivers whatever was not
+//! acked and has every confirmed publish.
+//!
+//! Every node initializes the group with the same membership (the members
+//! of its configuration) when its log is empty; openraft allows this, the
+//! vote makes one of them leader.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use openraft::async_runtime::WatchReceiver;
+use openraft::{BasicNode, Raft};
+use tokio::sync::watch;
+
+use super::data::{DataGroup, DataState, StoreBatch};
+use super::log::SledLog;
+use super::net::{MAX_ENTRIES, QuicNetwork, serve};
+use super::store::{DataRaft, ReplicatedStore};
+use crate::broker::{Broker, BrokerConfig};
+use crate::server::Serving;
+use crate::store::{Store, StoreConfig, StoreError};
+use crate::tls::NodeTls;
+
+/// How long a new leader waits for its term's first entry to apply
+/// before it tries again.
+const LEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// Where its Raft listener is (node to node, QUIC with the cluster CA).
+    pub raft: SocketAddr,
+    /// Where its clients connect (told to clients in `not_leader`).
+    pub client: SocketAddr,
+}
+
+/// What a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// This node's id (at least 1).
+    pub id: u64,
+    /// Every member, this node included.
+    pub members: BTreeMap<u64, Member>,
+    /// The node identity folder (`sluice certs init --node N` writes
+    /// `cluster/node-N/`).
+    pub identity: PathBuf,
+    /// The data directory (`raft/` and `store/` in it).
+    pub dir: PathBuf,
+    /// Raft heartbeat interval.
+    pub heartbeat: Duration,
+    /// Raft election timeout (the lower bound; the upper is twice it).
+    pub election_timeout: Duration,
+}
+
+impl NodeSettings {
+    /// This node's own entry.
+    fn me(&self) -> anyhow::Result<&Member> {
+        self.members
+            .get(&self.id)
+            .with_context(|| format!("node {} is not among the cluster's members", self.id))
+    }
+}
+
+/// What a new leader's broker must do before it serves (register the
+/// configuration's tenants, say); runs on a blocking thread.
+pub type OnLead = Arc<dyn Fn(&Broker) -> anyhow::Result<()> + Send + Sync>;
+
+/// A running node.
+pub struct Node {
+    raft: DataRaft,
+    endpoint: quinn::Endpoint,
+    serving: watch::Receiver<Serving>,
+    lead: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    /// Open the node's log and store, listen for its peers, join (or
+    /// form) the group, and follow its leadership: `config` is the broker
+    /// run while this node leads (its `store` is not used). Needs a tokio
+    /// runtime.
+    pub async fn start(
+        settings: &NodeSettings,
+        config: BrokerConfig,
+        on_lead: OnLead,
+    ) -> anyhow::Result<Node> {
+        let me = settings.me()?.clone();
+        let raft_config = openraft::Config {
+            cluster_name: "sluice".into(),
+            heartbeat_interval: settings.heartbeat.as_millis() as u64,
+            election_timeout_min: settings.election_timeout.as_millis() as u64,
+            election_timeout_max: 2 * settings.election_timeout.as_millis() as u64,
+            max_payload_entries: MAX_ENTRIES,
+            snapshot_policy: openraft::SnapshotPolicy::Never,
+            ..Default::default()
+        }
+        .validate()
+        .context("cluster timings")?;
+        let tls = NodeTls::from_dir(&settings.identity);
+        let server = tls
+            .server_config()
+            .with_context(|| format!("node identity {}", settings.identity.display()))?;
+        let endpoint = quinn::Endpoint::server(server, me.raft)
+            .with_context(|| format!("cannot listen for cluster peers on {}", me.raft))?;
+        let net = QuicNetwork::new(
+            endpoint.clone(),
+            tls.client_config()
+                .with_context(|| format!("node identity {}", settings.identity.display()))?,
+        );
+        let raft_db = sled::Config::new()
+            .path(settings.dir.join("raft"))
+            .open()
+            .with_context(|| format!("opening {}", settings.dir.join("raft").display()))?;
+        let log = SledLog::<DataGroup>::open(&raft_db, "data").context("opening the raft log")?;
+        let store = Arc::new(
+            Store::open(&StoreConfig::new(settings.dir.join("store")))
+                .context("opening the node's store")?,
+        );
+        let state = DataState::new(store);
+        let raft = Raft::new(settings.id, Arc::new(raft_config), net, log, state.clone())
+            .await
+            .context("starting raft")?;
+        tokio::spawn(serve(endpoint.clone(), raft.clone()));
+        let members: BTreeMap<u64, BasicNode> = settings
+            .members
+            .iter()
+            .map(|(id, m)| (*id, BasicNode::new(m.raft.to_string())))
+            .collect();
+        if !raft
+            .is_initialized()
+            .await
+            .context("reading the raft log")?
+        {
+            // Every node with an empty log proposes the same membership.
+            if let Err(e) = raft.initialize(members).await {
+                tracing::debug!(error = %e, "not initializing the group");
+            }
+        }
+        let clients = settings
+            .members
+            .iter()
+            .map(|(id, m)| (*id, m.client.to_string()))
+            .collect();
+        let (tx, serving) = watch::channel(Serving::NotLeader(None));
+        let lead = tokio::spawn(lead(Leading {
+            raft: raft.clone(),
+            state,
+            id: settings.id,
+            clients: Arc::new(clients),
+            config,
+            on_lead,
+            tx,
+        }));
+        Ok(Node {
+            raft,
+            endpoint,
+            serving,
+            lead,
+        })
+    }
+
+    /// What serves this node's clients now, and as it changes.
+    pub fn serving(&self) -> watch::Receiver<Serving> {
+        self.serving.clone()
+    }
+
+    /// The address the node's peers reach it on.
+    pub fn raft_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Stop the broker (if leading) and the group on this node.
+    pub async fn shutdown(self) {
+        self.lead.abort();
+        let _ = self.raft.shutdown().await;
+        self.endpoint.close(0u32.into(), b"node shutting down");
+    }
+}
+
+/// The leadership follower's state.
+struct Leading {
+    raft: DataRaft,
+    state: DataState,
+    id: u64,
+    clients: Arc<BTreeMap<u64, String>>,
+    config: BrokerConfig,
+    on_lead: OnLead,
+    tx: watch::Sender<Serving>,
+}
+
+/// A broker of one term.
+struct Term {
+    term: u64,
+    broker: Broker,
+    store: Arc<ReplicatedStore>,
+}
+
+/// Follow the group's leadership: run a broker while this node leads a
+/// term, refuse clients (naming the leader) otherwise.
+async fn lead(l: Leading) {
+    let mut metrics = l.raft.metrics();
+    let mut current: Option<Term> = None;
+    loop {
+        let (term, leader) = {
+            let m = metrics.borrow_and_update();
+            (m.current_term, m.current_leader)
+        };
+        let leading = leader == Some(l.id);
+        let leader_addr = leader
+            .filter(|n| *n != l.id)
+            .and_then(|n| l.clients.get(&n).cloned());
+        if let Some(t) = current.take_if(|t| !leading || t.term != term) {
+            // New clients are refused first, then the old ones closed.
+            l.tx.send_replace(Serving::NotLeader(leader_addr.clone()));
+            t.store.stop(StoreError::NotLeader {
+                leader: leader_addr.clone(),
+            });
+            let closed = t.broker.close_all("this node is no longer the leader");
+            tracing::info!(term = t.term, closed, "stopped leading");
+        }
+        if leading && current.is_none() {
+            match open(&l, term).await {
+                Ok(t) => {
+                    let m = l.raft.metrics();
+                    let still = {
+                        let m = m.borrow_watched();
+                        m.current_term == term && m.current_leader == Some(l.id)
+                    };
+                    if still {
+                        tracing::info!(term, "leading: serving clients");
+                        l.tx.send_replace(Serving::Broker(t.broker.clone()));
+                        current = Some(t);
+                    } else {
+                        t.store.stop(StoreError::NotLeader { leader: None });
+                        t.broker.close_all("this node is no longer the leader");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(term, error = %e, "cannot serve as leader yet");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            // Whatever happened meanwhile is read at the top.
+            continue;
+        }
+        if current.is_none() {
+            l.tx.send_if_modified(|s| match s {
+                Serving::NotLeader(known) if *known == leader_addr => false,
+                _ => {
+                    *s = Serving::NotLeader(leader_addr.clone());
+                    true
+                }
+            });
+        }
+        if metrics.changed().await.is_err() {
+            break;
+        }
+    }
+    if let Some(t) = current {
+        l.tx.send_replace(Serving::NotLeader(None));
+        t.store.stop(StoreError::Closed);
+        t.broker.close_all("the node is shutting down");
+    }
+}
+
+/// Open the broker of `term`: once this node's store has applied
+/// everything in its log. An empty entry is proposed and waited for: a
+/// leader's log may hold entries committed before a restart that are not
+/// applied yet (a node restarted with its own committed vote leads the
+/// same term again, without a new blank entry), and a broker opened before
+/// they apply would hold a view of the queues they then change.
+async fn open(l: &Leading, term: u64) -> anyhow::Result<Term> {
+    tokio::time::timeout(LEAD_TIMEOUT, l.raft.client_write(StoreBatch::default()))
+        .await
+        .context("waiting for the log to apply")?
+        .context("confirming leadership")?;
+    let store = Arc::new(
+        ReplicatedStore::new(l.raft.clone(), &l.state, (*l.clients).clone())
+            .context("the replicated store")?,
+    );
+    let (config, on_lead, s) = (l.config.clone(), l.on_lead.clone(), store.clone());
+    let opened = tokio::task::spawn_blocking(move || {
+        let broker = Broker::open_with_store(config, s).context("opening the broker")?;
+        on_lead(&broker)?;
+        Ok::<_, anyhow::Error>(broker)
+    })
+    .await
+    .context("opening the broker")?;
+    match opened {
+        Ok(broker) => Ok(Term {
+            term,
+            broker,
+            store,
+        }),
+        Err(e) => {
+            store.stop(StoreError::Closed);
+            Err(e)
+        }
+    }
+}
