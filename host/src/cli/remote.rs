@@ -14,7 +14,8 @@ use sluice_client::{Client, ConnectOptions, QueueSpec};
 /// Where and as whom to connect.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct Conn {
-    /// Broker address.
+    /// Broker address; a cluster's nodes as a comma-separated list (the
+    /// leader among them is found and followed).
     #[arg(
         long,
         env = "SLUICE_SERVER",
@@ -31,21 +32,38 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
+    /// The addresses of `--server` (one, or a cluster's nodes).
+    async fn servers(&self) -> anyhow::Result<Vec<SocketAddr>> {
+        let mut servers = Vec::new();
+        for name in self.server.split(',').map(str::trim) {
+            if name.is_empty() {
+                bail!("--server `{}`: an empty address in the list", self.server);
+            }
+            let addr = tokio::net::lookup_host(name)
+                .await
+                .with_context(|| format!("cannot resolve server address `{name}`"))?
+                .next()
+                .with_context(|| format!("no address for `{name}`"))?;
+            servers.push(addr);
+        }
+        Ok(servers)
+    }
+
     pub(crate) async fn connect(&self) -> anyhow::Result<Client> {
         let identity = self
             .identity
             .as_ref()
             .context("no identity: pass --identity DIR (or set SLUICE_IDENTITY) with cert.pem, key.pem and ca.pem")?;
-        let addr: SocketAddr = tokio::net::lookup_host(&self.server)
-            .await
-            .with_context(|| format!("cannot resolve server address `{}`", self.server))?
-            .next()
-            .with_context(|| format!("no address for `{}`", self.server))?;
+        let servers = self.servers().await?;
         let opts = ConnectOptions {
             tenant: self.tenant.clone(),
             ..ConnectOptions::default()
         };
-        let client = Client::connect_with(addr, identity, opts).await?;
+        let client = if let [addr] = servers[..] {
+            Client::connect_with(addr, identity, opts).await?
+        } else {
+            Client::connect_any(&servers, identity, opts).await?
+        };
         super::track(&client);
         Ok(client)
     }
@@ -246,37 +264,30 @@ pub(crate) struct PublishArgs {
     json: bool,
 }
 
+/// Times `sluice publish` reconnects to a new leader and publishes again
+/// what was not confirmed.
+const FAILOVERS: u32 = 5;
+
+/// Whether a refused or lost publish may succeed on a new leader.
+fn failed_over(e: &sluice_client::ClientError) -> bool {
+    use sluice_client::{ClientError, ErrorCode};
+    match e {
+        ClientError::Server(b) => matches!(b.code, ErrorCode::NotLeader | ErrorCode::ShuttingDown),
+        ClientError::ConnectionLost(_) => true,
+        _ => false,
+    }
+}
+
 pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
-    let client = args.conn.connect().await?;
+    let mut client = args.conn.connect().await?;
+    // With several servers (a cluster), what a failover left unconfirmed
+    // is published again on the new leader (at-least-once).
+    let cluster = args.conn.server.contains(',');
     const WINDOW: usize = 256;
-    let mut pending = FuturesOrdered::new();
     let (mut confirmed, mut failed) = (0u64, 0u64);
     let mut first_error = None;
     let start = std::time::Instant::now();
-    let mut handle = |n: u64, r: Result<u32, sluice_client::ClientError>| -> anyhow::Result<()> {
-        match r {
-            Ok(q) => {
-                confirmed += 1;
-                if args.json {
-                    out!("{}", serde_json::json!({"n": n, "queues": q}));
-                } else if args.count == 1 {
-                    out!("confirmed: stored in {q} queue(s)");
-                }
-            }
-            Err(e) => {
-                failed += 1;
-                if first_error.is_none() {
-                    first_error = Some(e.to_string());
-                }
-            }
-        }
-        Ok(())
-    };
-    for i in 0..args.count {
-        if let Some(rate) = args.rate.filter(|r| *r > 0) {
-            let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
-            tokio::time::sleep_until(due.into()).await;
-        }
+    let payload = |i: u64| {
         let mut payload = match (&args.body, args.count > 1 || args.size.is_some()) {
             (Some(b), _) => b.clone().into_bytes(),
             (None, true) => i.to_string().into_bytes(),
@@ -287,16 +298,60 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         {
             payload.resize(size, b'.');
         }
-        let fut = client.publish(&args.topic, args.headers.clone(), payload);
-        pending.push_back(async move { (i, fut.await) });
-        while pending.len() >= WINDOW {
-            if let Some((n, r)) = pending.next().await {
-                handle(n, r)?;
+        payload
+    };
+    let mut todo: Vec<u64> = (0..args.count).collect();
+    let mut failovers = 0;
+    loop {
+        let mut again = Vec::new();
+        let mut pending = FuturesOrdered::new();
+        let mut handle =
+            |n: u64, r: Result<u32, sluice_client::ClientError>| -> anyhow::Result<()> {
+                match r {
+                    Ok(q) => {
+                        confirmed += 1;
+                        if args.json {
+                            out!("{}", serde_json::json!({"n": n, "queues": q}));
+                        } else if args.count == 1 {
+                            out!("confirmed: stored in {q} queue(s)");
+                        }
+                    }
+                    Err(e) if cluster && failovers < FAILOVERS && failed_over(&e) => again.push(n),
+                    Err(e) => {
+                        failed += 1;
+                        if first_error.is_none() {
+                            first_error = Some(e.to_string());
+                        }
+                    }
+                }
+                Ok(())
+            };
+        for &i in &todo {
+            if let Some(rate) = args.rate.filter(|r| *r > 0) {
+                let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+                tokio::time::sleep_until(due.into()).await;
+            }
+            let fut = client.publish(&args.topic, args.headers.clone(), payload(i));
+            pending.push_back(async move { (i, fut.await) });
+            while pending.len() >= WINDOW {
+                if let Some((n, r)) = pending.next().await {
+                    handle(n, r)?;
+                }
             }
         }
-    }
-    while let Some((n, r)) = pending.next().await {
-        handle(n, r)?;
+        while let Some((n, r)) = pending.next().await {
+            handle(n, r)?;
+        }
+        if again.is_empty() {
+            break;
+        }
+        failovers += 1;
+        eprintln!(
+            "connection to the leader lost: publishing {} unconfirmed message(s) again",
+            again.len()
+        );
+        client = args.conn.connect().await?;
+        todo = again;
     }
     client.close();
     if !args.json && args.count > 1 {

@@ -31,6 +31,17 @@
 //! whatever was not confirmed (delivery is at-least-once, so consumers must
 //! tolerate duplicates). Deliveries that were not acked are redelivered by
 //! the broker, marked `redelivered`.
+//!
+//! # Clusters
+//!
+//! Only a cluster's leader serves clients; the other nodes refuse with
+//! [`ErrorCode::NotLeader`], naming the leader ([`ErrorBody::leader`]).
+//! [`Client::connect_any`] takes several nodes' addresses and finds the
+//! leader, through an election if one is under way. When the leader
+//! fails, its connections are lost and publishes waiting for a confirm
+//! fail (with `not_leader` or [`ClientError::ConnectionLost`]): call
+//! `connect_any` again and publish again what was not confirmed; every
+//! confirmed message is on a majority of the nodes' disks.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -232,6 +243,9 @@ pub struct ConnectOptions {
     pub tenant: Option<String>,
     /// How long to wait for the handshake and hello. Default 10 s.
     pub timeout: Duration,
+    /// How long [`Client::connect_any`] keeps trying the servers (through
+    /// an election, say) before it gives up. Default 30 s.
+    pub failover: Duration,
 }
 
 impl Default for ConnectOptions {
@@ -240,7 +254,26 @@ impl Default for ConnectOptions {
             server_name: "localhost".into(),
             tenant: None,
             timeout: Duration::from_secs(10),
+            failover: Duration::from_secs(30),
         }
+    }
+}
+
+/// One attempt of [`Client::connect_any`] waits at most this long (a
+/// node that is down does not answer at all).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Leader hints one attempt of [`Client::connect_any`] follows in a row.
+const MAX_HINTS: usize = 4;
+
+/// Whether another server (or the same one later) may succeed where this
+/// attempt failed.
+fn retryable(e: &ClientError) -> bool {
+    match e {
+        ClientError::Server(body) => {
+            matches!(body.code, ErrorCode::NotLeader | ErrorCode::ShuttingDown)
+        }
+        ClientError::Identity(_) | ClientError::Protocol(_) => false,
+        _ => true,
     }
 }
 
@@ -252,6 +285,84 @@ impl Client {
     /// Connect to `addr` with the identity folder `identity`.
     pub async fn connect(addr: SocketAddr, identity: &Path) -> Result<Client, ClientError> {
         Self::connect_with(addr, identity, ConnectOptions::default()).await
+    }
+
+    /// Connect to the node of a cluster that leads, given some of its
+    /// nodes' client addresses: a node that does not lead refuses with
+    /// `not_leader` naming the leader, which is tried next; a node that is
+    /// down or electing is skipped, and the round repeated (with backoff)
+    /// until [`ConnectOptions::failover`] has passed. With one server this
+    /// is [`Client::connect_with`] retried through restarts.
+    ///
+    /// After a connection is lost, calling this again finds the new
+    /// leader; publish again whatever was not confirmed (at-least-once).
+    pub async fn connect_any(
+        servers: &[SocketAddr],
+        identity: &Path,
+        opts: ConnectOptions,
+    ) -> Result<Client, ClientError> {
+        if servers.is_empty() {
+            return Err(ClientError::Connect("no server address given".into()));
+        }
+        let deadline = tokio::time::Instant::now() + opts.failover;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            // Every server at once: a node that is down costs one attempt's
+            // timeout in parallel with the others, not in a row.
+            let mut attempts: futures::stream::FuturesUnordered<_> = servers
+                .iter()
+                .map(|&addr| Self::follow_hints(addr, identity, &opts, deadline))
+                .collect();
+            let mut last = None;
+            while let Some(result) = futures::StreamExt::next(&mut attempts).await {
+                match result {
+                    Ok(client) => return Ok(client),
+                    Err(e) if !retryable(&e) => return Err(e),
+                    Err(e) => last = Some(e),
+                }
+            }
+            if tokio::time::Instant::now() + backoff >= deadline {
+                return Err(last.unwrap_or(ClientError::Timeout));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Connect to `addr`, then to the leader each `not_leader` refusal
+    /// names (at most [`MAX_HINTS`] in a row).
+    async fn follow_hints(
+        first: SocketAddr,
+        identity: &Path,
+        opts: &ConnectOptions,
+        deadline: tokio::time::Instant,
+    ) -> Result<Client, ClientError> {
+        let mut addr = first;
+        let mut hints = 0;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let attempt = ConnectOptions {
+                timeout: opts.timeout.min(ATTEMPT_TIMEOUT).min(left),
+                ..opts.clone()
+            };
+            let e = match Self::connect_with(addr, identity, attempt).await {
+                Ok(client) => return Ok(client),
+                Err(e) => e,
+            };
+            let hint = match &e {
+                ClientError::Server(body) => {
+                    body.leader().and_then(|a| a.parse::<SocketAddr>().ok())
+                }
+                _ => None,
+            };
+            match hint {
+                Some(leader) if leader != addr && hints < MAX_HINTS => {
+                    addr = leader;
+                    hints += 1;
+                }
+                _ => return Err(e),
+            }
+        }
     }
 
     /// Connect with options.
@@ -349,6 +460,12 @@ impl Client {
             inner,
             tenant: opts.tenant,
         })
+    }
+
+    /// The address of the server this client is connected to (the leader
+    /// [`Client::connect_any`] found, say).
+    pub fn server_addr(&self) -> SocketAddr {
+        self.inner.conn.remote_address()
     }
 
     /// Who the server says we are.
