@@ -1,0 +1,488 @@
+//! A replicated cluster as users run it: three `sluice serve` processes on
+//! loopback ports, one `[cluster]` configuration, node certificates from
+//! `sluice certs init --node N`, clients that know every node.
+//!
+//! The checker follows Jepsen's queue test: every confirmed message is
+//! delivered at least once, nothing is delivered that was not published,
+//! the first deliveries of one producer's messages come in the order it
+//! published them, and a message is delivered again only marked
+//! `redelivered` or because its publisher sent it again (after losing the
+//! confirm). More rounds: `SLUICE_CLUSTER_ROUNDS` (default 3) and
+//! `SLUICE_CLUSTER_MESSAGES` per round (default 300).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{BIN, Served, env_or, free_port};
+use sluice_client::{Client, ClientError, ConnectOptions, ErrorCode, QueueSpec};
+
+/// Three (or `n`) nodes of one cluster, each a child process.
+struct Cluster {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    clients: Vec<SocketAddr>,
+    nodes: Vec<Option<Served>>,
+}
+
+impl Cluster {
+    /// Certificates and a configuration for `n` nodes; none started.
+    fn new(n: u64) -> Cluster {
+        let mut dir = tempfile::tempdir().unwrap();
+        if std::env::var_os("SLUICE_CLUSTER_KEEP").is_some() {
+            // Keep the nodes' logs and data to look at after the run.
+            dir.disable_cleanup(true);
+            eprintln!("cluster files in {}", dir.path().display());
+        }
+        let mut args = vec!["certs".to_string(), "init".into(), "--out".into()];
+        args.push(dir.path().join("certs").display().to_string());
+        args.extend(["--tenant".into(), "acme".into()]);
+        for id in 1..=n {
+            args.extend(["--node".into(), id.to_string()]);
+        }
+        let st = Command::new(BIN)
+            .args(&args)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let mut used = BTreeSet::new();
+        let mut port = || loop {
+            let p = free_port();
+            if used.insert(p) {
+                return p;
+            }
+        };
+        let mut members = String::new();
+        let mut clients = Vec::new();
+        for id in 1..=n {
+            let (raft, client) = (port(), port());
+            members += &format!("  {{ id = {id}, raft = \"{raft}\", client = \"{client}\" }},\n");
+            clients.push(client);
+        }
+        let config = dir.path().join("cluster.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "certs = {:?}\ndata = {:?}\n\n[cluster]\nmembers = [\n{members}]\n",
+                dir.path().join("certs"),
+                dir.path().join("data"),
+            ),
+        )
+        .unwrap();
+        Cluster {
+            dir,
+            config,
+            clients,
+            nodes: (0..n).map(|_| None).collect(),
+        }
+    }
+
+    fn start(&mut self, id: u64) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log(id))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--node", &id.to_string(), "--config"])
+            .arg(&self.config)
+            .env("SLUICE_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.nodes[id as usize - 1] = Some(Served(child));
+    }
+
+    fn start_all(&mut self) {
+        for id in 1..=self.nodes.len() as u64 {
+            self.start(id);
+        }
+    }
+
+    /// `kill -9` node `id`.
+    fn kill(&mut self, id: u64) {
+        if let Some(mut node) = self.nodes[id as usize - 1].take() {
+            node.0.kill().unwrap();
+            node.0.wait().unwrap();
+        }
+    }
+
+    fn log(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node-{id}.log"))
+    }
+
+    fn identity(&self) -> PathBuf {
+        self.dir.path().join("certs/acme")
+    }
+
+    /// The node a client is connected to.
+    fn node_of(&self, client: &Client) -> u64 {
+        let at = client.server_addr();
+        self.clients
+            .iter()
+            .position(|a| *a == at)
+            .unwrap_or_else(|| panic!("connected to {at}, not a node")) as u64
+            + 1
+    }
+
+    /// Connect to the leader, through elections and restarts.
+    async fn connect(&self) -> Client {
+        let opts = ConnectOptions {
+            failover: Duration::from_secs(90),
+            ..ConnectOptions::default()
+        };
+        match Client::connect_any(&self.clients, &self.identity(), opts).await {
+            Ok(c) => c,
+            Err(e) => panic!("no leader: {e}\n{}", self.logs()),
+        }
+    }
+
+    /// The nodes' logs, for a failure message.
+    fn logs(&self) -> String {
+        (1..=self.nodes.len() as u64)
+            .map(|id| {
+                let text = std::fs::read_to_string(self.log(id)).unwrap_or_default();
+                let tail: Vec<_> = text.lines().rev().take(15).collect();
+                format!(
+                    "--- node {id}\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Publishes in flight at once.
+const WINDOW: usize = 16;
+
+/// Whether a failed publish or request is worth retrying on the new leader.
+fn failover(e: &ClientError) -> bool {
+    match e {
+        ClientError::Server(b) => matches!(b.code, ErrorCode::NotLeader | ErrorCode::ShuttingDown),
+        ClientError::ConnectionLost(_) | ClientError::Timeout => true,
+        _ => false,
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A small deterministic generator (the seed is printed, so a failing run
+/// can be repeated with `SLUICE_CLUSTER_SEED`).
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n.max(1)
+    }
+}
+
+/// What the consumer saw: (producer sequence number, redelivered) in
+/// delivery order.
+type Seen = Arc<Mutex<Vec<(u64, bool)>>>;
+
+/// Consume `queue` and ack everything, reconnecting to each new leader,
+/// until `stop` is set.
+async fn consume(cluster: Arc<Mutex<Option<Vec<SocketAddr>>>>, identity: PathBuf, seen: Seen) {
+    loop {
+        let Some(servers) = cluster.lock().unwrap().clone() else {
+            return;
+        };
+        let opts = ConnectOptions {
+            failover: Duration::from_secs(5),
+            ..ConnectOptions::default()
+        };
+        let Ok(client) = Client::connect_any(&servers, &identity, opts).await else {
+            continue;
+        };
+        let Ok(mut sub) = client.subscribe("jepsen", 64).await else {
+            continue;
+        };
+        loop {
+            let next = tokio::time::timeout(Duration::from_millis(500), sub.next()).await;
+            match next {
+                Ok(Some(d)) => {
+                    let seq = std::str::from_utf8(&d.payload)
+                        .ok()
+                        .and_then(|s| s.strip_prefix("p0-"))
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(u64::MAX);
+                    seen.lock().unwrap().push((seq, d.redelivered));
+                    sub.ack(d.tag);
+                }
+                Ok(None) => break,
+                Err(_) if cluster.lock().unwrap().is_none() => return,
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// Publish `seqs` in order, pipelined; after `kill_after` confirms, kill
+/// the leader the publisher is connected to. What was not confirmed is
+/// published again on the new leader until everything is. Returns the
+/// node killed.
+async fn publish_round(
+    cluster: &mut Cluster,
+    client: &mut Client,
+    seqs: std::ops::Range<u64>,
+    kill_after: u64,
+    attempts: &mut BTreeMap<u64, u32>,
+    confirmed: &mut BTreeSet<u64>,
+) -> Option<u64> {
+    let mut todo: Vec<u64> = seqs.collect();
+    let mut killed = None;
+    let mut tries = 0;
+    while !todo.is_empty() {
+        tries += 1;
+        assert!(tries < 50, "publishes never confirmed\n{}", cluster.logs());
+        // A window of publishes in flight, so the kill lands among them.
+        let mut next = todo.into_iter();
+        let mut pending = std::collections::VecDeque::new();
+        let mut failed = Vec::new();
+        loop {
+            while pending.len() < WINDOW {
+                let Some(seq) = next.next() else { break };
+                *attempts.entry(seq).or_default() += 1;
+                let payload = format!("p0-{seq}").into_bytes();
+                pending.push_back((seq, client.publish("jepsen.orders", vec![], payload)));
+            }
+            let Some((seq, confirm)) = pending.pop_front() else {
+                break;
+            };
+            match confirm.await {
+                Ok(1) => {
+                    confirmed.insert(seq);
+                }
+                Ok(n) => panic!("message {seq} stored in {n} queues"),
+                Err(e) if failover(&e) => failed.push(seq),
+                Err(e) => panic!("publish {seq}: {e}"),
+            }
+            if killed.is_none() && confirmed.len() as u64 >= kill_after {
+                let leader = cluster.node_of(client);
+                cluster.kill(leader);
+                killed = Some(leader);
+            }
+        }
+        if !failed.is_empty() {
+            *client = cluster.connect().await;
+        }
+        todo = failed;
+    }
+    killed
+}
+
+#[test]
+fn killing_the_leader_loses_no_confirmed_message() {
+    let rounds = env_or("SLUICE_CLUSTER_ROUNDS", 3);
+    let per_round = env_or("SLUICE_CLUSTER_MESSAGES", 300);
+    let seed = env_or(
+        "SLUICE_CLUSTER_SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    );
+    let mut rng = Lcg(seed);
+    let mut cluster = Cluster::new(3);
+    cluster.start_all();
+    runtime().block_on(async {
+        let mut client = cluster.connect().await;
+        client.declare(QueueSpec::new("jepsen")).await.unwrap();
+        client.bind("jepsen", "jepsen.>").await.unwrap();
+
+        let servers = Arc::new(Mutex::new(Some(cluster.clients.clone())));
+        let seen: Seen = Arc::default();
+        let consumer = tokio::spawn(consume(servers.clone(), cluster.identity(), seen.clone()));
+
+        let (mut attempts, mut confirmed) = (BTreeMap::new(), BTreeSet::new());
+        for round in 0..rounds {
+            let seqs = round * per_round..(round + 1) * per_round;
+            let kill_after = confirmed.len() as u64 + rng.below(per_round);
+            let killed = publish_round(
+                &mut cluster,
+                &mut client,
+                seqs,
+                kill_after,
+                &mut attempts,
+                &mut confirmed,
+            )
+            .await;
+            if let Some(id) = killed {
+                cluster.start(id);
+            }
+        }
+
+        // Every confirmed message reaches the consumer (bounded by progress,
+        // not by a wall-clock verdict on speed).
+        let mut last = (0, Instant::now());
+        loop {
+            let got: BTreeSet<u64> = seen.lock().unwrap().iter().map(|(s, _)| *s).collect();
+            if confirmed.is_subset(&got) {
+                break;
+            }
+            if got.len() != last.0 {
+                last = (got.len(), Instant::now());
+            }
+            assert!(
+                last.1.elapsed() < Duration::from_secs(60),
+                "consumer stuck: {} of {} confirmed messages delivered (seed {seed})\n{}",
+                confirmed.intersection(&got).count(),
+                confirmed.len(),
+                cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        *servers.lock().unwrap() = None;
+        consumer.await.unwrap();
+
+        // The checker.
+        let seen = seen.lock().unwrap().clone();
+        let mut firsts = Vec::new();
+        let mut plain: BTreeMap<u64, u32> = BTreeMap::new();
+        for (seq, redelivered) in &seen {
+            assert!(
+                attempts.contains_key(seq),
+                "message {seq} delivered but never published (seed {seed})"
+            );
+            if !redelivered {
+                *plain.entry(*seq).or_default() += 1;
+            }
+            if !firsts.contains(seq) {
+                firsts.push(*seq);
+            }
+        }
+        let mut order = firsts.clone();
+        order.sort_unstable();
+        assert_eq!(
+            firsts, order,
+            "first deliveries out of publish order (seed {seed})"
+        );
+        for (seq, n) in &plain {
+            assert!(
+                *n <= attempts[seq],
+                "message {seq} delivered {n} times unmarked but published {} times (seed {seed})",
+                attempts[seq]
+            );
+        }
+        let resent = attempts.values().filter(|n| **n > 1).count();
+        let redelivered = seen.iter().filter(|(_, r)| *r).count();
+        println!(
+            "cluster: {rounds} rounds, {} confirmed of {} published ({resent} sent again after failover), {} deliveries ({redelivered} redelivered), 0 lost, 0 invented, order kept (seed {seed})",
+            confirmed.len(),
+            attempts.len(),
+            seen.len(),
+        );
+    });
+}
+
+#[test]
+fn with_two_of_three_down_nothing_is_confirmed_and_nothing_confirmed_is_lost() {
+    let mut cluster = Cluster::new(3);
+    cluster.start_all();
+    runtime().block_on(async {
+        let client = cluster.connect().await;
+        client.declare(QueueSpec::new("jepsen")).await.unwrap();
+        client.bind("jepsen", "jepsen.>").await.unwrap();
+        for i in 0..100u64 {
+            let n = client
+                .publish("jepsen.a", vec![], format!("p0-{i}").into_bytes())
+                .await
+                .unwrap();
+            assert_eq!(n, 1);
+        }
+        let leader = cluster.node_of(&client);
+        let followers: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+        for f in &followers {
+            cluster.kill(*f);
+        }
+        // Without a quorum the leader cannot commit: no confirm comes
+        // (however long we wait; 3 s here), and whatever it says, it is
+        // not a confirm.
+        let pending = client.publish("jepsen.a", vec![], b"p0-100".to_vec());
+        let early = tokio::time::timeout(Duration::from_secs(3), pending).await;
+        assert!(
+            !matches!(early, Ok(Ok(_))),
+            "a publish was confirmed without a quorum"
+        );
+        // One follower back: a quorum again; every confirmed message is there.
+        cluster.start(followers[0]);
+        let client = cluster.connect().await;
+        let mut sub = client.subscribe("jepsen", 256).await.unwrap();
+        let want: BTreeSet<String> = (0..100).map(|i| format!("p0-{i}")).collect();
+        let mut got = BTreeSet::new();
+        while !want.is_subset(&got) {
+            let d = tokio::time::timeout(Duration::from_secs(30), sub.next())
+                .await
+                .unwrap_or_else(|_| {
+                    let n = want.intersection(&got).count();
+                    panic!(
+                        "only {n} of 100 confirmed messages delivered\n{}",
+                        cluster.logs()
+                    )
+                })
+                .expect("subscription open");
+            got.insert(String::from_utf8(d.payload).unwrap());
+            sub.ack(d.tag);
+        }
+    });
+}
+
+#[test]
+fn a_follower_refuses_clients_naming_the_leader_and_the_cli_follows_it() {
+    let mut cluster = Cluster::new(3);
+    cluster.start_all();
+    runtime().block_on(async {
+        let client = cluster.connect().await;
+        let leader = cluster.node_of(&client);
+        let follower = (1..=3u64).find(|n| *n != leader).unwrap();
+        let e = Client::connect(cluster.clients[follower as usize - 1], &cluster.identity())
+            .await
+            .err()
+            .expect("a follower refuses");
+        let ClientError::Server(body) = &e else {
+            panic!("expected a refusal, got {e}")
+        };
+        assert_eq!(body.code, ErrorCode::NotLeader);
+        assert_eq!(
+            body.leader(),
+            Some(cluster.clients[leader as usize - 1].to_string().as_str()),
+            "{body}"
+        );
+    });
+    // The CLI with every node, in any order, finds the leader.
+    let servers: Vec<String> = cluster
+        .clients
+        .iter()
+        .rev()
+        .map(|a| a.to_string())
+        .collect();
+    let out = Command::new(BIN)
+        .args(["queue", "declare", "orders", "--server", &servers.join(",")])
+        .arg("--identity")
+        .arg(cluster.identity())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
