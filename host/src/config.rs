@@ -81,6 +81,9 @@ pub struct FileConfig {
     pub plugin_cpu_share: Option<f64>,
     /// Threads for the work of tenants over their CPU share (default 2).
     pub low_priority_threads: Option<usize>,
+    /// sled page cache of the message store, MiB (default 64; a cluster
+    /// node's Raft log gets one as large).
+    pub store_cache_mib: Option<u64>,
     /// Tenants registered (or updated) at start, with their quotas.
     #[serde(default)]
     pub tenants: Vec<TenantEntry>,
@@ -174,6 +177,9 @@ impl FileConfig {
         }
         if let Some(n) = self.low_priority_threads {
             config.low_priority_threads = at_least_one("low_priority_threads", n)?;
+        }
+        if let Some(n) = self.store_cache_mib {
+            config.store.cache_capacity = at_least_one("store_cache_mib", n)? << 20;
         }
         let sb = &mut config.sandbox;
         if let Some(n) = self.plugin_pool_instances {

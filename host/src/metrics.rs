@@ -363,17 +363,23 @@ fn render_serving(serving: &crate::server::Serving) -> String {
     }
 }
 
+/// More metrics text appended to every response (a cluster node's Raft
+/// gauges).
+pub type Extra = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
+
 /// Serve `GET /metrics` on `addr` (plain HTTP/1.1, one response per
-/// connection) for whatever `serving` holds at each request.
+/// connection) for whatever `serving` holds at each request, and `extra`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     serving: tokio::sync::watch::Receiver<crate::server::Serving>,
+    extra: Option<Extra>,
 ) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             continue;
         };
         let now = serving.borrow().clone();
+        let extra = extra.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
             let n =
@@ -385,7 +391,10 @@ pub async fn serve(
                 };
             let request = String::from_utf8_lossy(&buf[..n]);
             let (status, body) = match request.split_whitespace().nth(1) {
-                Some("/metrics") => ("200 OK", render_serving(&now)),
+                Some("/metrics") => (
+                    "200 OK",
+                    render_serving(&now) + &extra.map(|f| f()).unwrap_or_default(),
+                ),
                 _ => ("404 Not Found", "try /metrics\n".to_string()),
             };
             let head = format!(

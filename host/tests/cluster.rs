@@ -27,7 +27,14 @@ struct Cluster {
     dir: tempfile::TempDir,
     config: PathBuf,
     clients: Vec<SocketAddr>,
+    metrics: Vec<SocketAddr>,
     nodes: Vec<Option<Served>>,
+}
+
+/// A loopback TCP port nobody uses right now.
+fn free_tcp_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
 }
 
 impl Cluster {
@@ -69,7 +76,7 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "certs = {:?}\ndata = {:?}\n\n[cluster]\nmembers = [\n{members}]\n",
+                "certs = {:?}\ndata = {:?}\n# Small caches: the catch-up test measures a node's memory.\nstore_cache_mib = 8\n\n[cluster]\nmembers = [\n{members}]\n",
                 dir.path().join("certs"),
                 dir.path().join("data"),
             ),
@@ -79,6 +86,7 @@ impl Cluster {
             dir,
             config,
             clients,
+            metrics: (0..n).map(|_| free_tcp_port()).collect(),
             nodes: (0..n).map(|_| None).collect(),
         }
     }
@@ -92,6 +100,8 @@ impl Cluster {
         let child = Command::new(BIN)
             .args(["serve", "--node", &id.to_string(), "--config"])
             .arg(&self.config)
+            .arg("--metrics")
+            .arg(self.metrics[id as usize - 1].to_string())
             .env("SLUICE_LOG", "info")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -120,6 +130,26 @@ impl Cluster {
 
     fn identity(&self) -> PathBuf {
         self.dir.path().join("certs/acme")
+    }
+
+    /// One gauge of node `id`'s Prometheus metrics (`None`: not reachable
+    /// or not there).
+    fn gauge(&self, id: u64, name: &str) -> Option<u64> {
+        use std::io::{Read, Write};
+        let mut sock = std::net::TcpStream::connect(self.metrics[id as usize - 1]).ok()?;
+        sock.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        sock.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+        let mut text = String::new();
+        sock.read_to_string(&mut text).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    fn pid(&self, id: u64) -> u32 {
+        self.nodes[id as usize - 1]
+            .as_ref()
+            .expect("node running")
+            .id()
     }
 
     /// The node a client is connected to.
@@ -467,6 +497,41 @@ fn a_follower_refuses_clients_naming_the_leader_and_the_cli_follows_it() {
             "{body}"
         );
     });
+    // `sluice cluster status` (administrators) from whichever node leads.
+    let servers_all: Vec<String> = cluster.clients.iter().map(|a| a.to_string()).collect();
+    let out = Command::new(BIN)
+        .args([
+            "cluster",
+            "status",
+            "--json",
+            "--server",
+            &servers_all.join(","),
+        ])
+        .arg("--identity")
+        .arg(cluster.dir.path().join("certs/admin"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["role"], "leader", "{status}");
+    assert_eq!(status["members"], serde_json::json!([1, 2, 3]), "{status}");
+    assert_eq!(status["followers"].as_array().unwrap().len(), 2, "{status}");
+    let out = Command::new(BIN)
+        .args(["cluster", "status", "--server", &servers_all.join(",")])
+        .arg("--identity")
+        .arg(cluster.identity())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("for administrators"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The CLI with every node, in any order, finds the leader.
     let servers: Vec<String> = cluster
         .clients
@@ -485,4 +550,78 @@ fn a_follower_refuses_clients_naming_the_leader_and_the_cli_follows_it() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Payload bytes of each backlog message.
+const PAYLOAD: usize = 4096;
+
+#[test]
+fn a_follower_down_during_a_backlog_catches_up_from_the_log() {
+    let n = env_or("SLUICE_CLUSTER_BACKLOG", 20_000);
+    let mut cluster = Cluster::new(3);
+    cluster.start_all();
+    runtime().block_on(async {
+        let client = cluster.connect().await;
+        client.declare(QueueSpec::new("backlog")).await.unwrap();
+        client.bind("backlog", "backlog.>").await.unwrap();
+        let leader = cluster.node_of(&client);
+        let down = (1..=3u64).find(|id| *id != leader).unwrap();
+        cluster.kill(down);
+        // The backlog builds up while the follower is down (a majority of
+        // two confirms it).
+        let mut pending = std::collections::VecDeque::new();
+        for i in 0..n {
+            let mut payload = format!("m{i:08}").into_bytes();
+            payload.resize(PAYLOAD, b'.');
+            pending.push_back(client.publish("backlog.x", vec![], payload));
+            if pending.len() >= 256 {
+                assert_eq!(pending.pop_front().unwrap().await.unwrap(), 1);
+            }
+        }
+        for p in pending {
+            assert_eq!(p.await.unwrap(), 1);
+        }
+        let target = cluster
+            .gauge(leader, "sluice_raft_last_log_index")
+            .expect("the leader's metrics");
+        cluster.start(down);
+        let pid = cluster.pid(down);
+        // Caught up once its store has applied the leader's whole log;
+        // bounded by progress, not by speed.
+        let (mut peak, mut last) = (0u64, (0u64, Instant::now()));
+        loop {
+            peak = peak.max(common::rss_kib(pid));
+            let applied = cluster.gauge(down, "sluice_raft_applied_index").unwrap_or(0);
+            if applied >= target {
+                break;
+            }
+            if applied != last.0 {
+                last = (applied, Instant::now());
+            }
+            assert!(
+                last.1.elapsed() < Duration::from_secs(60),
+                "the follower is stuck at {applied} of {target}\n{}",
+                cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Memory is measured, not bounded here yet: with 8 MiB caches the
+        // follower still peaks at about 1.7x the backlog (issue 13's
+        // remaining work; the log is read and applied in pieces, so it is
+        // not the replay that holds it).
+        let backlog_kib = n * PAYLOAD as u64 / 1024;
+        // The leader sees it caught up too.
+        let admin = cluster.dir.path().join("certs/admin");
+        let opts = ConnectOptions::default();
+        let admin = Client::connect_any(&cluster.clients, &admin, opts).await.unwrap();
+        let status = admin.cluster_status().await.unwrap();
+        assert_eq!(status.role, "leader");
+        let f = status.followers.iter().find(|f| f.node == down).unwrap();
+        assert!(f.matched.unwrap_or(0) >= target, "{status:?}");
+        println!(
+            "cluster catch-up: {n} messages ({} MiB), {target} log entries replayed, follower RSS peak {} MiB",
+            backlog_kib / 1024,
+            peak / 1024,
+        );
+    });
 }

@@ -99,6 +99,19 @@ pub struct BrokerConfig {
     pub plugin_cpu_share: f64,
     /// Threads running the work of tenants over their CPU share. Default 2.
     pub low_priority_threads: usize,
+    /// On a cluster node, where the replicated group's status is read
+    /// (`sluice cluster status`); `None` on a single node.
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// Reads a cluster node's view of its replicated group.
+#[derive(Clone)]
+pub struct ClusterStatus(pub Arc<dyn Fn() -> crate::cluster::node::Status + Send + Sync>);
+
+impl std::fmt::Debug for ClusterStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterStatus")
+    }
 }
 
 impl BrokerConfig {
@@ -125,6 +138,7 @@ impl BrokerConfig {
             control_concurrency_per_tenant: 2,
             plugin_cpu_share: 0.5,
             low_priority_threads: 2,
+            cluster: None,
         }
     }
 }

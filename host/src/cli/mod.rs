@@ -2,6 +2,7 @@
 //! stderr with a non-zero exit code.
 
 mod bench;
+mod cluster;
 mod demo;
 mod plugin;
 mod remote;
@@ -93,6 +94,8 @@ enum Command {
     Tenant(tenant::TenantArgs),
     /// Load a running broker and report throughput and end-to-end latency.
     Bench(bench::BenchArgs),
+    /// A replicated cluster's state (admin identities).
+    Cluster(cluster::ClusterArgs),
 }
 
 /// Parse the arguments, run the command, and turn any error into one line.
@@ -105,7 +108,9 @@ pub fn main() -> ExitCode {
         Command::Plugin(p) if matches!(p.cmd, plugin::PluginCommand::Test { .. }) => {
             "warn,sluice::plugin=trace"
         }
-        _ => "warn",
+        // openraft warns at every failed heartbeat (ten a second while a
+        // peer is down); a node's own lines say when it leads or stops.
+        _ => "warn,openraft=error,sluice::cluster=info",
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -129,6 +134,7 @@ pub fn main() -> ExitCode {
             Command::Stats(args) => remote::stats(&args.conn, args.json, args.watch).await,
             Command::Tenant(args) => tenant::run(&args.conn, args.cmd).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Cluster(args) => cluster::run(&args.conn, args.cmd).await,
         };
         close_all().await;
         result

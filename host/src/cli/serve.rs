@@ -189,7 +189,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some((addr, listener)) = metrics {
         let (_, serving) =
             tokio::sync::watch::channel(crate::server::Serving::Broker(running.broker.clone()));
-        tokio::spawn(crate::metrics::serve(listener, serving));
+        tokio::spawn(crate::metrics::serve(listener, serving, None));
         say!("metrics on http://{addr}/metrics");
     }
     register_tenants(&running.broker, &file.tenants)?;
@@ -299,7 +299,9 @@ async fn serve_node(
         settings.dir.display()
     );
     if let Some((addr, listener)) = metrics {
-        tokio::spawn(crate::metrics::serve(listener, node.serving()));
+        let status = node.status_source();
+        let extra: crate::metrics::Extra = std::sync::Arc::new(move || status().prometheus());
+        tokio::spawn(crate::metrics::serve(listener, node.serving(), Some(extra)));
         say!("metrics on http://{addr}/metrics");
     }
     let serving = node.serving();

@@ -41,6 +41,9 @@ openraft::declare_raft_types!(
 const APPLIED: &str = "cluster/applied";
 /// Metadata key of the applied membership.
 const MEMBERSHIP: &str = "cluster/membership";
+/// Payload bytes of committed entries applied in one piece, at most (one
+/// larger entry goes alone).
+const APPLY_BYTES: usize = 8 << 20;
 /// Metadata key of the next queue id to hand out.
 pub(crate) const NEXT_QUEUE_ID: &str = "cluster/next-queue-id";
 
@@ -233,48 +236,8 @@ impl DataState {
         flush(&mut appends)
     }
 
-    /// The next queue id, as applied here.
-    pub fn next_queue_id(&self) -> io::Result<QueueId> {
-        Ok(self.get_meta(NEXT_QUEUE_ID)?.unwrap_or(0))
-    }
-}
-
-impl RaftSnapshotBuilder<DataGroup> for DataState {
-    type SnapshotData = Cursor<Vec<u8>>;
-
-    async fn build_snapshot(
-        &mut self,
-    ) -> Result<SnapshotOf<DataGroup, Self::SnapshotData>, io::Error> {
-        // The group's log is never purged (snapshots are off), so no
-        // follower ever needs one.
-        Err(io_error(
-            "build a snapshot of the data group",
-            "not supported yet: the log is kept whole",
-        ))
-    }
-}
-
-impl RaftStateMachine<DataGroup> for DataState {
-    type SnapshotData = Cursor<Vec<u8>>;
-    type SnapshotBuilder = Self;
-
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogIdOf<DataGroup>>, StoredMembershipOf<DataGroup>), io::Error> {
-        self.applied()
-    }
-
-    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
-    where
-        Strm: Stream<Item = Result<EntryResponder<DataGroup>, io::Error>> + Unpin + OptionalSend,
-    {
-        let mut batch = Vec::new();
-        while let Some(item) = entries.try_next().await? {
-            batch.push(item);
-        }
-        if batch.is_empty() {
-            return Ok(());
-        }
+    /// Apply `batch` on a blocking thread and answer its responders.
+    async fn apply_batch(&self, batch: Vec<EntryResponder<DataGroup>>) -> io::Result<()> {
         let state = self.clone();
         let responders = tokio::task::spawn_blocking(move || -> io::Result<_> {
             let mut applied = None;
@@ -315,6 +278,70 @@ impl RaftStateMachine<DataGroup> for DataState {
         .map_err(|e| io_error("apply to the data state", e))??;
         for r in responders {
             r.send(Applied);
+        }
+        Ok(())
+    }
+
+    /// The next queue id, as applied here.
+    pub fn next_queue_id(&self) -> io::Result<QueueId> {
+        Ok(self.get_meta(NEXT_QUEUE_ID)?.unwrap_or(0))
+    }
+}
+
+impl RaftSnapshotBuilder<DataGroup> for DataState {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn build_snapshot(
+        &mut self,
+    ) -> Result<SnapshotOf<DataGroup, Self::SnapshotData>, io::Error> {
+        // The group's log is never purged (snapshots are off), so no
+        // follower ever needs one.
+        Err(io_error(
+            "build a snapshot of the data group",
+            "not supported yet: the log is kept whole",
+        ))
+    }
+}
+
+impl RaftStateMachine<DataGroup> for DataState {
+    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogIdOf<DataGroup>>, StoredMembershipOf<DataGroup>), io::Error> {
+        self.applied()
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<DataGroup>, io::Error>> + Unpin + OptionalSend,
+    {
+        // Applied in pieces of at most APPLY_BYTES: a node catching up is
+        // handed its whole backlog of committed entries at once, which
+        // must not be read into memory together.
+        let mut done = false;
+        while !done {
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            while bytes < APPLY_BYTES {
+                match entries.try_next().await? {
+                    Some(item) => {
+                        if let EntryPayload::Normal(b) = &item.0.payload {
+                            bytes += b.ops.iter().map(StoreOp::size).sum::<usize>();
+                        }
+                        batch.push(item);
+                    }
+                    None => {
+                        done = true;
+                        break;
+                    }
+                }
+            }
+            if batch.is_empty() {
+                break;
+            }
+            self.apply_batch(batch).await?;
         }
         Ok(())
     }

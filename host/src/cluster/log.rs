@@ -116,10 +116,56 @@ impl<C: RaftTypeConfig> RaftLogReader<C> for SledLog<C> {
         Ok(out)
     }
 
+    /// Entries read [`STREAM_PIECE`] at a time (openraft's default reads
+    /// the whole range first: a node applying a backlog of committed
+    /// entries would hold all of it in memory).
+    async fn entries_stream<RB>(
+        &mut self,
+        range: RB,
+    ) -> impl futures::Stream<Item = Result<C::Entry, io::Error>> + OptionalSend
+    where
+        RB: RangeBounds<u64> + Clone + Debug + OptionalSend,
+    {
+        use futures::StreamExt;
+        let start = match range.start_bound() {
+            Bound::Included(&i) => i,
+            Bound::Excluded(&i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&i) => i.saturating_add(1),
+            Bound::Excluded(&i) => i,
+            Bound::Unbounded => u64::MAX,
+        };
+        futures::stream::unfold((self.clone(), start), move |(mut log, next)| async move {
+            if next >= end {
+                return None;
+            }
+            let upto = next.saturating_add(STREAM_PIECE).min(end);
+            let piece: Vec<Result<C::Entry, io::Error>> =
+                match log.try_get_log_entries(next..upto).await {
+                    // Unbounded: an empty piece is the end of the log.
+                    Ok(v) if v.is_empty() && end == u64::MAX => return None,
+                    Ok(v) => v.into_iter().map(Ok).collect(),
+                    Err(e) => vec![Err(e)],
+                };
+            let next = if piece.iter().any(Result::is_err) {
+                end
+            } else {
+                upto
+            };
+            Some((futures::stream::iter(piece), (log, next)))
+        })
+        .flatten()
+    }
+
     async fn read_vote(&mut self) -> Result<Option<VoteOf<C>>, io::Error> {
         self.get_meta(VOTE)
     }
 }
+
+/// Log entries read at once by [`SledLog`]'s entry stream.
+const STREAM_PIECE: u64 = 16;
 
 impl<C: RaftTypeConfig> RaftLogStorage<C> for SledLog<C> {
     type LogReader = Self;

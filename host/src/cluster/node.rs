@@ -90,8 +90,8 @@ pub struct Node {
 impl Node {
     /// Open the node's log and store, listen for its peers, join (or
     /// form) the group, and follow its leadership: `config` is the broker
-    /// run while this node leads (its `store` is not used). Needs a tokio
-    /// runtime.
+    /// run while this node leads (its `store` is not used; its `cluster`
+    /// is set to this node's status). Needs a tokio runtime.
     pub async fn start(
         settings: &NodeSettings,
         config: BrokerConfig,
@@ -120,15 +120,19 @@ impl Node {
             tls.client_config()
                 .with_context(|| format!("node identity {}", settings.identity.display()))?,
         );
+        // sled's default page cache is 1 GiB: a node catching up would
+        // hold that much of the log it replays. The log gets the store's.
         let raft_db = sled::Config::new()
             .path(settings.dir.join("raft"))
+            .cache_capacity(config.store.cache_capacity)
             .open()
             .with_context(|| format!("opening {}", settings.dir.join("raft").display()))?;
         let log = SledLog::<DataGroup>::open(&raft_db, "data").context("opening the raft log")?;
-        let store = Arc::new(
-            Store::open(&StoreConfig::new(settings.dir.join("store")))
-                .context("opening the node's store")?,
-        );
+        let store_config = StoreConfig {
+            dir: settings.dir.join("store"),
+            ..config.store.clone()
+        };
+        let store = Arc::new(Store::open(&store_config).context("opening the node's store")?);
         let state = DataState::new(store);
         let raft = Raft::new(settings.id, Arc::new(raft_config), net, log, state.clone())
             .await
@@ -154,6 +158,11 @@ impl Node {
             .iter()
             .map(|(id, m)| (*id, m.client.to_string()))
             .collect();
+        let mut config = config;
+        let status_raft = raft.clone();
+        config.cluster = Some(crate::broker::ClusterStatus(Arc::new(move || {
+            Status::of(&status_raft)
+        })));
         let (tx, serving) = watch::channel(Serving::NotLeader(None));
         let lead = tokio::spawn(lead(Leading {
             raft: raft.clone(),
@@ -177,6 +186,18 @@ impl Node {
         self.serving.clone()
     }
 
+    /// The group as this node sees it now.
+    pub fn status(&self) -> Status {
+        Status::of(&self.raft)
+    }
+
+    /// A way to read [`Node::status`] that outlives borrows of the node
+    /// (for the metrics endpoint and the broker's status request).
+    pub fn status_source(&self) -> impl Fn() -> Status + Send + Sync + 'static {
+        let raft = self.raft.clone();
+        move || Status::of(&raft)
+    }
+
     /// The address the node's peers reach it on.
     pub fn raft_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
@@ -187,6 +208,122 @@ impl Node {
         self.lead.abort();
         let _ = self.raft.shutdown().await;
         self.endpoint.close(0u32.into(), b"node shutting down");
+    }
+}
+
+/// The data group as one node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// This node.
+    pub node: u64,
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub role: &'static str,
+    /// Current term.
+    pub term: u64,
+    /// The leader this node knows of.
+    pub leader: Option<u64>,
+    /// Index of the last entry in this node's log.
+    pub last_log: u64,
+    /// Index of the last entry this node knows committed.
+    pub committed: u64,
+    /// Index of the last entry applied to this node's store.
+    pub applied: u64,
+    /// Voting members.
+    pub members: Vec<u64>,
+    /// On the leader: each other member and the last index it is known to
+    /// hold (`None`: nothing acknowledged yet).
+    pub followers: Vec<(u64, Option<u64>)>,
+}
+
+impl Status {
+    fn of(raft: &DataRaft) -> Status {
+        let m = raft.metrics();
+        let m = m.borrow_watched();
+        let index = |l: &Option<openraft::type_config::alias::LogIdOf<DataGroup>>| {
+            l.as_ref().map_or(0, |l| l.index())
+        };
+        Status {
+            node: m.id,
+            role: match m.state {
+                openraft::ServerState::Leader => "leader",
+                openraft::ServerState::Follower => "follower",
+                openraft::ServerState::Candidate => "candidate",
+                openraft::ServerState::Learner => "learner",
+                openraft::ServerState::Shutdown => "shutdown",
+            },
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log: m.last_log_index.unwrap_or(0),
+            committed: index(&m.cluster_committed),
+            applied: index(&m.last_applied),
+            members: m.membership_config.voter_ids().collect(),
+            followers: m
+                .replication
+                .as_ref()
+                .map(|r| {
+                    r.iter()
+                        .filter(|(id, _)| **id != m.id)
+                        .map(|(id, l)| (*id, l.as_ref().map(|l| l.index())))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Prometheus text for this status.
+    pub fn prometheus(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        gauge(
+            &mut out,
+            "sluice_raft_term",
+            "Current Raft term of the data group (it grows with each election).",
+            self.term,
+        );
+        gauge(
+            &mut out,
+            "sluice_raft_leader",
+            "Node id of the leader this node knows (0: none).",
+            self.leader.unwrap_or(0),
+        );
+        gauge(
+            &mut out,
+            "sluice_raft_is_leader",
+            "1 if this node leads the data group.",
+            u64::from(self.role == "leader"),
+        );
+        gauge(
+            &mut out,
+            "sluice_raft_last_log_index",
+            "Index of the last entry in this node's log.",
+            self.last_log,
+        );
+        gauge(
+            &mut out,
+            "sluice_raft_committed_index",
+            "Index of the last entry this node knows committed.",
+            self.committed,
+        );
+        gauge(
+            &mut out,
+            "sluice_raft_applied_index",
+            "Index of the last entry applied to this node's store.",
+            self.applied,
+        );
+        if !self.followers.is_empty() {
+            let _ = writeln!(
+                out,
+                "# HELP sluice_raft_follower_lag Entries the leader has that a follower is not known to hold.\n# TYPE sluice_raft_follower_lag gauge"
+            );
+            for (id, matched) in &self.followers {
+                let lag = self.last_log.saturating_sub(matched.unwrap_or(0));
+                let _ = writeln!(out, "sluice_raft_follower_lag{{follower=\"{id}\"}} {lag}");
+            }
+        }
+        out
     }
 }
 
@@ -229,7 +366,7 @@ async fn lead(l: Leading) {
                 leader: leader_addr.clone(),
             });
             let closed = t.broker.close_all("this node is no longer the leader");
-            tracing::info!(term = t.term, closed, "stopped leading");
+            tracing::info!(node = l.id, term = t.term, closed, "stopped leading");
         }
         if leading && current.is_none() {
             match open(&l, term).await {
@@ -240,7 +377,7 @@ async fn lead(l: Leading) {
                         m.current_term == term && m.current_leader == Some(l.id)
                     };
                     if still {
-                        tracing::info!(term, "leading: serving clients");
+                        tracing::info!(node = l.id, term, "leading: serving clients");
                         l.tx.send_replace(Serving::Broker(t.broker.clone()));
                         current = Some(t);
                     } else {
@@ -249,8 +386,18 @@ async fn lead(l: Leading) {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(term, error = %e, "cannot serve as leader yet");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let m = l.raft.metrics();
+                    let lost = {
+                        let m = m.borrow_watched();
+                        m.current_term != term || m.current_leader != Some(l.id)
+                    };
+                    if lost {
+                        // An election race: another node leads now.
+                        tracing::debug!(node = l.id, term, error = %e, "the term ended before the broker opened");
+                    } else {
+                        tracing::warn!(node = l.id, term, error = %e, "cannot serve as leader yet");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
                 }
             }
             // Whatever happened meanwhile is read at the top.

@@ -163,6 +163,38 @@ impl<L: Link> Session<L> {
                     .await?;
                 return Ok(S::Ok);
             }
+            R::ClusterStatus => {
+                if !who.admin {
+                    return Err(BrokerError::Unauthorized(
+                        "the cluster's status is for administrators".into(),
+                    ));
+                }
+                let Some(source) = &b.config().cluster else {
+                    return Err(BrokerError::Conflict(
+                        "not a cluster: this broker runs as a single node".into(),
+                    ));
+                };
+                let st = (source.0)();
+                return Ok(S::Cluster(proto::ClusterSummary {
+                    node: st.node,
+                    role: st.role.into(),
+                    term: st.term,
+                    leader: st.leader,
+                    last_log: st.last_log,
+                    committed: st.committed,
+                    applied: st.applied,
+                    members: st.members,
+                    followers: st
+                        .followers
+                        .iter()
+                        .map(|(node, matched)| proto::FollowerSummary {
+                            node: *node,
+                            matched: *matched,
+                            lag: st.last_log.saturating_sub(matched.unwrap_or(0)),
+                        })
+                        .collect(),
+                }));
+            }
             R::TenantList => {
                 return Ok(S::Tenants(
                     b.list_tenants(&who)?
@@ -344,6 +376,7 @@ impl<L: Link> Session<L> {
             | R::TenantLimits { .. }
             | R::TenantDelete { .. }
             | R::TenantList
+            | R::ClusterStatus
             | R::SyncAcks { .. } => {
                 unreachable!("answered above")
             }

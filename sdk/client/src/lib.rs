@@ -49,8 +49,8 @@
 mod tls;
 
 pub use sluice_proto::{
-    Delivery, ErrorBody, ErrorCode, PluginSummary, QueueSummary, TenantQuota, TenantSummary,
-    TenantUsage,
+    ClusterSummary, Delivery, ErrorBody, ErrorCode, FollowerSummary, PluginSummary, QueueSummary,
+    TenantQuota, TenantSummary, TenantUsage,
 };
 pub use tls::Identity;
 
@@ -636,6 +636,17 @@ impl Client {
     pub async fn list_tenants(&self) -> Result<Vec<TenantSummary>, ClientError> {
         match self.request(Request::TenantList).await? {
             Response::Tenants(t) => Ok(t),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected response {other:?}"
+            ))),
+        }
+    }
+
+    /// A cluster's replicated group as its leader sees it: members, term,
+    /// commit and applied index, each follower's lag (administrators).
+    pub async fn cluster_status(&self) -> Result<ClusterSummary, ClientError> {
+        match self.request(Request::ClusterStatus).await? {
+            Response::Cluster(c) => Ok(c),
             other => Err(ClientError::Protocol(format!(
                 "unexpected response {other:?}"
             ))),

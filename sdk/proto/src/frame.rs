@@ -170,6 +170,9 @@ pub enum Request {
         /// Subscription id.
         sub: u64,
     },
+    /// The replicated group as the leader sees it (admins; a cluster's
+    /// leader only).
+    ClusterStatus,
 }
 
 /// Per-tenant quotas; `None` is unlimited.
@@ -222,6 +225,42 @@ pub enum Response {
     Stats(Vec<TenantUsage>),
     /// Registered tenants.
     Tenants(Vec<TenantSummary>),
+    /// The replicated group.
+    Cluster(ClusterSummary),
+}
+
+/// A cluster's data group as its leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ClusterSummary {
+    /// The node answering.
+    pub node: u64,
+    /// Its role: `leader`, `follower`, `candidate`, `learner`, `shutdown`.
+    pub role: String,
+    /// Current term.
+    pub term: u64,
+    /// The leader it knows.
+    pub leader: Option<u64>,
+    /// Index of the last entry in its log.
+    pub last_log: u64,
+    /// Index of the last entry it knows committed.
+    pub committed: u64,
+    /// Index of the last entry applied to its store.
+    pub applied: u64,
+    /// Voting members.
+    pub members: Vec<u64>,
+    /// Each other member: the last index it is known to hold.
+    pub followers: Vec<FollowerSummary>,
+}
+
+/// A follower as the leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct FollowerSummary {
+    /// Node id.
+    pub node: u64,
+    /// Last index it acknowledged (`None`: none yet).
+    pub matched: Option<u64>,
+    /// Entries of the leader's log it is not known to hold.
+    pub lag: u64,
 }
 
 /// A queue as listed.
@@ -484,7 +523,9 @@ impl Frame {
                     | Request::TenantDelete { name }
                     | Request::TenantCreate { name, .. }
                     | Request::TenantLimits { name, .. } => check_name("name", name, limits),
-                    Request::TenantList | Request::SyncAcks { .. } => Ok(()),
+                    Request::TenantList | Request::SyncAcks { .. } | Request::ClusterStatus => {
+                        Ok(())
+                    }
                     Request::ListQueues | Request::ListPlugins | Request::Stats => Ok(()),
                 }
             }
@@ -493,6 +534,11 @@ impl Frame {
                 Ok(Response::Plugins(p)) => check_len("plugins", p.len(), limits.max_list),
                 Ok(Response::Stats(s)) => check_len("tenants", s.len(), limits.max_list),
                 Ok(Response::Tenants(t)) => check_len("tenants", t.len(), limits.max_list),
+                Ok(Response::Cluster(c)) => {
+                    check_name("role", &c.role, limits)?;
+                    check_len("members", c.members.len(), limits.max_list)?;
+                    check_len("followers", c.followers.len(), limits.max_list)
+                }
                 _ => Ok(()),
             },
             Frame::Publish {

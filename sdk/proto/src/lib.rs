@@ -47,8 +47,8 @@ mod limits;
 pub use codec::{Decoder, HARD_MAX_FRAME, encode, encode_frame};
 pub use error::{DecodeError, ErrorCode};
 pub use frame::{
-    Delivery, ErrorBody, Frame, Overflow, PluginSummary, QueueDecl, QueueSummary, Request,
-    Response, TenantQuota, TenantSummary, TenantUsage,
+    ClusterSummary, Delivery, ErrorBody, FollowerSummary, Frame, Overflow, PluginSummary,
+    QueueDecl, QueueSummary, Request, Response, TenantQuota, TenantSummary, TenantUsage,
 };
 pub use limits::Limits;
 

@@ -1,0 +1,84 @@
+//! `sluice cluster ...` (admin identities).
+
+use super::out;
+use std::process::ExitCode;
+
+use super::remote::Conn;
+
+/// `sluice cluster ...`
+#[derive(Debug, clap::Args)]
+pub(crate) struct ClusterArgs {
+    #[command(flatten)]
+    pub(crate) conn: Conn,
+    #[command(subcommand)]
+    pub(crate) cmd: ClusterCommand,
+}
+
+/// Cluster subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum ClusterCommand {
+    /// The replicated group as its leader sees it: members, leader and
+    /// term, commit and applied index, each follower's lag (give every
+    /// node in --server: the leader is found).
+    Status {
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(crate) async fn run(conn: &Conn, cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
+    let client = conn.connect().await?;
+    match cmd {
+        ClusterCommand::Status { json } => {
+            let s = client.cluster_status().await?;
+            if json {
+                let followers: Vec<_> = s
+                    .followers
+                    .iter()
+                    .map(
+                        |f| serde_json::json!({"node": f.node, "matched": f.matched, "lag": f.lag}),
+                    )
+                    .collect();
+                out!(
+                    "{}",
+                    serde_json::json!({
+                        "node": s.node, "role": s.role, "term": s.term, "leader": s.leader,
+                        "last_log": s.last_log, "committed": s.committed, "applied": s.applied,
+                        "members": s.members, "followers": followers,
+                    })
+                );
+            } else {
+                out!(
+                    "node {} ({}) term {}, leader {}, members {}",
+                    s.node,
+                    s.role,
+                    s.term,
+                    s.leader.map_or("none".into(), |l| l.to_string()),
+                    s.members
+                        .iter()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                out!(
+                    "log {}, committed {}, applied {}",
+                    s.last_log,
+                    s.committed,
+                    s.applied
+                );
+                out!("{:<8} {:>12} {:>10}", "follower", "matched", "lag");
+                for f in &s.followers {
+                    out!(
+                        "{:<8} {:>12} {:>10}",
+                        f.node,
+                        f.matched.map_or("none".into(), |m| m.to_string()),
+                        f.lag
+                    );
+                }
+            }
+        }
+    }
+    client.close();
+    Ok(ExitCode::SUCCESS)
+}
