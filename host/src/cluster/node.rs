@@ -32,7 +32,7 @@ use super::net::{MAX_ENTRIES, QuicNetwork, serve};
 use super::store::{DataRaft, ReplicatedStore};
 use crate::broker::{Broker, BrokerConfig};
 use crate::server::Serving;
-use crate::store::{Store, StoreConfig, StoreError};
+use crate::store::{MessageStore, Store, StoreConfig, StoreError};
 use crate::tls::NodeTls;
 
 /// How long a new leader waits for its term's first entry to apply
@@ -82,6 +82,7 @@ pub type OnLead = Arc<dyn Fn(&Broker) -> anyhow::Result<()> + Send + Sync>;
 /// A running node.
 pub struct Node {
     raft: DataRaft,
+    state: DataState,
     endpoint: quinn::Endpoint,
     serving: watch::Receiver<Serving>,
     lead: tokio::task::JoinHandle<()>,
@@ -166,7 +167,7 @@ impl Node {
         let (tx, serving) = watch::channel(Serving::NotLeader(None));
         let lead = tokio::spawn(lead(Leading {
             raft: raft.clone(),
-            state,
+            state: state.clone(),
             id: settings.id,
             clients: Arc::new(clients),
             config,
@@ -175,6 +176,7 @@ impl Node {
         }));
         Ok(Node {
             raft,
+            state,
             endpoint,
             serving,
             lead,
@@ -203,11 +205,19 @@ impl Node {
         self.endpoint.local_addr()
     }
 
-    /// Stop the broker (if leading) and the group on this node.
+    /// Stop the broker (if leading) and the group on this node, and make
+    /// what this node applied durable (so the next start applies less
+    /// again; the log alone would do).
     pub async fn shutdown(self) {
         self.lead.abort();
         let _ = self.raft.shutdown().await;
         self.endpoint.close(0u32.into(), b"node shutting down");
+        let store = self.state.store().clone();
+        match tokio::task::spawn_blocking(move || store.sync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "syncing the node's store at shutdown"),
+            Err(e) => tracing::warn!(error = %e, "syncing the node's store at shutdown"),
+        }
     }
 }
 

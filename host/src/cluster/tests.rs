@@ -815,14 +815,22 @@ mod data_group {
             assert_eq!(n.state.next_queue_id().unwrap(), q + 2);
         }
 
-        // A follower's store refuses, naming the leader's client address.
+        // A follower gets no store: it names the leader's client address.
         let f = if leader == 1 { 1 } else { 0 };
-        let follower =
-            ReplicatedStore::new(nodes[f].raft.clone(), &nodes[f].state, clients.clone()).unwrap();
-        let refused = follower
-            .append(vec![item(q, 1000)], true)
-            .await
-            .unwrap_err();
+        let e = ReplicatedStore::new(nodes[f].raft.clone(), &nodes[f].state, clients.clone())
+            .err()
+            .expect("a follower's store is refused");
+        assert!(
+            e.to_string()
+                .ends_with(&format!("the leader is at client-{leader}")),
+            "{e}"
+        );
+        // A store whose term is over (the node runtime stops it) refuses
+        // every write with not_leader.
+        s.stop(StoreError::NotLeader {
+            leader: Some(format!("client-{leader}")),
+        });
+        let refused = s.append(vec![item(q, 1000)], true).await.unwrap_err();
         match &refused {
             StoreError::NotLeader { leader: Some(addr) } => {
                 assert_eq!(addr, &format!("client-{leader}"))
@@ -839,7 +847,7 @@ mod data_group {
             body.message
         );
         // Failed once, it fails every later write at once.
-        assert!(follower.put_meta("k", b"v").is_err());
+        assert!(s.put_meta("k", b"v").is_err());
         for n in &nodes {
             n.raft.shutdown().await.unwrap();
         }
