@@ -195,11 +195,7 @@ const WINDOW: usize = 16;
 
 /// Whether a failed publish or request is worth retrying on the new leader.
 fn failover(e: &ClientError) -> bool {
-    match e {
-        ClientError::Server(b) => matches!(b.code, ErrorCode::NotLeader | ErrorCode::ShuttingDown),
-        ClientError::ConnectionLost(_) | ClientError::Timeout => true,
-        _ => false,
-    }
+    e.failed_over() || matches!(e, ClientError::Timeout)
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -106,7 +106,7 @@ pub struct BrokerConfig {
 
 /// Reads a cluster node's view of its replicated group.
 #[derive(Clone)]
-pub struct ClusterStatus(pub Arc<dyn Fn() -> crate::cluster::node::Status + Send + Sync>);
+pub struct ClusterStatus(pub Arc<dyn Fn() -> sluice_proto::ClusterSummary + Send + Sync>);
 
 impl std::fmt::Debug for ClusterStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -268,16 +268,6 @@ pub(crate) struct PublishArgs {
 /// what was not confirmed.
 const FAILOVERS: u32 = 5;
 
-/// Whether a refused or lost publish may succeed on a new leader.
-fn failed_over(e: &sluice_client::ClientError) -> bool {
-    use sluice_client::{ClientError, ErrorCode};
-    match e {
-        ClientError::Server(b) => matches!(b.code, ErrorCode::NotLeader | ErrorCode::ShuttingDown),
-        ClientError::ConnectionLost(_) => true,
-        _ => false,
-    }
-}
-
 pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     let mut client = args.conn.connect().await?;
     // With several servers (a cluster), what a failover left unconfirmed
@@ -316,7 +306,7 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
                             out!("confirmed: stored in {q} queue(s)");
                         }
                     }
-                    Err(e) if cluster && failovers < FAILOVERS && failed_over(&e) => again.push(n),
+                    Err(e) if cluster && failovers < FAILOVERS && e.failed_over() => again.push(n),
                     Err(e) => {
                         failed += 1;
                         if first_error.is_none() {

@@ -164,15 +164,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             certs.display()
         );
     }
-    let metrics = match args.metrics.or(file.metrics) {
-        Some(addr) => Some((
-            addr,
-            crate::metrics::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
-        )),
-        None => None,
-    };
+    let metrics = bind_metrics(args.metrics.or(file.metrics)).await?;
     let running = start(
         listen,
         &data,
@@ -264,15 +256,7 @@ async fn serve_node(
         );
         return Ok(());
     }
-    let metrics = match metrics.or(file.metrics) {
-        Some(addr) => Some((
-            addr,
-            crate::metrics::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
-        )),
-        None => None,
-    };
+    let metrics = bind_metrics(metrics.or(file.metrics)).await?;
     config.store.dir = store;
     config.sandbox.cache_dir = Some(settings.dir.join("plugin-cache"));
     let max_connections = config.max_connections;
@@ -300,28 +284,23 @@ async fn serve_node(
     );
     if let Some((addr, listener)) = metrics {
         let status = node.status_source();
-        let extra: crate::metrics::Extra = std::sync::Arc::new(move || status().prometheus());
+        let extra: crate::metrics::Extra =
+            std::sync::Arc::new(move || crate::cluster::node::prometheus(&status()));
         tokio::spawn(crate::metrics::serve(listener, node.serving(), Some(extra)));
         say!("metrics on http://{addr}/metrics");
     }
     let serving = node.serving();
     wait_for_shutdown(|| {
+        let broker = match &*serving.borrow() {
+            crate::server::Serving::Broker(b) => Some(b.clone()),
+            crate::server::Serving::NotLeader(_) => None,
+        };
         // Resolved again: new *.crl.pem files in the folder count.
-        let files = file.tls.resolve(certs);
-        let result = tls::server_config(&files).and_then(|cfg| {
-            let serials = tls::revoked_serials(&files)?;
-            server.set_tls(cfg);
-            Ok(match &*serving.borrow() {
-                crate::server::Serving::Broker(b) => b.close_revoked(&serials),
-                crate::server::Serving::NotLeader(_) => 0,
-            })
-        });
-        match result {
-            Ok(closed) => say!("reloaded TLS files; closed {closed} revoked connection(s)"),
-            Err(e) => {
-                eprintln!("error: TLS reload failed, keeping the previous configuration: {e}")
-            }
-        }
+        report_reload(reload_tls_on(
+            &server,
+            broker.as_ref(),
+            &file.tls.resolve(certs),
+        ));
     })
     .await;
     say!("shutting down");
@@ -361,10 +340,40 @@ async fn wait_for_shutdown(reload: impl Fn()) {
 }
 
 fn reload_tls(running: &Running, files: &ServerTlsFiles) {
-    match running.reload_tls(files) {
+    report_reload(running.reload_tls(files));
+}
+
+fn report_reload(result: Result<usize, tls::TlsError>) {
+    match result {
         Ok(closed) => say!("reloaded TLS files; closed {closed} revoked connection(s)"),
         Err(e) => eprintln!("error: TLS reload failed, keeping the previous configuration: {e}"),
     }
+}
+
+/// Load the TLS files again for `server`'s new connections and disconnect
+/// `broker`'s clients whose certificate is now revoked (none: a cluster
+/// node that does not lead has no clients). Returns how many were
+/// disconnected. On error the previous configuration stays.
+fn reload_tls_on(
+    server: &Server,
+    broker: Option<&Broker>,
+    files: &ServerTlsFiles,
+) -> Result<usize, tls::TlsError> {
+    let cfg = tls::server_config(files)?;
+    let serials = tls::revoked_serials(files)?;
+    server.set_tls(cfg);
+    Ok(broker.map_or(0, |b| b.close_revoked(&serials)))
+}
+
+/// Listen for metrics on `addr`, if set.
+async fn bind_metrics(
+    addr: Option<SocketAddr>,
+) -> anyhow::Result<Option<(SocketAddr, tokio::net::TcpListener)>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let listener = crate::metrics::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    Ok(Some((addr, listener)))
 }
 
 impl Running {
@@ -372,10 +381,7 @@ impl Running {
     /// disconnect clients whose certificate is now revoked. Returns how many
     /// were disconnected. On error the previous configuration stays.
     pub fn reload_tls(&self, files: &ServerTlsFiles) -> Result<usize, tls::TlsError> {
-        let cfg = tls::server_config(files)?;
-        let serials = tls::revoked_serials(files)?;
-        self.server.set_tls(cfg);
-        Ok(self.broker.close_revoked(&serials))
+        reload_tls_on(&self.server, Some(&self.broker), files)
     }
 }
 

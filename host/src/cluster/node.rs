@@ -24,12 +24,13 @@ use std::time::Duration;
 use anyhow::Context;
 use openraft::async_runtime::WatchReceiver;
 use openraft::{BasicNode, Raft};
+use sluice_proto::{ClusterSummary, FollowerSummary};
 use tokio::sync::watch;
 
 use super::data::{DataGroup, DataState, StoreBatch};
 use super::log::SledLog;
 use super::net::{MAX_ENTRIES, QuicNetwork, serve};
-use super::store::{DataRaft, ReplicatedStore};
+use super::store::{DataRaft, ReplicatedStore, leads};
 use crate::broker::{Broker, BrokerConfig};
 use crate::server::Serving;
 use crate::store::{MessageStore, Store, StoreConfig, StoreError};
@@ -160,10 +161,7 @@ impl Node {
             .map(|(id, m)| (*id, m.client.to_string()))
             .collect();
         let mut config = config;
-        let status_raft = raft.clone();
-        config.cluster = Some(crate::broker::ClusterStatus(Arc::new(move || {
-            Status::of(&status_raft)
-        })));
+        config.cluster = Some(crate::broker::ClusterStatus(Arc::new(status_source(&raft))));
         let (tx, serving) = watch::channel(Serving::NotLeader(None));
         let lead = tokio::spawn(lead(Leading {
             raft: raft.clone(),
@@ -188,21 +186,10 @@ impl Node {
         self.serving.clone()
     }
 
-    /// The group as this node sees it now.
-    pub fn status(&self) -> Status {
-        Status::of(&self.raft)
-    }
-
-    /// A way to read [`Node::status`] that outlives borrows of the node
-    /// (for the metrics endpoint and the broker's status request).
-    pub fn status_source(&self) -> impl Fn() -> Status + Send + Sync + 'static {
-        let raft = self.raft.clone();
-        move || Status::of(&raft)
-    }
-
-    /// The address the node's peers reach it on.
-    pub fn raft_addr(&self) -> std::io::Result<SocketAddr> {
-        self.endpoint.local_addr()
+    /// Reads the group as this node sees it, each time it is called (for
+    /// the metrics endpoint).
+    pub fn status_source(&self) -> impl Fn() -> ClusterSummary + Send + Sync + 'static {
+        status_source(&self.raft)
     }
 
     /// Stop the broker (if leading) and the group on this node, and make
@@ -221,38 +208,18 @@ impl Node {
     }
 }
 
-/// The data group as one node sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Status {
-    /// This node.
-    pub node: u64,
-    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
-    pub role: &'static str,
-    /// Current term.
-    pub term: u64,
-    /// The leader this node knows of.
-    pub leader: Option<u64>,
-    /// Index of the last entry in this node's log.
-    pub last_log: u64,
-    /// Index of the last entry this node knows committed.
-    pub committed: u64,
-    /// Index of the last entry applied to this node's store.
-    pub applied: u64,
-    /// Voting members.
-    pub members: Vec<u64>,
-    /// On the leader: each other member and the last index it is known to
-    /// hold (`None`: nothing acknowledged yet).
-    pub followers: Vec<(u64, Option<u64>)>,
-}
-
-impl Status {
-    fn of(raft: &DataRaft) -> Status {
+/// Reads the data group as `raft`'s node sees it: the answer to
+/// `cluster_status` (followers' lags are known on the leader only).
+fn status_source(raft: &DataRaft) -> impl Fn() -> ClusterSummary + Send + Sync + 'static {
+    let raft = raft.clone();
+    move || {
         let m = raft.metrics();
         let m = m.borrow_watched();
         let index = |l: &Option<openraft::type_config::alias::LogIdOf<DataGroup>>| {
             l.as_ref().map_or(0, |l| l.index())
         };
-        Status {
+        let last_log = m.last_log_index.unwrap_or(0);
+        ClusterSummary {
             node: m.id,
             role: match m.state {
                 openraft::ServerState::Leader => "leader",
@@ -260,81 +227,86 @@ impl Status {
                 openraft::ServerState::Candidate => "candidate",
                 openraft::ServerState::Learner => "learner",
                 openraft::ServerState::Shutdown => "shutdown",
-            },
+            }
+            .into(),
             term: m.current_term,
             leader: m.current_leader,
-            last_log: m.last_log_index.unwrap_or(0),
+            last_log,
             committed: index(&m.cluster_committed),
             applied: index(&m.last_applied),
             members: m.membership_config.voter_ids().collect(),
             followers: m
                 .replication
-                .as_ref()
-                .map(|r| {
-                    r.iter()
-                        .filter(|(id, _)| **id != m.id)
-                        .map(|(id, l)| (*id, l.as_ref().map(|l| l.index())))
-                        .collect()
+                .iter()
+                .flatten()
+                .filter(|(id, _)| **id != m.id)
+                .map(|(id, l)| {
+                    let matched = l.as_ref().map(|l| l.index());
+                    FollowerSummary {
+                        node: *id,
+                        matched,
+                        lag: last_log.saturating_sub(matched.unwrap_or(0)),
+                    }
                 })
-                .unwrap_or_default(),
+                .collect(),
         }
     }
+}
 
-    /// Prometheus text for this status.
-    pub fn prometheus(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::new();
-        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
-        gauge(
-            &mut out,
-            "sluice_raft_term",
-            "Current Raft term of the data group (it grows with each election).",
-            self.term,
+/// Prometheus text for a node's view of its group.
+pub fn prometheus(s: &ClusterSummary) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    };
+    gauge(
+        &mut out,
+        "sluice_raft_term",
+        "Current Raft term of the data group (it grows with each election).",
+        s.term,
+    );
+    gauge(
+        &mut out,
+        "sluice_raft_leader",
+        "Node id of the leader this node knows (0: none).",
+        s.leader.unwrap_or(0),
+    );
+    gauge(
+        &mut out,
+        "sluice_raft_is_leader",
+        "1 if this node leads the data group.",
+        u64::from(s.role == "leader"),
+    );
+    gauge(
+        &mut out,
+        "sluice_raft_last_log_index",
+        "Index of the last entry in this node's log.",
+        s.last_log,
+    );
+    gauge(
+        &mut out,
+        "sluice_raft_committed_index",
+        "Index of the last entry this node knows committed.",
+        s.committed,
+    );
+    gauge(
+        &mut out,
+        "sluice_raft_applied_index",
+        "Index of the last entry applied to this node's store.",
+        s.applied,
+    );
+    if !s.followers.is_empty() {
+        let _ = writeln!(
+            out,
+            "# HELP sluice_raft_follower_lag Entries the leader has that a follower is not known to hold.\n# TYPE sluice_raft_follower_lag gauge"
         );
-        gauge(
-            &mut out,
-            "sluice_raft_leader",
-            "Node id of the leader this node knows (0: none).",
-            self.leader.unwrap_or(0),
-        );
-        gauge(
-            &mut out,
-            "sluice_raft_is_leader",
-            "1 if this node leads the data group.",
-            u64::from(self.role == "leader"),
-        );
-        gauge(
-            &mut out,
-            "sluice_raft_last_log_index",
-            "Index of the last entry in this node's log.",
-            self.last_log,
-        );
-        gauge(
-            &mut out,
-            "sluice_raft_committed_index",
-            "Index of the last entry this node knows committed.",
-            self.committed,
-        );
-        gauge(
-            &mut out,
-            "sluice_raft_applied_index",
-            "Index of the last entry applied to this node's store.",
-            self.applied,
-        );
-        if !self.followers.is_empty() {
-            let _ = writeln!(
-                out,
-                "# HELP sluice_raft_follower_lag Entries the leader has that a follower is not known to hold.\n# TYPE sluice_raft_follower_lag gauge"
-            );
-            for (id, matched) in &self.followers {
-                let lag = self.last_log.saturating_sub(matched.unwrap_or(0));
-                let _ = writeln!(out, "sluice_raft_follower_lag{{follower=\"{id}\"}} {lag}");
-            }
+        for f in &s.followers {
+            let (id, lag) = (f.node, f.lag);
+            let _ = writeln!(out, "sluice_raft_follower_lag{{follower=\"{id}\"}} {lag}");
         }
-        out
     }
+    out
 }
 
 /// The leadership follower's state.
@@ -381,12 +353,7 @@ async fn lead(l: Leading) {
         if leading && current.is_none() {
             match open(&l, term).await {
                 Ok(t) => {
-                    let m = l.raft.metrics();
-                    let still = {
-                        let m = m.borrow_watched();
-                        m.current_term == term && m.current_leader == Some(l.id)
-                    };
-                    if still {
+                    if leads(&l.raft, l.id, term) {
                         tracing::info!(node = l.id, term, "leading: serving clients");
                         l.tx.send_replace(Serving::Broker(t.broker.clone()));
                         current = Some(t);
@@ -396,12 +363,7 @@ async fn lead(l: Leading) {
                     }
                 }
                 Err(e) => {
-                    let m = l.raft.metrics();
-                    let lost = {
-                        let m = m.borrow_watched();
-                        m.current_term != term || m.current_leader != Some(l.id)
-                    };
-                    if lost {
+                    if !leads(&l.raft, l.id, term) {
                         // An election race: another node leads now.
                         tracing::debug!(node = l.id, term, error = %e, "the term ended before the broker opened");
                     } else {

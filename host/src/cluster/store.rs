@@ -182,17 +182,22 @@ struct Term {
     term: u64,
 }
 
+/// Whether `node`'s `raft` leads `term` now.
+pub(super) fn leads(raft: &DataRaft, node: u64, term: u64) -> bool {
+    let m = raft.metrics();
+    let m = m.borrow_watched();
+    m.current_term == term && m.current_leader == Some(node)
+}
+
 impl Term {
     /// Why `raft` no longer leads this term, if it does not.
     fn lost(&self, raft: &DataRaft, leaders: &BTreeMap<u64, String>) -> Option<StoreError> {
-        let m = raft.metrics();
-        let m = m.borrow_watched();
-        if m.current_term == self.term && m.current_leader == Some(self.node) {
+        if leads(raft, self.node, self.term) {
             return None;
         }
+        let leader = raft.metrics().borrow_watched().current_leader;
         Some(StoreError::NotLeader {
-            leader: m
-                .current_leader
+            leader: leader
                 .filter(|l| *l != self.node)
                 .and_then(|l| leaders.get(&l).cloned()),
         })

@@ -174,26 +174,7 @@ impl<L: Link> Session<L> {
                         "not a cluster: this broker runs as a single node".into(),
                     ));
                 };
-                let st = (source.0)();
-                return Ok(S::Cluster(proto::ClusterSummary {
-                    node: st.node,
-                    role: st.role.into(),
-                    term: st.term,
-                    leader: st.leader,
-                    last_log: st.last_log,
-                    committed: st.committed,
-                    applied: st.applied,
-                    members: st.members,
-                    followers: st
-                        .followers
-                        .iter()
-                        .map(|(node, matched)| proto::FollowerSummary {
-                            node: *node,
-                            matched: *matched,
-                            lag: st.last_log.saturating_sub(matched.unwrap_or(0)),
-                        })
-                        .collect(),
-                }));
+                return Ok(S::Cluster((source.0)()));
             }
             R::TenantList => {
                 return Ok(S::Tenants(

@@ -99,6 +99,20 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// Whether a refused or lost publish or request may succeed on another
+    /// node: the server is not (or no longer) a cluster's leader, is
+    /// shutting down, or the connection was lost. Connect again
+    /// ([`Client::connect_any`]) and send it again.
+    pub fn failed_over(&self) -> bool {
+        match self {
+            ClientError::Server(body) => {
+                matches!(body.code, ErrorCode::NotLeader | ErrorCode::ShuttingDown)
+            }
+            ClientError::ConnectionLost(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// A failed first exchange: the server's close reason when it closed the
@@ -269,9 +283,7 @@ const MAX_HINTS: usize = 4;
 /// attempt failed.
 fn retryable(e: &ClientError) -> bool {
     match e {
-        ClientError::Server(body) => {
-            matches!(body.code, ErrorCode::NotLeader | ErrorCode::ShuttingDown)
-        }
+        ClientError::Server(_) => e.failed_over(),
         ClientError::Identity(_) | ClientError::Protocol(_) => false,
         _ => true,
     }
