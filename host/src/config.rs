@@ -298,6 +298,9 @@ pub struct MemberEntry {
     pub id: u64,
     /// Its address for other nodes (QUIC, node certificates only).
     pub raft: SocketAddr,
+    /// Where it listens for other nodes, when that is not `raft` (peers
+    /// reach it through a proxy or a NAT).
+    pub raft_listen: Option<SocketAddr>,
     /// Its address for clients (told to clients it refuses as a follower).
     pub client: SocketAddr,
 }
@@ -328,7 +331,9 @@ impl ClusterFile {
         let mut addrs = std::collections::BTreeSet::new();
         for m in &self.members {
             anyhow::ensure!(m.id >= 1, "[cluster] members: node ids start at 1");
-            for a in [m.raft, m.client] {
+            let raft_listen = m.raft_listen.unwrap_or(m.raft);
+            let listen = m.raft_listen.filter(|a| *a != m.raft);
+            for a in [Some(m.raft), Some(m.client), listen].into_iter().flatten() {
                 anyhow::ensure!(
                     addrs.insert(a),
                     "[cluster] members: address {a} is given twice"
@@ -338,6 +343,7 @@ impl ClusterFile {
                 m.id,
                 Member {
                     raft: m.raft,
+                    raft_listen,
                     client: m.client,
                 },
             );
@@ -467,6 +473,17 @@ mod tests {
         let same = THREE.replace("7703", "7702");
         let e = node(&same, Some(1)).unwrap_err().to_string();
         assert!(e.contains("127.0.0.1:7702 is given twice"), "{e}");
+        assert_eq!(s.members[&2].raft_listen, s.members[&2].raft);
+        let proxied = THREE.replace(
+            r#"id = 2, raft = "127.0.0.1:7702","#,
+            r#"id = 2, raft = "127.0.0.1:7702", raft_listen = "127.0.0.1:7802","#,
+        );
+        let p = node(&proxied, Some(2)).unwrap();
+        assert_eq!(p.members[&2].raft_listen.port(), 7802);
+        assert_eq!(p.members[&2].raft.port(), 7702);
+        let clash = proxied.replace("7802", "7601");
+        let e = node(&clash, Some(1)).unwrap_err().to_string();
+        assert!(e.contains("127.0.0.1:7601 is given twice"), "{e}");
         let e = node(&format!("{THREE}\nheartbeat_ms = 600"), Some(1))
             .unwrap_err()
             .to_string();

@@ -827,11 +827,9 @@ fn certs_init_with_nodes_makes_identities_a_cluster_runs_on() {
                 "127.0.0.1:0".parse().unwrap(),
             )
             .unwrap();
-            let db = sled::Config::new()
-                .path(dir.path().join(node_name(id)))
-                .open()
-                .unwrap();
-            let log = SledLog::open(&db, "meta").unwrap();
+            let path = dir.path().join(node_name(id));
+            let db = sled::Config::new().path(&path).open().unwrap();
+            let log = SledLog::open(&db, &path, "meta").unwrap();
             let state = MetaState::open(&db, "meta").unwrap();
             let net = QuicNetwork::new(endpoint.clone(), tls.client_config().unwrap());
             let raft = Raft::new(id, config.clone(), net, log, state.clone())

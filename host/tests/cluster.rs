@@ -14,8 +14,10 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::net::UdpSocket;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,6 +31,7 @@ struct Cluster {
     clients: Vec<SocketAddr>,
     metrics: Vec<SocketAddr>,
     nodes: Vec<Option<Served>>,
+    relays: Option<Relays>,
 }
 
 /// A loopback TCP port nobody uses right now.
@@ -40,6 +43,16 @@ fn free_tcp_port() -> SocketAddr {
 impl Cluster {
     /// Certificates and a configuration for `n` nodes; none started.
     fn new(n: u64) -> Cluster {
+        Cluster::build(n, false)
+    }
+
+    /// As `new`, with every node's peers reaching it through a relay the
+    /// test can cut ([`Relays`]).
+    fn relayed(n: u64) -> Cluster {
+        Cluster::build(n, true)
+    }
+
+    fn build(n: u64, relayed: bool) -> Cluster {
         let mut dir = tempfile::tempdir().unwrap();
         if std::env::var_os("SLUICE_CLUSTER_KEEP").is_some() {
             // Keep the nodes' logs and data to look at after the run.
@@ -67,9 +80,18 @@ impl Cluster {
         };
         let mut members = String::new();
         let mut clients = Vec::new();
+        let mut relays = Vec::new();
         for id in 1..=n {
             let (raft, client) = (port(), port());
-            members += &format!("  {{ id = {id}, raft = \"{raft}\", client = \"{client}\" }},\n");
+            let listen = if relayed {
+                let listen = port();
+                relays.push((id, raft, listen));
+                format!(", raft_listen = \"{listen}\"")
+            } else {
+                String::new()
+            };
+            members +=
+                &format!("  {{ id = {id}, raft = \"{raft}\"{listen}, client = \"{client}\" }},\n");
             clients.push(client);
         }
         let config = dir.path().join("cluster.toml");
@@ -88,6 +110,7 @@ impl Cluster {
             clients,
             metrics: (0..n).map(|_| free_tcp_port()).collect(),
             nodes: (0..n).map(|_| None).collect(),
+            relays: relayed.then(|| Relays::start(&relays)),
         }
     }
 
@@ -187,6 +210,107 @@ impl Cluster {
             })
             .collect::<Vec<_>>()
             .join("\n")
+    }
+}
+
+/// A UDP relay in front of every node's Raft port (loopback only): peers
+/// dial the relay, the relay forwards to the node's real listener, and a
+/// test cuts nodes off by naming them. A node dials its peers from its own
+/// listener, so the relay knows which node every packet comes from.
+struct Relays {
+    cut: Arc<Mutex<BTreeSet<u64>>>,
+    stop: Arc<AtomicBool>,
+}
+
+/// How long a relay thread waits for a packet before looking at `stop`.
+const RELAY_POLL: Duration = Duration::from_millis(50);
+
+impl Relays {
+    /// Relays for `nodes`: (id, address its peers dial, address it listens on).
+    fn start(nodes: &[(u64, SocketAddr, SocketAddr)]) -> Relays {
+        let relays = Relays {
+            cut: Arc::default(),
+            stop: Arc::default(),
+        };
+        let senders: Arc<BTreeMap<SocketAddr, u64>> =
+            Arc::new(nodes.iter().map(|(id, _, listen)| (*listen, *id)).collect());
+        for (id, front, back) in nodes {
+            let front = UdpSocket::bind(front).unwrap();
+            front.set_read_timeout(Some(RELAY_POLL)).unwrap();
+            let (id, back, senders) = (*id, *back, senders.clone());
+            let (cut, stop) = (relays.cut.clone(), relays.stop.clone());
+            std::thread::spawn(move || relay(id, front, back, senders, cut, stop));
+        }
+        relays
+    }
+
+    /// Cut node `id` off from every other node (until `heal`).
+    fn isolate(&self, id: u64) {
+        self.cut.lock().unwrap().insert(id);
+    }
+
+    fn heal(&self) {
+        self.cut.lock().unwrap().clear();
+    }
+}
+
+impl Drop for Relays {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Forward what reaches `front` to node `to` at `back`, and its answers
+/// back, dropping every packet between a cut node and another.
+fn relay(
+    to: u64,
+    front: UdpSocket,
+    back: SocketAddr,
+    senders: Arc<BTreeMap<SocketAddr, u64>>,
+    cut: Arc<Mutex<BTreeSet<u64>>>,
+    stop: Arc<AtomicBool>,
+) {
+    let blocked = {
+        let cut = cut.clone();
+        move |from: u64| {
+            let cut = cut.lock().unwrap();
+            cut.contains(&from) || cut.contains(&to)
+        }
+    };
+    // One socket toward the node per sender, so its answers find the way
+    // back.
+    let mut upstream: std::collections::HashMap<SocketAddr, UdpSocket> = Default::default();
+    let mut buf = vec![0u8; 65536];
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((n, sender)) = front.recv_from(&mut buf) else {
+            continue;
+        };
+        // Clients never come here: an unknown sender is not a node.
+        let Some(&from) = senders.get(&sender) else {
+            continue;
+        };
+        if blocked(from) {
+            continue;
+        }
+        let up = upstream.entry(sender).or_insert_with(|| {
+            let up = UdpSocket::bind("127.0.0.1:0").unwrap();
+            up.connect(back).unwrap();
+            up.set_read_timeout(Some(RELAY_POLL)).unwrap();
+            let (answers, front) = (up.try_clone().unwrap(), front.try_clone().unwrap());
+            let (blocked, stop) = (blocked.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(n) = answers.recv(&mut buf)
+                        && !blocked(from)
+                    {
+                        let _ = front.send_to(&buf[..n], sender);
+                    }
+                }
+            });
+            up
+        });
+        let _ = up.send(&buf[..n]);
     }
 }
 
@@ -472,6 +596,131 @@ fn with_two_of_three_down_nothing_is_confirmed_and_nothing_confirmed_is_lost() {
 }
 
 #[test]
+fn a_partitioned_leader_confirms_nothing_and_healing_loses_nothing() {
+    let mut cluster = Cluster::relayed(3);
+    cluster.start_all();
+    runtime().block_on(async {
+        let client = cluster.connect().await;
+        client.declare(QueueSpec::new("jepsen")).await.unwrap();
+        client.bind("jepsen", "jepsen.>").await.unwrap();
+        let mut confirmed = BTreeSet::new();
+        for i in 0..100u64 {
+            assert_eq!(
+                client
+                    .publish("jepsen.a", vec![], format!("p0-{i}").into_bytes())
+                    .await
+                    .unwrap(),
+                1
+            );
+            confirmed.insert(format!("p0-{i}"));
+        }
+        let old = cluster.node_of(&client);
+        let relays = cluster.relays.as_ref().expect("relayed");
+        relays.isolate(old);
+        // The minority side: the old leader still takes the publish (its
+        // clients reach it) but cannot commit it; once its lease is over it
+        // closes its clients' connections and refuses new ones, so nothing
+        // made there is ever confirmed.
+        let stranded = client.publish("jepsen.a", vec![], b"p0-stranded".to_vec());
+        let answer = tokio::time::timeout(Duration::from_secs(60), stranded)
+            .await
+            .unwrap_or_else(|_| panic!("the isolated leader neither confirms nor refuses\n{}", cluster.logs()));
+        match answer {
+            Ok(n) => panic!("the isolated leader confirmed a publish ({n})"),
+            Err(e) => assert!(e.failed_over(), "{e}"),
+        }
+        let refusal = Client::connect(cluster.clients[old as usize - 1], &cluster.identity())
+            .await
+            .err()
+            .expect("the isolated leader refuses clients");
+        let ClientError::Server(body) = &refusal else {
+            panic!("expected a refusal, got {refusal}")
+        };
+        assert_eq!(body.code, ErrorCode::NotLeader, "{body}");
+
+        // The majority side elects a leader of its own and serves.
+        let majority: Vec<SocketAddr> = (1..=3u64)
+            .filter(|n| *n != old)
+            .map(|n| cluster.clients[n as usize - 1])
+            .collect();
+        let opts = ConnectOptions {
+            failover: Duration::from_secs(90),
+            ..ConnectOptions::default()
+        };
+        let other = Client::connect_any(&majority, &cluster.identity(), opts)
+            .await
+            .unwrap_or_else(|e| panic!("the majority elects no leader: {e}\n{}", cluster.logs()));
+        let new = cluster.node_of(&other);
+        assert_ne!(new, old);
+        for i in 100..200u64 {
+            let n = other
+                .publish("jepsen.a", vec![], format!("p0-{i}").into_bytes())
+                .await
+                .unwrap_or_else(|e| panic!("majority publish {i}: {e}\n{}", cluster.logs()));
+            assert_eq!(n, 1);
+            confirmed.insert(format!("p0-{i}"));
+        }
+
+        // Healing: the old leader learns the newer term and follows.
+        relays.heal();
+        // It catches up: both followers match the leader's log.
+        let admin = Client::connect(
+            cluster.clients[new as usize - 1],
+            &cluster.dir.path().join("certs/admin"),
+        )
+        .await
+        .unwrap();
+        let mut last = (0, Instant::now());
+        loop {
+            let status = admin.cluster_status().await.unwrap();
+            let lag: u64 = status.followers.iter().map(|f| f.lag).sum();
+            if status.followers.len() == 2 && lag == 0 {
+                assert_eq!(status.leader, Some(new), "{status:?}");
+                break;
+            }
+            let matched = status.followers.iter().map(|f| f.matched.unwrap_or(0)).sum();
+            if matched != last.0 {
+                last = (matched, Instant::now());
+            }
+            assert!(
+                last.1.elapsed() < Duration::from_secs(60),
+                "the old leader does not catch up: {status:?}\n{}",
+                cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop((other, admin));
+
+        // With the new leader gone, the old leader and the third node hold
+        // every confirmed message, and nothing from the minority side.
+        cluster.kill(new);
+        let client = cluster.connect().await;
+        assert_ne!(cluster.node_of(&client), new);
+        let mut sub = client.subscribe("jepsen", 256).await.unwrap();
+        let mut got = BTreeSet::new();
+        while !confirmed.is_subset(&got) {
+            let d = tokio::time::timeout(Duration::from_secs(30), sub.next())
+                .await
+                .unwrap_or_else(|_| {
+                    let n = confirmed.intersection(&got).count();
+                    panic!("only {n} of 200 confirmed messages delivered\n{}", cluster.logs())
+                })
+                .expect("subscription open");
+            let payload = String::from_utf8(d.payload).unwrap();
+            assert!(
+                confirmed.contains(&payload),
+                "delivered {payload}, which no majority ever stored"
+            );
+            got.insert(payload);
+            sub.ack(d.tag);
+        }
+        println!(
+            "partition: node {old} isolated as leader refused its clients, node {new} elected; 200 confirmed, 0 lost, nothing from the minority side"
+        );
+    });
+}
+
+#[test]
 fn a_follower_refuses_clients_naming_the_leader_and_the_cli_follows_it() {
     let mut cluster = Cluster::new(3);
     cluster.start_all();
@@ -615,9 +864,10 @@ fn a_follower_down_during_a_backlog_catches_up_from_the_log() {
         let f = status.followers.iter().find(|f| f.node == down).unwrap();
         assert!(f.matched.unwrap_or(0) >= target, "{status:?}");
         println!(
-            "cluster catch-up: {n} messages ({} MiB), {target} log entries replayed, follower RSS peak {} MiB",
+            "cluster catch-up: {n} messages ({} MiB), {target} log entries replayed, follower RSS peak {} MiB (the leader's now: {} MiB)",
             backlog_kib / 1024,
             peak / 1024,
+            common::rss_kib(cluster.pid(leader)) / 1024,
         );
     });
 }

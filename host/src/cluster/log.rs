@@ -4,6 +4,7 @@ use std::fmt::Debug;
 use std::io;
 use std::marker::PhantomData;
 use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -43,9 +44,10 @@ impl<C: RaftTypeConfig> Clone for SledLog<C> {
 }
 
 impl<C: RaftTypeConfig> SledLog<C> {
-    /// Open the log of group `group` in `db` (trees `raft/{group}/log` and
-    /// `raft/{group}/meta`), with its own flusher thread.
-    pub fn open(db: &sled::Db, group: &str) -> io::Result<Self> {
+    /// Open the log of group `group` in `db`, the database at `dir` (trees
+    /// `raft/{group}/log` and `raft/{group}/meta`), with its own flusher
+    /// thread.
+    pub fn open(db: &sled::Db, dir: &Path, group: &str) -> io::Result<Self> {
         let logs = db
             .open_tree(format!("raft/{group}/log"))
             .map_err(|e| io_error("open the raft log", e))?;
@@ -55,7 +57,7 @@ impl<C: RaftTypeConfig> SledLog<C> {
         Ok(Self {
             logs,
             meta,
-            flusher: Arc::new(Flusher::start(db.clone(), group)?),
+            flusher: Arc::new(Flusher::start(db.clone(), dir.to_path_buf(), group)?),
             _c: PhantomData,
         })
     }
@@ -255,7 +257,8 @@ type Done = Box<dyn FnOnce(io::Result<()>) + Send>;
 
 /// One thread that makes the database durable for whoever asks: it takes
 /// every request waiting, runs one `flush` (sled's write-out and
-/// `fdatasync`) and answers them all, in order.
+/// `fdatasync`), syncs the blob files sled wrote for large entries (sled
+/// never does) and answers them all, in order.
 ///
 /// Dropped with the last handle of its log: it answers what is waiting,
 /// then its thread ends and releases the database.
@@ -278,17 +281,20 @@ impl Drop for Flusher {
 }
 
 impl Flusher {
-    fn start(db: sled::Db, group: &str) -> io::Result<Self> {
+    fn start(db: sled::Db, dir: PathBuf, group: &str) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Done>();
         let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = syncs.clone();
         let thread = std::thread::Builder::new()
             .name(format!("sluice-raft-{group}"))
             .spawn(move || {
+                let mut synced = std::collections::HashMap::new();
                 while let Ok(first) = rx.recv() {
                     let mut waiting = vec![first];
                     waiting.extend(rx.try_iter());
-                    let result = db.flush().map(|_| ());
+                    let result = db.flush().map_err(|e| e.to_string()).and_then(|_| {
+                        crate::store::sync_blob_files(&dir, &mut synced).map_err(|e| e.to_string())
+                    });
                     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     for done in waiting {
                         done(match &result {

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use openraft::Instant as _;
 use openraft::async_runtime::WatchReceiver;
 use openraft::{BasicNode, Raft};
 use sluice_proto::{ClusterSummary, FollowerSummary};
@@ -43,8 +44,12 @@ const LEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// A member of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
-    /// Where its Raft listener is (node to node, QUIC with the cluster CA).
+    /// Where other nodes reach its Raft listener (node to node, QUIC with
+    /// the cluster CA).
     pub raft: SocketAddr,
+    /// Where that listener binds: `raft`, unless peers reach it through a
+    /// proxy or a NAT.
+    pub raft_listen: SocketAddr,
     /// Where its clients connect (told to clients in `not_leader`).
     pub client: SocketAddr,
 }
@@ -115,21 +120,26 @@ impl Node {
         let server = tls
             .server_config()
             .with_context(|| format!("node identity {}", settings.identity.display()))?;
-        let endpoint = quinn::Endpoint::server(server, me.raft)
-            .with_context(|| format!("cannot listen for cluster peers on {}", me.raft))?;
+        let endpoint = quinn::Endpoint::server(server, me.raft_listen)
+            .with_context(|| format!("cannot listen for cluster peers on {}", me.raft_listen))?;
         let net = QuicNetwork::new(
             endpoint.clone(),
             tls.client_config()
                 .with_context(|| format!("node identity {}", settings.identity.display()))?,
         );
         // sled's default page cache is 1 GiB: a node catching up would
-        // hold that much of the log it replays. The log gets the store's.
+        // hold that much of the log it replays. The log gets the store's
+        // cache, and its segment size (entries larger than a quarter of a
+        // segment are blob files of their own).
+        let raft_dir = settings.dir.join("raft");
         let raft_db = sled::Config::new()
-            .path(settings.dir.join("raft"))
+            .path(&raft_dir)
             .cache_capacity(config.store.cache_capacity)
+            .segment_size(config.store.segment_size)
             .open()
-            .with_context(|| format!("opening {}", settings.dir.join("raft").display()))?;
-        let log = SledLog::<DataGroup>::open(&raft_db, "data").context("opening the raft log")?;
+            .with_context(|| format!("opening {}", raft_dir.display()))?;
+        let log = SledLog::<DataGroup>::open(&raft_db, &raft_dir, "data")
+            .context("opening the raft log")?;
         let store_config = StoreConfig {
             dir: settings.dir.join("store"),
             ..config.store.clone()
@@ -171,6 +181,8 @@ impl Node {
             config,
             on_lead,
             tx,
+            lease: 2 * settings.election_timeout,
+            heartbeat: settings.heartbeat,
         }));
         Ok(Node {
             raft,
@@ -318,6 +330,11 @@ struct Leading {
     config: BrokerConfig,
     on_lead: OnLead,
     tx: watch::Sender<Serving>,
+    /// How long a leader serves without a quorum's acknowledgement
+    /// (openraft's leader lease: the longest election timeout).
+    lease: Duration,
+    /// How often a leader looks at its lease.
+    heartbeat: Duration,
 }
 
 /// A broker of one term.
@@ -328,16 +345,34 @@ struct Term {
 }
 
 /// Follow the group's leadership: run a broker while this node leads a
-/// term, refuse clients (naming the leader) otherwise.
+/// term and a quorum acknowledges it, refuse clients (naming the leader)
+/// otherwise.
+///
+/// A leader cut off from its quorum keeps its term until it hears of a
+/// newer one, but cannot commit: once its lease is over (openraft refuses
+/// its proposals from then on) it closes its clients' connections and
+/// refuses new ones, so they find the majority's leader instead of
+/// waiting on confirms that cannot come. It serves again if the quorum
+/// answers while the term lasts.
 async fn lead(l: Leading) {
     let mut metrics = l.raft.metrics();
     let mut current: Option<Term> = None;
     loop {
-        let (term, leader) = {
+        let (term, leader, quorum) = {
             let m = metrics.borrow_and_update();
-            (m.current_term, m.current_leader)
+            let alone = m.membership_config.voter_ids().count() <= 1;
+            let since = m.last_quorum_acked.as_deref().map(|t| t.elapsed());
+            let quorum = alone || since.is_none_or(|since| since < l.lease);
+            (m.current_term, m.current_leader, quorum)
         };
-        let leading = leader == Some(l.id);
+        if leader == Some(l.id) && !quorum && current.is_some() {
+            tracing::warn!(
+                node = l.id,
+                term,
+                "no quorum acknowledged this leader in time: refusing clients"
+            );
+        }
+        let leading = leader == Some(l.id) && quorum;
         let leader_addr = leader
             .filter(|n| *n != l.id)
             .and_then(|n| l.clients.get(&n).cloned());
@@ -384,8 +419,19 @@ async fn lead(l: Leading) {
                 }
             });
         }
-        if metrics.changed().await.is_err() {
-            break;
+        // A leader also looks at its lease now and then: a lost quorum
+        // changes no metric.
+        let lease_check = async {
+            match current {
+                Some(_) => tokio::time::sleep(l.heartbeat).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() {
+                break;
+            },
+            () = lease_check => {}
         }
     }
     if let Some(t) = current {

@@ -20,7 +20,7 @@ fn open(dir: &std::path::Path) -> std::io::Result<(sled::Db, SledLog<MetaGroup>,
         .flush_every_ms(None)
         .open()
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let log = SledLog::open(&db, "meta")?;
+    let log = SledLog::open(&db, dir, "meta")?;
     let state = MetaState::open(&db, "meta")?;
     Ok((db, log, state))
 }
@@ -707,7 +707,7 @@ mod data_group {
                 .unwrap();
         let net = QuicNetwork::new(endpoint.clone(), tls.client_config().unwrap());
         let raft_db = sled::Config::new().path(dir.join("raft")).open().unwrap();
-        let log = SledLog::<DataGroup>::open(&raft_db, "data").unwrap();
+        let log = SledLog::<DataGroup>::open(&raft_db, &dir.join("raft"), "data").unwrap();
         let store = Arc::new(Store::open(&StoreConfig::new(dir.join("store"))).unwrap());
         let state = DataState::new(store);
         let raft = Raft::new(id, config, net, log, state.clone())

@@ -37,6 +37,7 @@ mod manifest;
 mod message;
 
 pub use commit::Commit;
+pub(crate) use commit::sync_blob_files;
 pub use error::StoreError;
 pub use message::{StoredMessage, decode_expiry};
 
