@@ -777,6 +777,48 @@ fn a_follower_refuses_clients_naming_the_leader_and_the_cli_follows_it() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Leadership handed to a follower by name (a rolling restart's step),
+    // asked of the leader alone; refused for a non-member or a tenant.
+    let admin = cluster.dir.path().join("certs/admin");
+    let leader = status["leader"].as_u64().unwrap();
+    let next = (1..=3u64).find(|n| *n != leader).unwrap();
+    let transfer = |to: u64, identity: &std::path::Path| {
+        Command::new(BIN)
+            .args(["cluster", "transfer", &to.to_string(), "--server"])
+            .arg(cluster.clients[leader as usize - 1].to_string())
+            .arg("--identity")
+            .arg(identity)
+            .output()
+            .unwrap()
+    };
+    for (to, identity, want) in [
+        (9, &admin, "node 9 is not a member"),
+        (leader, &admin, "leads already"),
+        (next, &cluster.identity(), "for administrators"),
+    ] {
+        let out = transfer(to, identity);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{to}: {err}");
+    }
+    let out = transfer(next, &admin);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.logs()
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    let term: u64 = said
+        .trim()
+        .strip_prefix(&format!("node {next} leads (term "))
+        .and_then(|t| t.strip_suffix(')'))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected: {said}"));
+    assert!(term > status["term"].as_u64().unwrap(), "{said}");
+    runtime().block_on(async {
+        let client = cluster.connect().await;
+        assert_eq!(cluster.node_of(&client), next);
+    });
     // The CLI with every node, in any order, finds the leader.
     let servers: Vec<String> = cluster
         .clients

@@ -99,18 +99,28 @@ pub struct BrokerConfig {
     pub plugin_cpu_share: f64,
     /// Threads running the work of tenants over their CPU share. Default 2.
     pub low_priority_threads: usize,
-    /// On a cluster node, where the replicated group's status is read
-    /// (`sluice cluster status`); `None` on a single node.
-    pub cluster: Option<ClusterStatus>,
+    /// On a cluster node, the replicated group as administrators see it
+    /// (`sluice cluster ...`); `None` on a single node.
+    pub cluster: Option<ClusterControl>,
 }
 
-/// Reads a cluster node's view of its replicated group.
+/// What administrators may ask of a cluster node's replicated group.
 #[derive(Clone)]
-pub struct ClusterStatus(pub Arc<dyn Fn() -> sluice_proto::ClusterSummary + Send + Sync>);
+pub struct ClusterControl {
+    /// This node's view of the group.
+    pub status: Arc<dyn Fn() -> sluice_proto::ClusterSummary + Send + Sync>,
+    /// Hand the leadership to a member (on the leader): resolves once it
+    /// is handed over, or with why not.
+    pub transfer: Arc<dyn Fn(u64) -> ClusterFuture + Send + Sync>,
+}
 
-impl std::fmt::Debug for ClusterStatus {
+/// An answer of the cluster: done, or why not.
+pub type ClusterFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+
+impl std::fmt::Debug for ClusterControl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ClusterStatus")
+        f.write_str("ClusterControl")
     }
 }
 

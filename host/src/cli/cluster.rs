@@ -25,11 +25,38 @@ pub(crate) enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Hand the leadership to node N (e.g. before restarting the leader):
+    /// waits until N leads, then says so.
+    Transfer {
+        /// The member to lead next.
+        #[arg(value_name = "N")]
+        to: u64,
+    },
 }
 
 pub(crate) async fn run(conn: &Conn, cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
     let client = conn.connect().await?;
     match cmd {
+        ClusterCommand::Transfer { to } => {
+            match client.transfer_leadership(to).await {
+                Ok(()) => {}
+                // The old leader's term ended while it answered.
+                Err(e) if e.failed_over() => {}
+                Err(e) => return Err(e.into()),
+            }
+            client.close();
+            let client = conn.connect_leader().await?;
+            let s = client.cluster_status().await?;
+            client.close();
+            anyhow::ensure!(
+                s.leader == Some(to),
+                "node {} leads (term {}), not node {to}",
+                s.leader.map_or("none".into(), |l| l.to_string()),
+                s.term
+            );
+            out!("node {to} leads (term {})", s.term);
+            return Ok(ExitCode::SUCCESS);
+        }
         ClusterCommand::Status { json } => {
             let s = client.cluster_status().await?;
             if json {

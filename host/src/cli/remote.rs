@@ -50,6 +50,16 @@ impl Conn {
     }
 
     pub(crate) async fn connect(&self) -> anyhow::Result<Client> {
+        self.connect_to(false).await
+    }
+
+    /// Connect to a cluster's leader, even through a single `--server`
+    /// (following its `not_leader` answer).
+    pub(crate) async fn connect_leader(&self) -> anyhow::Result<Client> {
+        self.connect_to(true).await
+    }
+
+    async fn connect_to(&self, leader: bool) -> anyhow::Result<Client> {
         let identity = self
             .identity
             .as_ref()
@@ -59,8 +69,8 @@ impl Conn {
             tenant: self.tenant.clone(),
             ..ConnectOptions::default()
         };
-        let client = if let [addr] = servers[..] {
-            Client::connect_with(addr, identity, opts).await?
+        let client = if let ([addr], false) = (&servers[..], leader) {
+            Client::connect_with(*addr, identity, opts).await?
         } else {
             Client::connect_any(&servers, identity, opts).await?
         };

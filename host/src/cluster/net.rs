@@ -14,7 +14,8 @@ use std::net::SocketAddr;
 use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::storage::RaftStateMachine;
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
@@ -47,6 +48,10 @@ enum Request<C: Group> {
         meta: SnapshotMetaOf<C>,
         data: Vec<u8>,
     },
+    /// Would you vote for this candidate (no vote is cast, no term moves)?
+    PreVote(VoteRequest<C>),
+    /// The leader hands its leadership to the receiver.
+    TransferLeader(TransferLeaderRequest<C>),
 }
 
 /// A node's answer.
@@ -56,6 +61,8 @@ enum Response<C: Group> {
     Append(AppendEntriesResponse<C>),
     Vote(VoteResponse<C>),
     Snapshot(SnapshotResponse<C>),
+    PreVote(VoteResponse<C>),
+    TransferLeader(TransferLeaderResponse<C>),
     /// The node could not handle the request (shutting down, say).
     Failed(String),
 }
@@ -99,6 +106,14 @@ where
         },
         Ok(Request::Vote(rpc)) => match raft.vote(rpc).await {
             Ok(r) => Response::Vote(r),
+            Err(e) => Response::Failed(e.to_string()),
+        },
+        Ok(Request::PreVote(rpc)) => match raft.pre_vote(rpc).await {
+            Ok(r) => Response::PreVote(r),
+            Err(e) => Response::Failed(e.to_string()),
+        },
+        Ok(Request::TransferLeader(req)) => match raft.handle_transfer_leader(req).await {
+            Ok(r) => Response::TransferLeader(r),
             Err(e) => Response::Failed(e.to_string()),
         },
         Ok(Request::Snapshot { vote, meta, data }) => {
@@ -233,6 +248,28 @@ impl<C: Group> RaftNetworkV2<C> for QuicPeer<C> {
     ) -> Result<VoteResponse<C>, RPCError<C>> {
         match self.call(&Request::Vote(rpc)).await? {
             Response::Vote(r) => Ok(r),
+            _ => Err(unexpected().into()),
+        }
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<C>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<C>, RPCError<C>> {
+        match self.call(&Request::PreVote(rpc)).await? {
+            Response::PreVote(r) => Ok(r),
+            _ => Err(unexpected().into()),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<C>,
+        _option: RPCOption,
+    ) -> Result<TransferLeaderResponse<C>, RPCError<C>> {
+        match self.call(&Request::TransferLeader(req)).await? {
+            Response::TransferLeader(r) => Ok(r),
             _ => Err(unexpected().into()),
         }
     }

@@ -32,7 +32,7 @@ use super::data::{DataGroup, DataState, StoreBatch};
 use super::log::SledLog;
 use super::net::{MAX_ENTRIES, QuicNetwork, serve};
 use super::store::{DataRaft, ReplicatedStore, leads};
-use crate::broker::{Broker, BrokerConfig};
+use crate::broker::{Broker, BrokerConfig, ClusterFuture};
 use crate::server::Serving;
 use crate::store::{MessageStore, Store, StoreConfig, StoreError};
 use crate::tls::NodeTls;
@@ -112,6 +112,9 @@ impl Node {
             election_timeout_max: 2 * settings.election_timeout.as_millis() as u64,
             max_payload_entries: MAX_ENTRIES,
             snapshot_policy: openraft::SnapshotPolicy::Never,
+            // A node cut off and back does not disturb a healthy leader
+            // with the terms it counted up alone.
+            enable_pre_vote: Some(true),
             ..Default::default()
         }
         .validate()
@@ -171,7 +174,10 @@ impl Node {
             .map(|(id, m)| (*id, m.client.to_string()))
             .collect();
         let mut config = config;
-        config.cluster = Some(crate::broker::ClusterStatus(Arc::new(status_source(&raft))));
+        config.cluster = Some(crate::broker::ClusterControl {
+            status: Arc::new(status_source(&raft)),
+            transfer: Arc::new(transfer(&raft, settings.id)),
+        });
         let (tx, serving) = watch::channel(Serving::NotLeader(None));
         let lead = tokio::spawn(lead(Leading {
             raft: raft.clone(),
@@ -222,6 +228,68 @@ impl Node {
 
 /// Reads the data group as `raft`'s node sees it: the answer to
 /// `cluster_status` (followers' lags are known on the leader only).
+/// Hand the leadership of `raft` (led by node `id`) to a member, and wait
+/// until it leads or the handover fails.
+fn transfer(raft: &DataRaft, id: u64) -> impl Fn(u64) -> ClusterFuture + Send + Sync + 'static {
+    let raft = raft.clone();
+    move |to| {
+        let raft = raft.clone();
+        Box::pin(async move {
+            let (term, leader, voter) = {
+                let m = raft.metrics().borrow_watched().clone();
+                let voter = m.membership_config.voter_ids().any(|v| v == to);
+                (m.current_term, m.current_leader, voter)
+            };
+            if leader != Some(id) {
+                return Err(format!("node {id} is not the leader"));
+            }
+            if !voter {
+                return Err(format!("node {to} is not a member of the cluster"));
+            }
+            if to == id {
+                return Err(format!("node {to} leads already"));
+            }
+            raft.trigger()
+                .transfer_leader(to)
+                .await
+                .map_err(|e| format!("transfer to node {to}: {e}"))?;
+            // Handed over once a newer term has a leader: `to`, or (the
+            // transfer raced an election) another node.
+            let mut metrics = raft.metrics();
+            let waited = tokio::time::timeout(TRANSFER_TIMEOUT, async {
+                loop {
+                    let now = {
+                        let m = metrics.borrow_watched();
+                        (m.current_term > term)
+                            .then_some(m.current_leader)
+                            .flatten()
+                    };
+                    if let Some(now) = now {
+                        return now;
+                    }
+                    if metrics.changed().await.is_err() {
+                        return id;
+                    }
+                }
+            })
+            .await;
+            match waited {
+                Ok(now) if now == to => Ok(()),
+                Ok(now) => Err(format!(
+                    "node {now} was elected instead of node {to}; ask again"
+                )),
+                Err(_) => Err(format!(
+                    "node {to} did not take over within {} s (is it up and caught up?)",
+                    TRANSFER_TIMEOUT.as_secs()
+                )),
+            }
+        }) as ClusterFuture
+    }
+}
+
+/// How long a leadership transfer may take.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn status_source(raft: &DataRaft) -> impl Fn() -> ClusterSummary + Send + Sync + 'static {
     let raft = raft.clone();
     move || {

@@ -169,12 +169,28 @@ impl<L: Link> Session<L> {
                         "the cluster's status is for administrators".into(),
                     ));
                 }
-                let Some(source) = &b.config().cluster else {
+                let Some(cluster) = &b.config().cluster else {
                     return Err(BrokerError::Conflict(
                         "not a cluster: this broker runs as a single node".into(),
                     ));
                 };
-                return Ok(S::Cluster((source.0)()));
+                return Ok(S::Cluster((cluster.status)()));
+            }
+            R::ClusterTransfer { to } => {
+                if !who.admin {
+                    return Err(BrokerError::Unauthorized(
+                        "leadership transfer is for administrators".into(),
+                    ));
+                }
+                let Some(cluster) = &b.config().cluster else {
+                    return Err(BrokerError::Conflict(
+                        "not a cluster: this broker runs as a single node".into(),
+                    ));
+                };
+                (cluster.transfer)(to)
+                    .await
+                    .map_err(BrokerError::Conflict)?;
+                return Ok(S::Ok);
             }
             R::TenantList => {
                 return Ok(S::Tenants(
@@ -358,6 +374,7 @@ impl<L: Link> Session<L> {
             | R::TenantDelete { .. }
             | R::TenantList
             | R::ClusterStatus
+            | R::ClusterTransfer { .. }
             | R::SyncAcks { .. } => {
                 unreachable!("answered above")
             }

@@ -665,6 +665,13 @@ impl Client {
         }
     }
 
+    /// Hand a cluster's leadership to node `to` (administrators; on the
+    /// leader). This connection closes soon after, with the old leader's
+    /// term: reconnect with [`Client::connect_any`].
+    pub async fn transfer_leadership(&self, to: u64) -> Result<(), ClientError> {
+        self.ok(Request::ClusterTransfer { to }).await
+    }
+
     /// Delete a tenant, its data and its connections (administrators).
     pub async fn delete_tenant(&self, name: &str) -> Result<(), ClientError> {
         self.ok(Request::TenantDelete { name: name.into() }).await

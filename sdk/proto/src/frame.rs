@@ -173,6 +173,13 @@ pub enum Request {
     /// The replicated group as the leader sees it (admins; a cluster's
     /// leader only).
     ClusterStatus,
+    /// Hand the leadership to node `to` (admins; the leader only), e.g.
+    /// before restarting the leader. Answered once handed over or refused;
+    /// the connection then closes with the old leader's term.
+    ClusterTransfer {
+        /// The member to lead next.
+        to: u64,
+    },
 }
 
 /// Per-tenant quotas; `None` is unlimited.
@@ -523,9 +530,10 @@ impl Frame {
                     | Request::TenantDelete { name }
                     | Request::TenantCreate { name, .. }
                     | Request::TenantLimits { name, .. } => check_name("name", name, limits),
-                    Request::TenantList | Request::SyncAcks { .. } | Request::ClusterStatus => {
-                        Ok(())
-                    }
+                    Request::TenantList
+                    | Request::SyncAcks { .. }
+                    | Request::ClusterStatus
+                    | Request::ClusterTransfer { .. } => Ok(()),
                     Request::ListQueues | Request::ListPlugins | Request::Stats => Ok(()),
                 }
             }

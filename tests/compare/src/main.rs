@@ -42,10 +42,11 @@ struct Args {
         default_value = "target/wasm-plugins/wasm32-unknown-unknown/plugin/header_filter.wasm"
     )]
     filter: PathBuf,
-    /// A nats-server to compare with: `PATH[,sync=always][,count=N]`;
-    /// `sync=always` sets `jetstream { sync_interval: always }` (nats-server
-    /// ≥ 2.10), `count=N` runs at most N deliveries per workload on it.
-    /// Repeatable.
+    /// A nats-server to compare with:
+    /// `PATH[,sync=always][,count=N][,replicas=N]`; `sync=always` sets
+    /// `jetstream { sync_interval: always }` (nats-server ≥ 2.10),
+    /// `count=N` runs at most N deliveries per workload on it, `replicas=3`
+    /// runs a cluster of three servers with R3 streams. Repeatable.
     #[arg(long = "jetstream", value_parser = nats::Flavor::parse, default_value = "nats-server")]
     jetstream: Vec<nats::Flavor>,
     /// rabbitmq-server (started detached as a node of its own).
@@ -57,7 +58,8 @@ struct Args {
     /// Use this running RabbitMQ instead of starting one (loopback only).
     #[arg(long)]
     rabbitmq_url: Option<String>,
-    /// Systems to run: sluice, nats, rabbitmq (comma-separated).
+    /// Systems to run: sluice, sluice-cluster (three nodes on loopback),
+    /// nats, rabbitmq (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "sluice,nats,rabbitmq")]
     systems: Vec<String>,
     /// Workloads: a (1/1), b (4/4), c (fan-out), d (fixed rate), e (1/1,
@@ -244,6 +246,20 @@ async fn run_one(
 async fn start_systems(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Running>> {
     let mut running = Vec::new();
     let wants = |s: &str| args.systems.iter().any(|x| x == s);
+    // First: with both, the table's ratios are against the cluster.
+    if wants("sluice-cluster") {
+        let d = dir.join("sluice-cluster");
+        std::fs::create_dir_all(&d)?;
+        eprintln!(
+            "starting a 3-node sluice cluster ({})",
+            args.sluice.display()
+        );
+        running.push(Running {
+            label: "Sluice, 3-node cluster".into(),
+            system: System::Sluice(sluice::Server::start_cluster(&args.sluice, &d, 3).await?),
+            max_count: None,
+        });
+    }
     if wants("sluice") {
         let d = dir.join("sluice");
         std::fs::create_dir_all(&d)?;

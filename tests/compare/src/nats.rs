@@ -30,10 +30,13 @@ pub struct Flavor {
     /// At most this many messages per run against this server (a slow
     /// configuration would otherwise take minutes per workload).
     pub max_count: Option<u64>,
+    /// Servers in the cluster and replicas of every stream (1: a single
+    /// server, streams R1).
+    pub replicas: usize,
 }
 
 impl Flavor {
-    /// `PATH[,sync=always][,count=N]`.
+    /// `PATH[,sync=always][,count=N][,replicas=N]`.
     pub fn parse(s: &str) -> Result<Flavor, String> {
         let mut parts = s.split(',');
         let bin = parts.next().unwrap_or_default();
@@ -44,6 +47,7 @@ impl Flavor {
             bin: bin.into(),
             sync_always: false,
             max_count: None,
+            replicas: 1,
         };
         for opt in parts {
             match opt.split_once('=') {
@@ -52,9 +56,15 @@ impl Flavor {
                 Some(("count", n)) => {
                     flavor.max_count = Some(n.parse().map_err(|e| format!("count={n}: {e}"))?)
                 }
+                Some(("replicas", n)) => {
+                    flavor.replicas = match n.parse() {
+                        Ok(r @ (1 | 3 | 5)) => r,
+                        _ => return Err(format!("replicas={n}: 1, 3 or 5")),
+                    }
+                }
                 _ => {
                     return Err(format!(
-                        "unknown option `{opt}` (sync=always, sync=default, count=N)"
+                        "unknown option `{opt}` (sync=always, sync=default, count=N, replicas=N)"
                     ));
                 }
             }
@@ -76,8 +86,13 @@ impl Flavor {
 
     pub fn label(&self) -> String {
         format!(
-            "NATS JetStream {}{}",
+            "NATS JetStream {}{}{}",
             self.version().trim_start_matches('v'),
+            if self.replicas > 1 {
+                format!(" R{} ({} servers)", self.replicas, self.replicas)
+            } else {
+                String::new()
+            },
             if self.sync_always {
                 " (sync always)"
             } else {
@@ -100,40 +115,76 @@ pub fn config(port: u16, store: &Path, sync_always: bool) -> String {
     )
 }
 
-/// A `nats-server` child on loopback, killed on drop.
+/// The cluster part of server `i`'s config: its name, its route port and
+/// routes to every server (loopback).
+pub fn cluster_config(i: usize, routes: &[u16]) -> String {
+    let all: Vec<String> = routes
+        .iter()
+        .map(|p| format!("nats-route://127.0.0.1:{p}"))
+        .collect();
+    format!(
+        "server_name: n{i}\ncluster {{\n  name: cmp\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+        routes[i],
+        all.join(", ")
+    )
+}
+
+/// `nats-server` children on loopback (one, or a cluster of
+/// `replicas`), killed on drop.
 pub struct Server {
-    child: Child,
+    children: Vec<Child>,
     pub url: String,
+    /// Replicas of every stream.
+    pub replicas: usize,
 }
 
 impl Server {
     pub async fn start(flavor: &Flavor, dir: &Path) -> anyhow::Result<Server> {
-        let port = crate::free_tcp_port()?;
-        let conf = dir.join("nats.conf");
-        std::fs::write(&conf, config(port, &dir.join("js"), flavor.sync_always))?;
-        let log = std::fs::File::create(dir.join("nats.log"))?;
-        let child = Command::new(&flavor.bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {}", flavor.bin.display()))?;
+        let n = flavor.replicas.max(1);
+        let ports: Vec<u16> = (0..n)
+            .map(|_| crate::free_tcp_port())
+            .collect::<Result<_, _>>()?;
+        let routes: Vec<u16> = (0..n)
+            .map(|_| crate::free_tcp_port())
+            .collect::<Result<_, _>>()?;
         let mut server = Server {
-            child,
-            url: format!("nats://127.0.0.1:{port}"),
+            children: Vec::new(),
+            url: format!("nats://127.0.0.1:{}", ports[0]),
+            replicas: n,
         };
+        for i in 0..n {
+            let conf = dir.join(format!("nats-{i}.conf"));
+            let mut text = config(ports[i], &dir.join(format!("js-{i}")), flavor.sync_always);
+            if n > 1 {
+                text += &cluster_config(i, &routes);
+            }
+            std::fs::write(&conf, text)?;
+            let log = std::fs::File::create(dir.join(format!("nats-{i}.log")))?;
+            let child = Command::new(&flavor.bin)
+                .arg("-c")
+                .arg(&conf)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("cannot start {}", flavor.bin.display()))?;
+            server.children.push(child);
+        }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = server.child.try_wait()? {
-                bail!(
-                    "nats-server exited with {status}; see {}",
-                    dir.join("nats.log").display()
-                );
+            for (i, child) in server.children.iter_mut().enumerate() {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "nats-server exited with {status}; see {}",
+                        dir.join(format!("nats-{i}.log")).display()
+                    );
+                }
             }
+            // Ready once JetStream answers (a cluster: once its meta group
+            // has a leader).
             if let Ok(client) = async_nats::connect(&server.url).await
                 && client.flush().await.is_ok()
+                && jetstream::new(client).query_account().await.is_ok()
             {
                 return Ok(server);
             }
@@ -146,8 +197,10 @@ impl Server {
     }
 
     pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -168,11 +221,13 @@ pub struct Nats {
     /// Publish subjects.
     subjects: Arc<Vec<String>>,
     prefetch: u32,
+    replicas: usize,
 }
 
 impl Nats {
     pub fn new(server: &Server) -> Nats {
         Nats {
+            replicas: server.replicas,
             url: server.url.clone(),
             admin: None,
             streams: Vec::new(),
@@ -187,13 +242,18 @@ impl Nats {
     }
 }
 
-fn stream_config(name: &str, subject: &str, retention: RetentionPolicy) -> StreamConfig {
+fn stream_config(
+    name: &str,
+    subject: &str,
+    retention: RetentionPolicy,
+    replicas: usize,
+) -> StreamConfig {
     StreamConfig {
         name: name.into(),
         subjects: vec![subject.into()],
         retention,
         storage: StorageType::File,
-        num_replicas: 1,
+        num_replicas: replicas,
         ..Default::default()
     }
 }
@@ -242,7 +302,12 @@ impl Driver for Nats {
         if spec.fanout {
             let (name, subject) = (format!("{run}_FAN"), format!("cmp.{run}.fan"));
             let stream = js
-                .create_stream(stream_config(&name, &subject, RetentionPolicy::Interest))
+                .create_stream(stream_config(
+                    &name,
+                    &subject,
+                    RetentionPolicy::Interest,
+                    self.replicas,
+                ))
                 .await?;
             for i in 0..queues {
                 let c = format!("c{i}");
@@ -257,7 +322,12 @@ impl Driver for Nats {
             for i in 0..queues {
                 let (name, subject) = (format!("{run}_{i}"), format!("cmp.{run}.{i}"));
                 let stream = js
-                    .create_stream(stream_config(&name, &subject, RetentionPolicy::WorkQueue))
+                    .create_stream(stream_config(
+                        &name,
+                        &subject,
+                        RetentionPolicy::WorkQueue,
+                        self.replicas,
+                    ))
                     .await?;
                 stream
                     .create_consumer(consumer_config("c", spec.prefetch))
@@ -334,6 +404,8 @@ mod tests {
         assert_eq!(capped.max_count, Some(5000));
         assert!(capped.sync_always);
         assert!(Flavor::parse("nats-server,count=many").is_err());
+        assert_eq!(Flavor::parse("nats-server,replicas=3").unwrap().replicas, 3);
+        assert!(Flavor::parse("nats-server,replicas=2").is_err());
         assert!(Flavor::parse("nats-server,fsync").is_err());
         assert!(Flavor::parse("").is_err());
     }
@@ -345,5 +417,9 @@ mod tests {
         assert!(c.contains("store_dir: \"/tmp/x/js\"\n"));
         assert!(c.contains("sync_interval: always"));
         assert!(!config(4333, Path::new("/tmp/x/js"), false).contains("sync_interval"));
+        let c = cluster_config(1, &[6001, 6002, 6003]);
+        assert!(c.contains("server_name: n1\n"), "{c}");
+        assert!(c.contains("listen: 127.0.0.1:6002\n"), "{c}");
+        assert!(c.contains("nats-route://127.0.0.1:6003"), "{c}");
     }
 }

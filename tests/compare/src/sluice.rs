@@ -14,9 +14,11 @@ use sluice_client::{Client, QueueSpec};
 use crate::harness::{BoxFut, Deliveries, Driver, Producer, Spec};
 use crate::stats::Report;
 
-/// A `sluice serve` child on loopback, killed on drop.
+/// `sluice serve` children on loopback (one, or the nodes of a cluster),
+/// killed on drop.
 pub struct Server {
-    child: Child,
+    children: Vec<Child>,
+    /// Where clients connect: the node (the leader of a cluster).
     pub addr: SocketAddr,
     /// Tenant identity created by the broker on first start.
     pub identity: PathBuf,
@@ -40,13 +42,13 @@ impl Server {
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
         let mut server = Server {
-            child,
+            children: vec![child],
             addr,
             identity: data.join("certs").join("default"),
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(status) = server.child.try_wait()? {
+            if let Some(status) = server.children[0].try_wait()? {
                 bail!(
                     "sluice serve exited with {status}; see {}",
                     dir.join("sluice.log").display()
@@ -66,9 +68,72 @@ impl Server {
         }
     }
 
+    /// A cluster of `n` nodes as the README starts one (`sluice certs init
+    /// --node N`, one `[cluster]` file, `sluice serve --node N`); `addr` is
+    /// the leader's client address once one is elected.
+    pub async fn start_cluster(bin: &Path, dir: &Path, n: u64) -> anyhow::Result<Server> {
+        let certs = dir.join("certs");
+        let mut init = Command::new(bin);
+        init.args(["certs", "init", "--tenant", "bench", "--out"])
+            .arg(&certs);
+        for id in 1..=n {
+            init.args(["--node", &id.to_string()]);
+        }
+        let st = init.stdout(Stdio::null()).status()?;
+        anyhow::ensure!(st.success(), "sluice certs init failed ({st})");
+        let mut members = String::new();
+        let mut clients = Vec::new();
+        for id in 1..=n {
+            let raft = crate::free_udp_port()?;
+            let client = crate::free_udp_port()?;
+            members += &format!(
+                "  {{ id = {id}, raft = \"127.0.0.1:{raft}\", client = \"127.0.0.1:{client}\" }},\n"
+            );
+            clients.push(format!("127.0.0.1:{client}").parse::<SocketAddr>()?);
+        }
+        let config = dir.join("cluster.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "certs = {:?}\ndata = {:?}\n\n[cluster]\nmembers = [\n{members}]\n",
+                certs,
+                dir.join("data")
+            ),
+        )?;
+        let mut server = Server {
+            children: Vec::new(),
+            addr: clients[0],
+            identity: certs.join("bench"),
+        };
+        for id in 1..=n {
+            let log = std::fs::File::create(dir.join(format!("node-{id}.log")))?;
+            let child = Command::new(bin)
+                .args(["serve", "--node", &id.to_string(), "--config"])
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("cannot start {}", bin.display()))?;
+            server.children.push(child);
+        }
+        let opts = sluice_client::ConnectOptions {
+            failover: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let leader = Client::connect_any(&clients, &server.identity, opts)
+            .await
+            .with_context(|| format!("no leader elected; see {}", dir.display()))?;
+        server.addr = leader.server_addr();
+        leader.close();
+        Ok(server)
+    }
+
     pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
