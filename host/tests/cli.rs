@@ -765,7 +765,7 @@ fn a_plugin_call_is_stopped_for_the_cpu_it_uses_not_for_waiting() {
 fn certs_init_with_nodes_makes_identities_a_cluster_runs_on() {
     use openraft::{BasicNode, Raft};
     use sluice::cluster::MetaCommand;
-    use sluice::cluster::log::SledLog;
+    use sluice::cluster::log::FileLog;
     use sluice::cluster::meta::MetaState;
     use sluice::cluster::net::{QuicNetwork, serve};
     use sluice::tls::{NodeTls, node_name};
@@ -829,7 +829,7 @@ fn certs_init_with_nodes_makes_identities_a_cluster_runs_on() {
             .unwrap();
             let path = dir.path().join(node_name(id));
             let db = sled::Config::new().path(&path).open().unwrap();
-            let log = SledLog::open(&db, &path, "meta").unwrap();
+            let log = FileLog::open(&path.join("log"), "meta").unwrap();
             let state = MetaState::open(&db, "meta").unwrap();
             let net = QuicNetwork::new(endpoint.clone(), tls.client_config().unwrap());
             let raft = Raft::new(id, config.clone(), net, log, state.clone())

@@ -11,7 +11,8 @@
 //! the broker stores (its metadata too); the metadata group's state
 //! machine exists and is tested but no node runs it yet. What is here:
 //!
-//! - [`log::SledLog`]: the Raft log and vote in sled. `append` returns once
+//! - [`log::FileLog`]: the Raft log and vote in files of its own (segments
+//!   of checksummed records, entries never held in memory). `append` returns once
 //!   the entries are readable and reports them flushed only after
 //!   `fdatasync` (one flusher thread, which group-commits the flushes of
 //!   appends that arrive while it syncs); the vote is durable before
@@ -99,12 +100,6 @@ pub struct MetaResponse {
 /// An I/O error for a storage failure of `what`.
 fn io_error(what: &str, e: impl fmt::Display) -> std::io::Error {
     std::io::Error::other(format!("{what}: {e}"))
-}
-
-/// Big-endian bytes of a log index: sled orders keys bytewise, so these
-/// sort as the indexes do.
-fn index_key(index: u64) -> [u8; 8] {
-    index.to_be_bytes()
 }
 
 /// Encoding of everything the cluster stores and sends: bincode, read

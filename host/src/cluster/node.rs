@@ -29,7 +29,7 @@ use sluice_proto::{ClusterSummary, FollowerSummary};
 use tokio::sync::watch;
 
 use super::data::{DataGroup, DataState, StoreBatch};
-use super::log::SledLog;
+use super::log::FileLog;
 use super::net::{MAX_ENTRIES, QuicNetwork, serve};
 use super::store::{DataRaft, ReplicatedStore, leads};
 use crate::broker::{Broker, BrokerConfig, ClusterFuture};
@@ -130,19 +130,13 @@ impl Node {
             tls.client_config()
                 .with_context(|| format!("node identity {}", settings.identity.display()))?,
         );
-        // sled's default page cache is 1 GiB: a node catching up would
-        // hold that much of the log it replays. The log gets the store's
-        // cache, and its segment size (entries larger than a quarter of a
-        // segment are blob files of their own).
         let raft_dir = settings.dir.join("raft");
-        let raft_db = sled::Config::new()
-            .path(&raft_dir)
-            .cache_capacity(config.store.cache_capacity)
-            .segment_size(config.store.segment_size)
-            .open()
-            .with_context(|| format!("opening {}", raft_dir.display()))?;
-        let log = SledLog::<DataGroup>::open(&raft_db, &raft_dir, "data")
-            .context("opening the raft log")?;
+        anyhow::ensure!(
+            !raft_dir.join("db").exists(),
+            "{}: a raft log in sled, an earlier format; start this node from an empty directory",
+            raft_dir.display()
+        );
+        let log = FileLog::<DataGroup>::open(&raft_dir, "data").context("opening the raft log")?;
         let store_config = StoreConfig {
             dir: settings.dir.join("store"),
             ..config.store.clone()

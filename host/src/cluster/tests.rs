@@ -6,7 +6,7 @@ use openraft::storage::{IOFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::testing::log::{StoreBuilder, Suite};
 use openraft::type_config::TypeConfigExt;
 
-use super::log::SledLog;
+use super::log::FileLog;
 use super::meta::MetaState;
 use super::{MetaCommand, MetaGroup};
 
@@ -14,21 +14,21 @@ struct Builder;
 
 /// A database that writes out only when asked (no background flush), so
 /// what survives a crash is what the storage synced.
-fn open(dir: &std::path::Path) -> std::io::Result<(sled::Db, SledLog<MetaGroup>, MetaState)> {
+fn open(dir: &std::path::Path) -> std::io::Result<(sled::Db, FileLog<MetaGroup>, MetaState)> {
     let db = sled::Config::new()
-        .path(dir)
+        .path(dir.join("state"))
         .flush_every_ms(None)
         .open()
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let log = SledLog::open(&db, dir, "meta")?;
+    let log = FileLog::open(&dir.join("log"), "meta")?;
     let state = MetaState::open(&db, "meta")?;
     Ok((db, log, state))
 }
 
-impl StoreBuilder<MetaGroup, SledLog<MetaGroup>, MetaState, tempfile::TempDir> for Builder {
+impl StoreBuilder<MetaGroup, FileLog<MetaGroup>, MetaState, tempfile::TempDir> for Builder {
     async fn build(
         &self,
-    ) -> Result<(tempfile::TempDir, SledLog<MetaGroup>, MetaState), StorageError<MetaGroup>> {
+    ) -> Result<(tempfile::TempDir, FileLog<MetaGroup>, MetaState), StorageError<MetaGroup>> {
         let err = |e: std::io::Error| StorageError::read(MetaGroup::err_from_error(&e));
         let dir = tempfile::tempdir().map_err(err)?;
         let (_db, log, state) = open(dir.path()).map_err(err)?;
@@ -676,7 +676,7 @@ mod data_group {
     use openraft::Raft;
 
     use super::super::data::{DataGroup, DataState};
-    use super::super::log::SledLog;
+    use super::super::log::FileLog;
     use super::super::net::{MAX_ENTRIES, QuicNetwork, serve};
     use super::super::store::{DataRaft, ReplicatedStore};
     use crate::store::{Append, MessageStore, Store, StoreConfig, StoreError};
@@ -706,8 +706,7 @@ mod data_group {
             quinn::Endpoint::server(tls.server_config().unwrap(), "127.0.0.1:0".parse().unwrap())
                 .unwrap();
         let net = QuicNetwork::new(endpoint.clone(), tls.client_config().unwrap());
-        let raft_db = sled::Config::new().path(dir.join("raft")).open().unwrap();
-        let log = SledLog::<DataGroup>::open(&raft_db, &dir.join("raft"), "data").unwrap();
+        let log = FileLog::<DataGroup>::open(&dir.join("raft"), "data").unwrap();
         let store = Arc::new(Store::open(&StoreConfig::new(dir.join("store"))).unwrap());
         let state = DataState::new(store);
         let raft = Raft::new(id, config, net, log, state.clone())
@@ -851,5 +850,152 @@ mod data_group {
         for n in &nodes {
             n.raft.shutdown().await.unwrap();
         }
+    }
+}
+
+/// The file log across segments: appends roll to new segment files,
+/// truncation and purge remove whole files, a reopen finds the same log, a
+/// torn or damaged record ends it there (and appends go on from it).
+mod file_log {
+    use openraft::RaftLogReader;
+    use openraft::storage::{IOFlushed, RaftLogStorage};
+    use openraft::type_config::TypeConfigExt;
+
+    use super::{MetaGroup, entry, put};
+    use crate::cluster::log::FileLog;
+
+    fn open(dir: &std::path::Path) -> FileLog<MetaGroup> {
+        FileLog::open_segmented(dir, "test", 4096).unwrap()
+    }
+
+    async fn append(log: &mut FileLog<MetaGroup>, indexes: std::ops::RangeInclusive<u64>) {
+        let (tx, rx) = MetaGroup::oneshot();
+        let value = "v".repeat(500);
+        log.append(
+            indexes.map(|i| entry(i, put(&format!("k{i}"), &value))),
+            IOFlushed::signal(tx),
+        )
+        .await
+        .unwrap();
+        rx.await.unwrap().unwrap();
+    }
+
+    fn segments(dir: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("seg-"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    async fn indexes(log: &mut FileLog<MetaGroup>) -> Vec<u64> {
+        log.get_log_reader()
+            .await
+            .try_get_log_entries(0..1000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.log_id.index)
+            .collect()
+    }
+
+    async fn last(log: &mut FileLog<MetaGroup>) -> Option<u64> {
+        log.get_log_state()
+            .await
+            .unwrap()
+            .last_log_id
+            .map(|id| id.index)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn segments_roll_truncate_purge_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = open(dir.path());
+        append(&mut log, 1..=40).await;
+        let rolled = segments(dir.path()).len();
+        assert!(rolled >= 4, "{rolled} segments for 40 entries of 500 bytes");
+        assert_eq!(indexes(&mut log).await, (1..=40).collect::<Vec<_>>());
+
+        // Truncation removes the later segments and cuts the one it ends in.
+        log.truncate_after(Some(openraft::testing::log_id::<MetaGroup>(1, 1, 17)))
+            .await
+            .unwrap();
+        assert_eq!(last(&mut log).await, Some(17));
+        assert!(segments(dir.path()).len() < rolled);
+        append(&mut log, 18..=30).await;
+        // Purge removes the segments holding only purged entries.
+        let before = segments(dir.path()).len();
+        log.purge(openraft::testing::log_id::<MetaGroup>(1, 1, 20))
+            .await
+            .unwrap();
+        assert!(segments(dir.path()).len() < before);
+        assert_eq!(indexes(&mut log).await, (21..=30).collect::<Vec<_>>());
+        drop(log);
+
+        let mut log = open(dir.path());
+        assert_eq!(indexes(&mut log).await, (21..=30).collect::<Vec<_>>());
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id.map(|id| id.index), Some(20));
+        assert_eq!(state.last_log_id.map(|id| id.index), Some(30));
+
+        // Everything purged: the log is empty but remembers where it was.
+        log.purge(openraft::testing::log_id::<MetaGroup>(1, 1, 30))
+            .await
+            .unwrap();
+        assert_eq!(segments(dir.path()), Vec::<String>::new());
+        assert_eq!(last(&mut log).await, Some(30));
+        append(&mut log, 31..=32).await;
+        assert_eq!(indexes(&mut log).await, vec![31, 32]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_torn_or_damaged_record_ends_the_log_there() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = open(dir.path());
+        append(&mut log, 1..=5).await;
+        drop(log);
+        let seg = dir.path().join(&segments(dir.path())[0]);
+        // A torn append: half a header.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&seg)
+            .unwrap()
+            .write_all(&[9, 0, 0])
+            .unwrap();
+        let mut log = open(dir.path());
+        assert_eq!(indexes(&mut log).await, vec![1, 2, 3, 4, 5]);
+        append(&mut log, 6..=6).await;
+        drop(log);
+        let mut log = open(dir.path());
+        assert_eq!(indexes(&mut log).await, vec![1, 2, 3, 4, 5, 6]);
+        drop(log);
+
+        // A flipped byte in the third record: the log ends after the second.
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let len = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        let third = 8 + len(0);
+        let third = third + 8 + len(third);
+        bytes[third + 12] ^= 0xff;
+        std::fs::write(&seg, &bytes).unwrap();
+        let mut log = open(dir.path());
+        assert_eq!(indexes(&mut log).await, vec![1, 2]);
+        assert_eq!(last(&mut log).await, Some(2));
+        append(&mut log, 3..=3).await;
+        assert_eq!(indexes(&mut log).await, vec![1, 2, 3]);
+
+        // Damage in a segment before the last is not a crash: refused.
+        append(&mut log, 4..=40).await;
+        drop(log);
+        let first = dir.path().join(&segments(dir.path())[0]);
+        let mut bytes = std::fs::read(&first).unwrap();
+        bytes[20] ^= 0xff;
+        std::fs::write(&first, &bytes).unwrap();
+        let e = FileLog::<MetaGroup>::open_segmented(dir.path(), "test", 4096)
+            .err()
+            .expect("a damaged log is refused");
+        assert!(e.to_string().contains("before the log's end"), "{e}");
     }
 }

@@ -37,7 +37,6 @@ mod manifest;
 mod message;
 
 pub use commit::Commit;
-pub(crate) use commit::sync_blob_files;
 pub use error::StoreError;
 pub use message::{StoredMessage, decode_expiry};
 
