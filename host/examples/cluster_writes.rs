@@ -1,4 +1,4 @@
-//! Metadata writes through a three-node Raft group (openraft on sled) over
+//! Metadata writes through a three-node Raft group (openraft: log in files, state in sled) over
 //! loopback QUIC with the nodes' own certificates: commit latency of one
 //! write at a time, and throughput with writes in flight. Every write is
 //! answered after a quorum fsynced it and the leader applied (and synced) it.
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use openraft::{BasicNode, Raft};
 use sluice::cluster::MetaCommand;
-use sluice::cluster::log::SledLog;
+use sluice::cluster::log::FileLog;
 use sluice::cluster::meta::MetaState;
 use sluice::cluster::net::{MetaRaft, QuicNetwork, serve};
 use sluice::tls::{NodeTls, init_node_certs, node_name};
@@ -39,10 +39,9 @@ async fn main() -> anyhow::Result<()> {
     for id in 1..=3u64 {
         let tls = NodeTls::from_dir(&dir.path().join("certs").join(node_name(id)));
         let endpoint = quinn::Endpoint::server(tls.server_config()?, "127.0.0.1:0".parse()?)?;
-        let db = sled::Config::new()
-            .path(dir.path().join(format!("node-{id}")))
-            .open()?;
-        let log = SledLog::open(&db, "meta")?;
+        let node = dir.path().join(format!("node-{id}"));
+        let db = sled::Config::new().path(node.join("state")).open()?;
+        let log = FileLog::open(&node.join("log"), "meta")?;
         let state = MetaState::open(&db, "meta")?;
         let net = QuicNetwork::new(endpoint.clone(), tls.client_config()?);
         let raft = Raft::new(id, config.clone(), net, log, state).await?;

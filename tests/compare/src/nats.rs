@@ -180,13 +180,20 @@ impl Server {
                     );
                 }
             }
-            // Ready once JetStream answers (a cluster: once its meta group
-            // has a leader).
+            // Ready once a stream with this many replicas can be made (a
+            // cluster: once its meta group has a leader and every server
+            // has joined).
             if let Ok(client) = async_nats::connect(&server.url).await
                 && client.flush().await.is_ok()
-                && jetstream::new(client).query_account().await.is_ok()
             {
-                return Ok(server);
+                let js = jetstream::new(client);
+                let probe = stream_config("CMP_PROBE", "cmp.probe", RetentionPolicy::Limits, n);
+                let made =
+                    tokio::time::timeout(Duration::from_secs(5), js.create_stream(probe)).await;
+                if let Ok(Ok(_)) = made {
+                    let _ = js.delete_stream("CMP_PROBE").await;
+                    return Ok(server);
+                }
             }
             if Instant::now() > deadline {
                 server.stop();
