@@ -819,6 +819,18 @@ fn a_follower_refuses_clients_naming_the_leader_and_the_cli_follows_it() {
         let client = cluster.connect().await;
         assert_eq!(cluster.node_of(&client), next);
     });
+    // The metrics count it: the new leader saw two leaders and leads a
+    // term; the old one timed the proposals it made (the tenant's
+    // admission, at least) and led one term.
+    let metric = |id: u64, name: &str| {
+        cluster
+            .gauge(id, name)
+            .unwrap_or_else(|| panic!("node {id} has no {name}"))
+    };
+    assert!(metric(next, "sluice_raft_leader_changes_total") >= 2);
+    assert!(metric(next, "sluice_raft_terms_led_total") >= 1);
+    assert!(metric(leader, "sluice_raft_terms_led_total") >= 1);
+    assert!(metric(leader, "sluice_raft_proposal_seconds_count") >= 1);
     // The CLI with every node, in any order, finds the leader.
     let servers: Vec<String> = cluster
         .clients

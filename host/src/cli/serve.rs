@@ -283,9 +283,7 @@ async fn serve_node(
         settings.dir.display()
     );
     if let Some((addr, listener)) = metrics {
-        let status = node.status_source();
-        let extra: crate::metrics::Extra =
-            std::sync::Arc::new(move || crate::cluster::node::prometheus(&status()));
+        let extra: crate::metrics::Extra = std::sync::Arc::new(node.prometheus_source());
         tokio::spawn(crate::metrics::serve(listener, node.serving(), Some(extra)));
         say!("metrics on http://{addr}/metrics");
     }

@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -31,7 +32,7 @@ use tokio::sync::watch;
 use super::data::{DataGroup, DataState, StoreBatch};
 use super::log::FileLog;
 use super::net::{MAX_ENTRIES, QuicNetwork, serve};
-use super::store::{DataRaft, ReplicatedStore, leads};
+use super::store::{DataRaft, PROPOSAL_BUCKETS_US, ProposalTimes, ReplicatedStore, leads};
 use crate::broker::{Broker, BrokerConfig, ClusterFuture};
 use crate::server::Serving;
 use crate::store::{MessageStore, Store, StoreConfig, StoreError};
@@ -92,6 +93,18 @@ pub struct Node {
     endpoint: quinn::Endpoint,
     serving: watch::Receiver<Serving>,
     lead: tokio::task::JoinHandle<()>,
+    measures: Arc<Measures>,
+}
+
+/// What a node counts about its group, for its metrics.
+#[derive(Debug, Default)]
+pub struct Measures {
+    /// Proposals of this node's terms as leader, from proposing to applied.
+    proposals: Arc<ProposalTimes>,
+    /// Times this node saw the leader change (a new leader, or none).
+    leader_changes: AtomicU64,
+    /// Terms this node led and served clients in.
+    terms_led: AtomicU64,
 }
 
 impl Node {
@@ -173,7 +186,9 @@ impl Node {
             transfer: Arc::new(transfer(&raft, settings.id)),
         });
         let (tx, serving) = watch::channel(Serving::NotLeader(None));
+        let measures = Arc::new(Measures::default());
         let lead = tokio::spawn(lead(Leading {
+            measures: measures.clone(),
             raft: raft.clone(),
             state: state.clone(),
             id: settings.id,
@@ -190,6 +205,7 @@ impl Node {
             endpoint,
             serving,
             lead,
+            measures,
         })
     }
 
@@ -198,10 +214,11 @@ impl Node {
         self.serving.clone()
     }
 
-    /// Reads the group as this node sees it, each time it is called (for
-    /// the metrics endpoint).
-    pub fn status_source(&self) -> impl Fn() -> ClusterSummary + Send + Sync + 'static {
-        status_source(&self.raft)
+    /// This node's group metrics in Prometheus text, read each time it is
+    /// called (for the metrics endpoint).
+    pub fn prometheus_source(&self) -> impl Fn() -> String + Send + Sync + 'static {
+        let (status, measures) = (status_source(&self.raft), self.measures.clone());
+        move || prometheus(&status(), &measures)
     }
 
     /// Stop the broker (if leading) and the group on this node, and make
@@ -328,12 +345,48 @@ fn status_source(raft: &DataRaft) -> impl Fn() -> ClusterSummary + Send + Sync +
 }
 
 /// Prometheus text for a node's view of its group.
-pub fn prometheus(s: &ClusterSummary) -> String {
+pub fn prometheus(s: &ClusterSummary, m: &Measures) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     };
+    let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
+    };
+    counter(
+        &mut out,
+        "sluice_raft_leader_changes_total",
+        "Times this node saw the data group's leader change (elections it lived through).",
+        m.leader_changes.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "sluice_raft_terms_led_total",
+        "Terms this node led and served clients in.",
+        m.terms_led.load(Ordering::Relaxed),
+    );
+    let (counts, sum_us) = m.proposals.read();
+    let _ = writeln!(
+        out,
+        "# HELP sluice_raft_proposal_seconds Time from proposing a log entry (a group commit of store writes) to its commit and apply on this leader.\n# TYPE sluice_raft_proposal_seconds histogram"
+    );
+    for (le, n) in PROPOSAL_BUCKETS_US.iter().zip(&counts) {
+        let le = *le as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "sluice_raft_proposal_seconds_bucket{{le=\"{le}\"}} {n}"
+        );
+    }
+    let total = counts.last().copied().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "sluice_raft_proposal_seconds_bucket{{le=\"+Inf\"}} {total}\nsluice_raft_proposal_seconds_sum {}\nsluice_raft_proposal_seconds_count {total}",
+        sum_us as f64 / 1e6
+    );
     gauge(
         &mut out,
         "sluice_raft_term",
@@ -385,6 +438,7 @@ pub fn prometheus(s: &ClusterSummary) -> String {
 
 /// The leadership follower's state.
 struct Leading {
+    measures: Arc<Measures>,
     raft: DataRaft,
     state: DataState,
     id: u64,
@@ -419,6 +473,7 @@ struct Term {
 async fn lead(l: Leading) {
     let mut metrics = l.raft.metrics();
     let mut current: Option<Term> = None;
+    let mut seen = None;
     loop {
         let (term, leader, quorum) = {
             let m = metrics.borrow_and_update();
@@ -433,6 +488,12 @@ async fn lead(l: Leading) {
                 term,
                 "no quorum acknowledged this leader in time: refusing clients"
             );
+        }
+        if leader != seen {
+            if seen.is_some() || leader.is_some() {
+                l.measures.leader_changes.fetch_add(1, Ordering::Relaxed);
+            }
+            seen = leader;
         }
         let leading = leader == Some(l.id) && quorum;
         let leader_addr = leader
@@ -452,6 +513,7 @@ async fn lead(l: Leading) {
                 Ok(t) => {
                     if leads(&l.raft, l.id, term) {
                         tracing::info!(node = l.id, term, "leading: serving clients");
+                        l.measures.terms_led.fetch_add(1, Ordering::Relaxed);
                         l.tx.send_replace(Serving::Broker(t.broker.clone()));
                         current = Some(t);
                     } else {
@@ -515,8 +577,13 @@ async fn open(l: &Leading, term: u64) -> anyhow::Result<Term> {
         .context("waiting for the log to apply")?
         .context("confirming leadership")?;
     let store = Arc::new(
-        ReplicatedStore::new(l.raft.clone(), &l.state, (*l.clients).clone())
-            .context("the replicated store")?,
+        ReplicatedStore::new(
+            l.raft.clone(),
+            &l.state,
+            (*l.clients).clone(),
+            l.measures.proposals.clone(),
+        )
+        .context("the replicated store")?,
     );
     let (config, on_lead, s) = (l.config.clone(), l.on_lead.clone(), store.clone());
     let opened = tokio::task::spawn_blocking(move || {

@@ -37,6 +37,49 @@ pub const MAX_OP_BYTES: usize = 72 << 20;
 /// Log entries proposed and not yet applied, at most.
 const IN_FLIGHT: usize = 64;
 
+/// Upper bounds of the proposal-latency histogram's buckets, in
+/// microseconds (the last bucket, +Inf, is implied).
+pub const PROPOSAL_BUCKETS_US: [u64; 12] = [
+    500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    5_000_000,
+];
+
+/// How long this node's proposals took, from proposing an entry to its
+/// commit and apply here (a Prometheus histogram: counts per bucket,
+/// cumulative when shown).
+#[derive(Debug, Default)]
+pub struct ProposalTimes {
+    buckets: [AtomicU64; PROPOSAL_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl ProposalTimes {
+    fn record(&self, took: std::time::Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let at = PROPOSAL_BUCKETS_US
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(PROPOSAL_BUCKETS_US.len());
+        self.buckets[at].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bucket (the last is the total) and the sum of
+    /// every proposal's time, in microseconds.
+    pub fn read(&self) -> (Vec<u64>, u64) {
+        let mut total = 0;
+        let counts = self
+            .buckets
+            .iter()
+            .map(|b| {
+                total += b.load(Ordering::Relaxed);
+                total
+            })
+            .collect();
+        (counts, self.sum_us.load(Ordering::Relaxed))
+    }
+}
+
 /// How a write's caller is answered.
 enum Done {
     Nothing,
@@ -87,6 +130,7 @@ impl ReplicatedStore {
         raft: DataRaft,
         state: &DataState,
         leaders: BTreeMap<u64, String>,
+        times: Arc<ProposalTimes>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         let failed = Arc::new(Mutex::new(None));
@@ -102,7 +146,7 @@ impl ReplicatedStore {
         if let Some(e) = term.lost(&raft, &leaders) {
             return Err(std::io::Error::other(e.to_string()));
         }
-        tokio::spawn(propose(raft, term, rx, leaders, failed.clone()));
+        tokio::spawn(propose(raft, term, rx, leaders, failed.clone(), times));
         Ok(Self {
             local: state.store().clone(),
             tx,
@@ -223,6 +267,7 @@ async fn propose(
     mut rx: mpsc::UnboundedReceiver<Waiting>,
     leaders: Arc<BTreeMap<u64, String>>,
     failed: Arc<Mutex<Option<StoreError>>>,
+    times: Arc<ProposalTimes>,
 ) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut next: Option<Waiting> = None;
@@ -276,15 +321,20 @@ async fn propose(
             continue;
         }
         let (responder, answer) = openraft::impls::ProgressResponder::complete_only();
+        let started = std::time::Instant::now();
         let proposed = raft.client_write_ff(batch, Some(responder)).await;
         let failed = failed.clone();
         let leaders = leaders.clone();
+        let times = times.clone();
         tokio::spawn(async move {
             let result = match proposed {
                 Err(fatal) => Err(StoreError::Replication(fatal.to_string())),
                 Ok(()) => match answer.await {
                     Err(_) => Err(StoreError::Replication("the data group stopped".into())),
-                    Ok(Ok(_)) => Ok(()),
+                    Ok(Ok(_)) => {
+                        times.record(started.elapsed());
+                        Ok(())
+                    }
                     Ok(Err(e)) => Err(refusal(&RaftError::APIError(e), &leaders)),
                 },
             };

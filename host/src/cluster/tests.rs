@@ -754,7 +754,13 @@ mod data_group {
             .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
             .await
             .unwrap();
-        let store = ReplicatedStore::new(l.raft.clone(), &l.state, clients.clone()).unwrap();
+        let store = ReplicatedStore::new(
+            l.raft.clone(),
+            &l.state,
+            clients.clone(),
+            Default::default(),
+        )
+        .unwrap();
 
         // Publishes (confirmed once applied), acks, metadata, a queue id.
         let q = store.allocate_queue_id().unwrap();
@@ -816,9 +822,14 @@ mod data_group {
 
         // A follower gets no store: it names the leader's client address.
         let f = if leader == 1 { 1 } else { 0 };
-        let e = ReplicatedStore::new(nodes[f].raft.clone(), &nodes[f].state, clients.clone())
-            .err()
-            .expect("a follower's store is refused");
+        let e = ReplicatedStore::new(
+            nodes[f].raft.clone(),
+            &nodes[f].state,
+            clients.clone(),
+            Default::default(),
+        )
+        .err()
+        .expect("a follower's store is refused");
         assert!(
             e.to_string()
                 .ends_with(&format!("the leader is at client-{leader}")),
