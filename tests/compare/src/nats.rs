@@ -152,9 +152,9 @@ impl Server {
             url: format!("nats://127.0.0.1:{}", ports[0]),
             replicas: n,
         };
-        for i in 0..n {
+        for (i, port) in ports.iter().enumerate() {
             let conf = dir.join(format!("nats-{i}.conf"));
-            let mut text = config(ports[i], &dir.join(format!("js-{i}")), flavor.sync_always);
+            let mut text = config(*port, &dir.join(format!("js-{i}")), flavor.sync_always);
             if n > 1 {
                 text += &cluster_config(i, &routes);
             }
