@@ -83,7 +83,14 @@ struct Inner<C: RaftTypeConfig> {
     dir_dirty: bool,
     /// The committed id changed since `meta` was last written.
     meta_dirty: bool,
+    /// When `meta` was last written.
+    meta_written: std::time::Instant,
 }
+
+/// A changed committed id is written (by the flusher) at most this often:
+/// rewriting `meta` costs two fsyncs, and the committed id changes with
+/// nearly every append.
+const COMMITTED_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What `meta` holds.
 #[derive(Serialize, Deserialize)]
@@ -224,6 +231,7 @@ impl<C: RaftTypeConfig> FileLog<C> {
                 dirty: Vec::new(),
                 dir_dirty: false,
                 meta_dirty: false,
+                meta_written: std::time::Instant::now(),
             }),
             meta_write: Mutex::new(()),
         });
@@ -354,6 +362,7 @@ impl<C: RaftTypeConfig> Shared<C> {
         let bytes = {
             let mut inner = self.lock();
             inner.meta_dirty = false;
+            inner.meta_written = std::time::Instant::now();
             frame(&encode("raft log meta", &inner.meta)?)?
         };
         let err = |e: io::Error| io_error("write the raft log's meta", e);
@@ -476,8 +485,9 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for FileLog<C> {
     }
 
     async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> Result<(), io::Error> {
-        // Written by the flusher's next round: a committed id that is lost
-        // only means applying again (idempotently) what was applied.
+        // Written by a later flusher round (at most once a second): a
+        // committed id that is lost only means applying again
+        // (idempotently) what was applied.
         let mut inner = self.shared.lock();
         inner.meta.committed = committed;
         inner.meta_dirty = true;
@@ -609,7 +619,8 @@ impl<C: RaftTypeConfig> Syncable for Shared<C> {
         let (files, dir, meta) = {
             let mut inner = self.lock();
             let dir = std::mem::take(&mut inner.dir_dirty);
-            (std::mem::take(&mut inner.dirty), dir, inner.meta_dirty)
+            let meta = inner.meta_dirty && inner.meta_written.elapsed() >= COMMITTED_EVERY;
+            (std::mem::take(&mut inner.dirty), dir, meta)
         };
         for f in &files {
             f.sync_data()?;

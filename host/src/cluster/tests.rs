@@ -1010,3 +1010,36 @@ mod file_log {
         assert!(e.to_string().contains("before the log's end"), "{e}");
     }
 }
+
+/// Appends encode each value as one byte string: the same bytes as serde's
+/// sequence of `u8` (so logs written before decode alike), and back.
+#[test]
+fn appends_encode_as_before_and_decode_back() {
+    use super::data::{StoreBatch, StoreOp};
+    #[derive(serde::Serialize)]
+    enum Before {
+        Append(Vec<(u64, u64, Vec<u8>)>),
+    }
+    #[derive(serde::Serialize)]
+    struct BeforeBatch {
+        ops: Vec<Before>,
+    }
+    let items = vec![(3, 7, b"hello".to_vec()), (3, 8, vec![0u8, 255, 1, 128])];
+    let now = super::encode(
+        "batch",
+        &StoreBatch {
+            ops: vec![StoreOp::Append(items.clone())],
+        },
+    )
+    .unwrap();
+    let before = super::encode(
+        "batch",
+        &BeforeBatch {
+            ops: vec![Before::Append(items.clone())],
+        },
+    )
+    .unwrap();
+    assert_eq!(now, before);
+    let back: StoreBatch = super::decode("batch", &now).unwrap();
+    assert_eq!(back.ops, vec![StoreOp::Append(items)]);
+}
