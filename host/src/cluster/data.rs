@@ -54,11 +54,14 @@ pub struct StoreBatch {
     pub ops: Vec<StoreOp>,
 }
 
+/// One message of an append: (queue, id, encoded value).
+pub type AppendItem = (QueueId, MsgId, Vec<u8>);
+
 /// One write to the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StoreOp {
     /// Store messages: (queue, id, encoded value).
-    Append(#[serde(with = "appends")] Vec<(QueueId, MsgId, Vec<u8>)>),
+    Append(#[serde(with = "appends")] Vec<AppendItem>),
     /// Remove messages of a queue (acks, expiries, drops).
     Remove {
         /// The queue.
@@ -135,7 +138,7 @@ mod appends {
     use serde::ser::Serializer;
     use serde::{Deserialize, Serialize};
 
-    use crate::store::{MsgId, QueueId};
+    use super::AppendItem;
 
     struct Bytes<'a>(&'a [u8]);
 
@@ -173,16 +176,12 @@ mod appends {
         }
     }
 
-    pub fn serialize<S: Serializer>(
-        items: &[(QueueId, MsgId, Vec<u8>)],
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(items: &[AppendItem], s: S) -> Result<S::Ok, S::Error> {
         s.collect_seq(items.iter().map(|(q, id, v)| (q, id, Bytes(v))))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Vec<(QueueId, MsgId, Vec<u8>)>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<AppendItem>, D::Error> {
+        use crate::store::{MsgId, QueueId};
         let items = Vec::<(QueueId, MsgId, ByteBuf)>::deserialize(d)?;
         Ok(items.into_iter().map(|(q, id, v)| (q, id, v.0)).collect())
     }
