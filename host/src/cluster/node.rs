@@ -237,8 +237,6 @@ impl Node {
     }
 }
 
-/// Reads the data group as `raft`'s node sees it: the answer to
-/// `cluster_status` (followers' lags are known on the leader only).
 /// Hand the leadership of `raft` (led by node `id`) to a member, and wait
 /// until it leads or the handover fails.
 fn transfer(raft: &DataRaft, id: u64) -> impl Fn(u64) -> ClusterFuture + Send + Sync + 'static {
@@ -301,6 +299,8 @@ fn transfer(raft: &DataRaft, id: u64) -> impl Fn(u64) -> ClusterFuture + Send + 
 /// How long a leadership transfer may take.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Reads the data group as `raft`'s node sees it: the answer to
+/// `cluster_status` (followers' lags are known on the leader only).
 fn status_source(raft: &DataRaft) -> impl Fn() -> ClusterSummary + Send + Sync + 'static {
     let raft = raft.clone();
     move || {
@@ -348,15 +348,16 @@ fn status_source(raft: &DataRaft) -> impl Fn() -> ClusterSummary + Send + Sync +
 pub fn prometheus(s: &ClusterSummary, m: &Measures) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-    };
-    let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+    let metric = |out: &mut String, kind: &str, name: &str, help: &str, v: u64| {
         let _ = writeln!(
             out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
         );
     };
+    let gauge =
+        |out: &mut String, name: &str, help: &str, v: u64| metric(out, "gauge", name, help, v);
+    let counter =
+        |out: &mut String, name: &str, help: &str, v: u64| metric(out, "counter", name, help, v);
     counter(
         &mut out,
         "sluice_raft_leader_changes_total",
