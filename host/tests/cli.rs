@@ -590,6 +590,19 @@ fn admins_listed_in_the_config_are_the_only_administrators() {
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    // Cluster commands on a single node: one line saying it is not one.
+    let env = [
+        ("SLUICE_SERVER", served.addr.as_str()),
+        ("SLUICE_IDENTITY", ops.to_str().unwrap()),
+    ];
+    for args in [&["cluster", "status"][..], &["cluster", "transfer", "2"]] {
+        let o = sluice(args, &env);
+        assert!(!o.status.success(), "{args:?}");
+        let err = stderr(&o);
+        assert!(err.contains("not a cluster"), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
 }
 
 /// `sluice consume ... | head -2`: the consumer stops quietly when stdout

@@ -164,29 +164,11 @@ impl<L: Link> Session<L> {
                 return Ok(S::Ok);
             }
             R::ClusterStatus => {
-                if !who.admin {
-                    return Err(BrokerError::Unauthorized(
-                        "the cluster's status is for administrators".into(),
-                    ));
-                }
-                let Some(cluster) = &b.config().cluster else {
-                    return Err(BrokerError::Conflict(
-                        "not a cluster: this broker runs as a single node".into(),
-                    ));
-                };
+                let cluster = cluster_control(&b, &who, "the cluster's status")?;
                 return Ok(S::Cluster((cluster.status)()));
             }
             R::ClusterTransfer { to } => {
-                if !who.admin {
-                    return Err(BrokerError::Unauthorized(
-                        "leadership transfer is for administrators".into(),
-                    ));
-                }
-                let Some(cluster) = &b.config().cluster else {
-                    return Err(BrokerError::Conflict(
-                        "not a cluster: this broker runs as a single node".into(),
-                    ));
-                };
+                let cluster = cluster_control(&b, &who, "leadership transfer")?;
                 (cluster.transfer)(to)
                     .await
                     .map_err(BrokerError::Conflict)?;
@@ -380,4 +362,20 @@ impl<L: Link> Session<L> {
             }
         })
     }
+}
+
+/// The cluster's controls for an administrator's request about `what`.
+fn cluster_control<'b>(
+    b: &'b Broker,
+    who: &Principal,
+    what: &str,
+) -> Result<&'b crate::broker::ClusterControl, BrokerError> {
+    if !who.admin {
+        return Err(BrokerError::Unauthorized(format!(
+            "{what} is for administrators"
+        )));
+    }
+    b.config().cluster.as_ref().ok_or_else(|| {
+        BrokerError::Conflict("not a cluster: this broker runs as a single node".into())
+    })
 }
