@@ -317,6 +317,30 @@ fn relay(
 /// Publishes in flight at once.
 const WINDOW: usize = 16;
 
+/// A wait bounded by progress, not by speed: it fails only when the value
+/// it watches has not moved for a minute.
+struct Progress {
+    last: u64,
+    at: Instant,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            last: 0,
+            at: Instant::now(),
+        }
+    }
+
+    /// Whether `value` has stood still for a minute.
+    fn stalled(&mut self, value: u64) -> bool {
+        if value != self.last {
+            (self.last, self.at) = (value, Instant::now());
+        }
+        self.at.elapsed() >= Duration::from_secs(60)
+    }
+}
+
 /// Whether a failed publish or request is worth retrying on the new leader.
 fn failover(e: &ClientError) -> bool {
     e.failed_over() || matches!(e, ClientError::Timeout)
@@ -482,17 +506,14 @@ fn killing_the_leader_loses_no_confirmed_message() {
 
         // Every confirmed message reaches the consumer (bounded by progress,
         // not by a wall-clock verdict on speed).
-        let mut last = (0, Instant::now());
+        let mut progress = Progress::new();
         loop {
             let got: BTreeSet<u64> = seen.lock().unwrap().iter().map(|(s, _)| *s).collect();
             if confirmed.is_subset(&got) {
                 break;
             }
-            if got.len() != last.0 {
-                last = (got.len(), Instant::now());
-            }
             assert!(
-                last.1.elapsed() < Duration::from_secs(60),
+                !progress.stalled(got.len() as u64),
                 "consumer stuck: {} of {} confirmed messages delivered (seed {seed})\n{}",
                 confirmed.intersection(&got).count(),
                 confirmed.len(),
@@ -670,7 +691,7 @@ fn a_partitioned_leader_confirms_nothing_and_healing_loses_nothing() {
         )
         .await
         .unwrap();
-        let mut last = (0, Instant::now());
+        let mut progress = Progress::new();
         loop {
             let status = admin.cluster_status().await.unwrap();
             let lag: u64 = status.followers.iter().map(|f| f.lag).sum();
@@ -679,11 +700,8 @@ fn a_partitioned_leader_confirms_nothing_and_healing_loses_nothing() {
                 break;
             }
             let matched = status.followers.iter().map(|f| f.matched.unwrap_or(0)).sum();
-            if matched != last.0 {
-                last = (matched, Instant::now());
-            }
             assert!(
-                last.1.elapsed() < Duration::from_secs(60),
+                !progress.stalled(matched),
                 "the old leader does not catch up: {status:?}\n{}",
                 cluster.logs()
             );
@@ -890,18 +908,15 @@ fn a_follower_down_during_a_backlog_catches_up_from_the_log() {
         let pid = cluster.pid(down);
         // Caught up once its store has applied the leader's whole log;
         // bounded by progress, not by speed.
-        let (mut peak, mut last) = (0u64, (0u64, Instant::now()));
+        let (mut peak, mut progress) = (0u64, Progress::new());
         loop {
             peak = peak.max(common::rss_kib(pid));
             let applied = cluster.gauge(down, "sluice_raft_applied_index").unwrap_or(0);
             if applied >= target {
                 break;
             }
-            if applied != last.0 {
-                last = (applied, Instant::now());
-            }
             assert!(
-                last.1.elapsed() < Duration::from_secs(60),
+                !progress.stalled(applied),
                 "the follower is stuck at {applied} of {target}\n{}",
                 cluster.logs()
             );
