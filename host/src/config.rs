@@ -286,6 +286,12 @@ pub struct ClusterFile {
     /// Raft election timeout, ms: a leader silent this long (to twice
     /// this) is replaced (default 1000).
     pub election_timeout_ms: Option<u64>,
+    /// Log entries between two snapshots of the node's store (default
+    /// 20000); the log a snapshot covers is purged.
+    pub snapshot_every: Option<u64>,
+    /// Entries a snapshot covers that stay in the log, so a follower a
+    /// little behind catches up from the log (default 5000).
+    pub log_kept: Option<u64>,
     /// Every member, this node included.
     pub members: Vec<MemberEntry>,
 }
@@ -376,9 +382,21 @@ impl ClusterFile {
             election_timeout > heartbeat * 2,
             "[cluster] election_timeout_ms must be more than twice heartbeat_ms"
         );
+        let count = |key: &str, v: Option<u64>, default: u64| -> anyhow::Result<u64> {
+            let v = v.unwrap_or(default);
+            anyhow::ensure!(
+                (10..=100_000_000).contains(&v),
+                "[cluster] {key} = {v}: must be 10 to 100000000"
+            );
+            Ok(v)
+        };
+        let snapshot_every = count("snapshot_every", self.snapshot_every, 20_000)?;
+        let log_kept = count("log_kept", self.log_kept, 5_000)?;
         Ok(NodeSettings {
             id,
             members,
+            snapshot_every,
+            log_kept,
             identity: self
                 .identity
                 .clone()

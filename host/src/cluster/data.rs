@@ -17,7 +17,8 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::io::{self, Cursor};
+use std::io;
+use std::path::Path;
 use std::sync::Arc;
 
 use futures::{Stream, TryStreamExt};
@@ -27,6 +28,7 @@ use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMe
 use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
 
+use super::snapshot::{SnapshotBody, Snapshots};
 use super::{decode, encode, io_error};
 use crate::store::{Append, MessageStore, MsgId, QueueId, Store, StoreError};
 
@@ -188,22 +190,33 @@ mod appends {
 }
 
 /// The data group's state machine: a local [`Store`] that committed
-/// entries are applied to.
+/// entries are applied to, and its snapshots ([`super::snapshot`]).
 #[derive(Clone)]
 pub struct DataState {
     store: Arc<Store>,
+    snapshots: Arc<Snapshots>,
     /// Queues whose chunk index this process has read from disk (removes
     /// need it; appends add to it).
     loaded: Arc<std::sync::Mutex<HashSet<QueueId>>>,
 }
 
 impl DataState {
-    /// The state machine over `store`.
-    pub fn new(store: Arc<Store>) -> Self {
-        Self {
+    /// The state machine over `store`, its snapshots in `snapshots` (a
+    /// snapshot install a crash cut short is finished first).
+    pub fn open(store: Arc<Store>, snapshots: &Path) -> io::Result<Self> {
+        let snapshots = Snapshots::open(snapshots)?;
+        snapshots.resume_install(&store)?;
+        Ok(Self {
             store,
+            snapshots: Arc::new(snapshots),
             loaded: Arc::default(),
-        }
+        })
+    }
+
+    /// Where snapshots received from the leader are written.
+    pub fn spool(&self) -> super::net::Spool {
+        let snapshots = self.snapshots.clone();
+        Arc::new(move || snapshots.spool())
     }
 
     /// The local store (reads on the leader, status).
@@ -348,24 +361,51 @@ impl DataState {
     }
 }
 
-impl RaftSnapshotBuilder<DataGroup> for DataState {
-    type SnapshotData = Cursor<Vec<u8>>;
+/// A snapshot built while the state machine waited (see
+/// [`DataState::get_snapshot_builder`]), or why it could not be.
+pub struct Built(Option<io::Result<SnapshotOf<DataGroup, SnapshotBody>>>);
 
-    async fn build_snapshot(
-        &mut self,
-    ) -> Result<SnapshotOf<DataGroup, Self::SnapshotData>, io::Error> {
-        // The group's log is never purged (snapshots are off), so no
-        // follower ever needs one.
-        Err(io_error(
-            "build a snapshot of the data group",
-            "not supported yet: the log is kept whole",
-        ))
+impl RaftSnapshotBuilder<DataGroup> for Built {
+    type SnapshotData = SnapshotBody;
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<DataGroup, SnapshotBody>, io::Error> {
+        self.0
+            .take()
+            .unwrap_or_else(|| Err(io_error("build a snapshot", "built once already")))
+    }
+}
+
+impl DataState {
+    /// Write a snapshot of the store as applied now. Runs on a blocking
+    /// thread while nothing is applied.
+    fn build(&self) -> io::Result<SnapshotOf<DataGroup, SnapshotBody>> {
+        // What is exported is durable first: after a crash the store
+        // holds at least what the snapshot (and the log purged behind it)
+        // says was applied.
+        self.store.sync()?;
+        let (last_log_id, last_membership) = self.applied()?;
+        let meta = SnapshotMetaOf::<DataGroup> {
+            last_log_id,
+            last_membership,
+        };
+        let started = std::time::Instant::now();
+        let body = self.snapshots.build(&meta, &self.store)?;
+        tracing::info!(
+            snapshot = %meta,
+            bytes = body.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "built a snapshot of the data group"
+        );
+        Ok(SnapshotOf::<DataGroup, SnapshotBody> {
+            meta,
+            snapshot: body,
+        })
     }
 }
 
 impl RaftStateMachine<DataGroup> for DataState {
-    type SnapshotData = Cursor<Vec<u8>>;
-    type SnapshotBuilder = Self;
+    type SnapshotData = SnapshotBody;
+    type SnapshotBuilder = Built;
 
     async fn applied_state(
         &mut self,
@@ -406,24 +446,55 @@ impl RaftStateMachine<DataGroup> for DataState {
         Ok(())
     }
 
+    /// The snapshot is written here, on the state machine's task, so no
+    /// entry is applied while the store is read: sled has no point-in-time
+    /// view. Openraft's builder then only hands it over.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        self.clone()
+        let state = self.clone();
+        Built(Some(
+            tokio::task::spawn_blocking(move || state.build())
+                .await
+                .unwrap_or_else(|e| Err(io_error("build a snapshot", e))),
+        ))
     }
 
     async fn install_snapshot(
         &mut self,
-        _meta: &SnapshotMetaOf<DataGroup>,
-        _snapshot: Self::SnapshotData,
+        meta: &SnapshotMetaOf<DataGroup>,
+        snapshot: Self::SnapshotData,
     ) -> Result<(), io::Error> {
-        Err(io_error(
-            "install a snapshot of the data group",
-            "not supported yet: the log is kept whole",
-        ))
+        let state = self.clone();
+        let started = std::time::Instant::now();
+        let entries = tokio::task::spawn_blocking(move || {
+            let n = state.snapshots.install(snapshot, &state.store);
+            // Chunk indexes are read from the new content when next used.
+            match state.loaded.lock() {
+                Ok(mut l) => l.clear(),
+                Err(p) => p.into_inner().clear(),
+            }
+            n
+        })
+        .await
+        .map_err(|e| io_error("install a snapshot", e))??;
+        tracing::info!(
+            snapshot = %meta,
+            entries,
+            ms = started.elapsed().as_millis() as u64,
+            "installed a snapshot of the data group"
+        );
+        Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<SnapshotOf<DataGroup, Self::SnapshotData>>, io::Error> {
-        Ok(None)
+        let snapshots = self.snapshots.clone();
+        let current = tokio::task::spawn_blocking(move || snapshots.current())
+            .await
+            .map_err(|e| io_error("read the snapshot", e))??;
+        Ok(
+            current
+                .map(|(meta, snapshot)| SnapshotOf::<DataGroup, SnapshotBody> { meta, snapshot }),
+        )
     }
 }

@@ -40,7 +40,7 @@ use super::{decode, encode, io_error};
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 
 /// Bytes before each record's entry: its length and CRC-32.
-const HEADER: usize = 8;
+pub(super) const HEADER: usize = 8;
 
 /// Log entries read at once by the entry stream.
 const STREAM_PIECE: u64 = 16;
@@ -141,7 +141,7 @@ fn segment_name(first: u64) -> String {
 }
 
 /// A record: header and entry bytes.
-fn frame(bytes: &[u8]) -> io::Result<Vec<u8>> {
+pub(super) fn frame(bytes: &[u8]) -> io::Result<Vec<u8>> {
     let len = u32::try_from(bytes.len())
         .map_err(|_| io_error("append to the raft log", "an entry over 4 GiB"))?;
     let mut out = Vec::with_capacity(HEADER + bytes.len());
@@ -159,7 +159,7 @@ fn unframe(record: &[u8]) -> Option<&[u8]> {
     (body.len() == len && crc32fast::hash(body) == crc).then_some(body)
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 

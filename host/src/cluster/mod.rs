@@ -51,6 +51,7 @@ pub mod log;
 pub mod meta;
 pub mod net;
 pub mod node;
+pub mod snapshot;
 pub mod store;
 
 use std::fmt;

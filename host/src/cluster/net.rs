@@ -1,15 +1,20 @@
 //! Raft messages between nodes over QUIC with mutual TLS.
 //!
-//! Each RPC is one bidirectional stream: the request, encoded, then the
-//! stream's end; the answer the same way back. Both sides read at most
-//! [`MAX_MESSAGE`] bytes, so no peer can make a node buffer more. Nodes
+//! Each RPC is one bidirectional stream: the request's length (u32 LE) and
+//! the request, encoded, then for a snapshot its body (streamed, never
+//! held whole), then the stream's end; the answer comes back encoded, then
+//! the stream's end. Both sides read at most [`MAX_MESSAGE`] bytes of
+//! request or answer, so no peer can make a node buffer more; a snapshot
+//! body goes to a spool file and is checked before it is installed. Nodes
 //! present certificates of the cluster CA ([`crate::tls::NodeTls`]) and
 //! speak ALPN [`crate::tls::CLUSTER_ALPN`]; a tenant's or administrator's
 //! certificate chains to another CA and is refused at the handshake.
 
 use std::future::Future;
-use std::io::Cursor;
+use std::io::{self, Cursor};
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
@@ -19,11 +24,14 @@ use openraft::raft::{
 };
 use openraft::storage::RaftStateMachine;
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
-use openraft::{BasicNode, OptionalSend, Raft, RaftTypeConfig};
+use openraft::{BasicNode, Raft, RaftTypeConfig};
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::MetaGroup;
+use super::data::DataGroup;
 use super::meta::MetaState;
+use super::snapshot::SnapshotBody;
 
 /// Largest request or answer, bytes: an append carries at most
 /// [`MAX_ENTRIES`] entries of at most [`super::store::MAX_OP_BYTES`] each
@@ -33,9 +41,139 @@ pub const MAX_MESSAGE: usize = MAX_ENTRIES as usize * (super::store::MAX_OP_BYTE
 /// Most log entries one append carries (openraft's `max_payload_entries`).
 pub const MAX_ENTRIES: u64 = 4;
 
-/// What a group's type configuration must be to travel here.
-pub trait Group: RaftTypeConfig<NodeId = u64, Node = BasicNode> {}
-impl<C: RaftTypeConfig<NodeId = u64, Node = BasicNode>> Group for C {}
+/// Least time an RPC (but a snapshot) may take before it fails: openraft
+/// asks for a heartbeat interval, which a large append on a busy node can
+/// exceed; a peer that is gone (no answer at all, as UDP gives none) must
+/// still fail in time for the leader to give its log entries up (a
+/// replication in flight keeps them from being purged).
+const RPC_TIMEOUT_FLOOR: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Bytes of a snapshot body read or written at a time.
+const PIECE: usize = 1 << 20;
+
+/// What a group's type configuration must be to travel here, and how its
+/// snapshots travel.
+pub trait Group: RaftTypeConfig<NodeId = u64, Node = BasicNode> {
+    /// A snapshot's body.
+    type Body: Body<Self>;
+}
+
+impl Group for MetaGroup {
+    type Body = Cursor<Vec<u8>>;
+}
+
+impl Group for DataGroup {
+    type Body = SnapshotBody;
+}
+
+/// A snapshot body as it is sent and received.
+pub trait Body<C: RaftTypeConfig>: Send + Sized + 'static {
+    /// Its length in bytes.
+    fn size(&self) -> u64;
+    /// Write it to `out`.
+    fn send(self, out: &mut quinn::SendStream) -> impl Future<Output = io::Result<()>> + Send;
+    /// Read a body of `len` bytes of a snapshot of `meta` from `input`
+    /// (into a file in `spool`, for bodies kept on disk), checked.
+    fn receive(
+        input: &mut quinn::RecvStream,
+        len: u64,
+        meta: &SnapshotMetaOf<C>,
+        spool: &Spool,
+    ) -> impl Future<Output = io::Result<Self>> + Send;
+}
+
+/// Where received snapshot bodies are written: a new file's path each time.
+pub type Spool = Arc<dyn Fn() -> PathBuf + Send + Sync>;
+
+/// A spool for groups whose snapshots are received into memory.
+pub fn no_spool() -> Spool {
+    Arc::new(std::env::temp_dir)
+}
+
+impl<C: RaftTypeConfig> Body<C> for Cursor<Vec<u8>> {
+    fn size(&self) -> u64 {
+        self.get_ref().len() as u64
+    }
+
+    async fn send(self, out: &mut quinn::SendStream) -> io::Result<()> {
+        out.write_all(self.get_ref())
+            .await
+            .map_err(io::Error::other)
+    }
+
+    async fn receive(
+        input: &mut quinn::RecvStream,
+        len: u64,
+        _meta: &SnapshotMetaOf<C>,
+        _spool: &Spool,
+    ) -> io::Result<Self> {
+        if len > MAX_MESSAGE as u64 {
+            return Err(io::Error::other(format!("a snapshot of {len} bytes")));
+        }
+        let mut data = vec![0u8; len as usize];
+        input
+            .read_exact(&mut data)
+            .await
+            .map_err(io::Error::other)?;
+        Ok(Cursor::new(data))
+    }
+}
+
+impl Body<DataGroup> for SnapshotBody {
+    fn size(&self) -> u64 {
+        self.len()
+    }
+
+    async fn send(self, out: &mut quinn::SendStream) -> io::Result<()> {
+        let len = self.len();
+        let mut file = tokio::fs::File::from_std(self.into_file());
+        let mut buf = vec![0u8; PIECE];
+        let mut sent = 0u64;
+        while sent < len {
+            let n = file.read(&mut buf).await?;
+            if n == 0 {
+                return Err(io::Error::other("the snapshot file ended early"));
+            }
+            out.write_all(&buf[..n]).await.map_err(io::Error::other)?;
+            sent += n as u64;
+        }
+        Ok(())
+    }
+
+    async fn receive(
+        input: &mut quinn::RecvStream,
+        len: u64,
+        meta: &SnapshotMetaOf<DataGroup>,
+        spool: &Spool,
+    ) -> io::Result<Self> {
+        let path = spool();
+        let received = async {
+            let mut file = tokio::fs::File::create(&path).await?;
+            let mut buf = vec![0u8; PIECE];
+            let mut left = len;
+            while left > 0 {
+                let want = left.min(PIECE as u64) as usize;
+                input
+                    .read_exact(&mut buf[..want])
+                    .await
+                    .map_err(io::Error::other)?;
+                file.write_all(&buf[..want]).await?;
+                left -= want as u64;
+            }
+            file.sync_data().await?;
+            drop(file);
+            let (path, meta) = (path.clone(), meta.clone());
+            tokio::task::spawn_blocking(move || SnapshotBody::received(path, len, &meta))
+                .await
+                .map_err(io::Error::other)?
+        }
+        .await;
+        if received.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        received
+    }
+}
 
 /// A Raft message to a node.
 #[derive(Serialize, Deserialize)]
@@ -43,10 +181,11 @@ impl<C: RaftTypeConfig<NodeId = u64, Node = BasicNode>> Group for C {}
 enum Request<C: Group> {
     Append(AppendEntriesRequest<C>),
     Vote(VoteRequest<C>),
+    /// A snapshot, whose body of `len` bytes follows the request.
     Snapshot {
         vote: VoteOf<C>,
         meta: SnapshotMetaOf<C>,
-        data: Vec<u8>,
+        len: u64,
     },
     /// Would you vote for this candidate (no vote is cast, no term moves)?
     PreVote(VoteRequest<C>),
@@ -71,35 +210,56 @@ enum Response<C: Group> {
 pub type MetaRaft = Raft<MetaGroup, MetaState>;
 
 /// Answer Raft messages arriving on `endpoint` with `raft`, until the
-/// endpoint is closed.
-pub async fn serve<C, SM>(endpoint: quinn::Endpoint, raft: Raft<C, SM>)
+/// endpoint is closed; snapshot bodies received go to files `spool` names.
+pub async fn serve<C, SM>(endpoint: quinn::Endpoint, raft: Raft<C, SM>, spool: Spool)
 where
     C: Group,
-    SM: RaftStateMachine<C, SnapshotData = Cursor<Vec<u8>>>,
+    SM: RaftStateMachine<C, SnapshotData = C::Body>,
 {
     while let Some(incoming) = endpoint.accept().await {
-        let raft = raft.clone();
+        let (raft, spool) = (raft.clone(), spool.clone());
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else {
                 return;
             };
             while let Ok((send, recv)) = conn.accept_bi().await {
-                tokio::spawn(answer(raft.clone(), send, recv));
+                tokio::spawn(answer(raft.clone(), spool.clone(), send, recv));
             }
         });
     }
 }
 
-async fn answer<C, SM>(raft: Raft<C, SM>, mut send: quinn::SendStream, mut recv: quinn::RecvStream)
-where
+/// Read one length-prefixed request (errors say why it is undecodable).
+async fn read_request<C: Group>(recv: &mut quinn::RecvStream) -> Result<Request<C>, String> {
+    let undecodable = |e: &dyn std::fmt::Display| format!("undecodable request: {e}");
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len)
+        .await
+        .map_err(|e| undecodable(&e))?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_MESSAGE {
+        return Err(undecodable(&format!(
+            "{len} bytes, more than {MAX_MESSAGE}"
+        )));
+    }
+    let mut bytes = vec![0u8; len];
+    recv.read_exact(&mut bytes)
+        .await
+        .map_err(|e| undecodable(&e))?;
+    super::decode::<Request<C>>("raft request", &bytes).map_err(|e| undecodable(&e))
+}
+
+async fn answer<C, SM>(
+    raft: Raft<C, SM>,
+    spool: Spool,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) where
     C: Group,
-    SM: RaftStateMachine<C, SnapshotData = Cursor<Vec<u8>>>,
+    SM: RaftStateMachine<C, SnapshotData = C::Body>,
 {
-    let Ok(bytes) = recv.read_to_end(MAX_MESSAGE).await else {
-        return;
-    };
-    let response = match super::decode::<Request<C>>("raft request", &bytes) {
-        Err(e) => Response::Failed(format!("undecodable request: {e}")),
+    let response = match read_request::<C>(&mut recv).await {
+        Err(e) => Response::Failed(e),
         Ok(Request::Append(rpc)) => match raft.append_entries(rpc).await {
             Ok(r) => Response::Append(r),
             Err(e) => Response::Failed(e.to_string()),
@@ -116,14 +276,19 @@ where
             Ok(r) => Response::TransferLeader(r),
             Err(e) => Response::Failed(e.to_string()),
         },
-        Ok(Request::Snapshot { vote, meta, data }) => {
-            let snapshot = SnapshotOf::<C, Cursor<Vec<u8>>> {
-                meta,
-                snapshot: Cursor::new(data),
-            };
-            match raft.install_full_snapshot(vote, snapshot).await {
-                Ok(r) => Response::Snapshot(r),
-                Err(e) => Response::Failed(e.to_string()),
+        Ok(Request::Snapshot { vote, meta, len }) => {
+            match C::Body::receive(&mut recv, len, &meta, &spool).await {
+                Err(e) => Response::Failed(format!("receiving the snapshot: {e}")),
+                Ok(body) => {
+                    let snapshot = SnapshotOf::<C, C::Body> {
+                        meta,
+                        snapshot: body,
+                    };
+                    match raft.install_full_snapshot(vote, snapshot).await {
+                        Ok(r) => Response::Snapshot(r),
+                        Err(e) => Response::Failed(e.to_string()),
+                    }
+                }
             }
         }
     };
@@ -188,12 +353,43 @@ impl<C: Group> QuicPeer<C> {
         Ok(conn)
     }
 
-    async fn call(&mut self, request: &Request<C>) -> Result<Response<C>, Unreachable<C>> {
+    /// [`QuicPeer::call`] without a body, bounded by `option`'s time (at
+    /// least [`RPC_TIMEOUT_FLOOR`]).
+    async fn rpc(
+        &mut self,
+        request: &Request<C>,
+        option: &RPCOption,
+    ) -> Result<Response<C>, Unreachable<C>> {
+        let limit = option.hard_ttl().max(RPC_TIMEOUT_FLOOR);
+        match tokio::time::timeout(limit, self.call(request, None)).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                self.conn = None;
+                Err(unreachable(format!(
+                    "node {}: no answer in {limit:?}",
+                    self.target
+                )))
+            }
+        }
+    }
+
+    /// Send `request` (and `body` after it) and read the answer.
+    async fn call(
+        &mut self,
+        request: &Request<C>,
+        body: Option<C::Body>,
+    ) -> Result<Response<C>, Unreachable<C>> {
         let result = async {
             let conn = self.connection().await?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(unreachable)?;
             let bytes = super::encode("raft request", request).map_err(unreachable)?;
+            send.write_all(&(bytes.len() as u32).to_le_bytes())
+                .await
+                .map_err(unreachable)?;
             send.write_all(&bytes).await.map_err(unreachable)?;
+            if let Some(body) = body {
+                body.send(&mut send).await.map_err(unreachable)?;
+            }
             send.finish().map_err(unreachable)?;
             let answer = recv.read_to_end(MAX_MESSAGE).await.map_err(unreachable)?;
             super::decode::<Response<C>>("raft answer", &answer).map_err(unreachable)
@@ -228,14 +424,14 @@ impl<C: Group> RaftNetworkFactory<C> for QuicNetwork {
 }
 
 impl<C: Group> RaftNetworkV2<C> for QuicPeer<C> {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = C::Body;
 
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<C>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
-        match self.call(&Request::Append(rpc)).await? {
+        match self.rpc(&Request::Append(rpc), &option).await? {
             Response::Append(r) => Ok(r),
             _ => Err(unexpected().into()),
         }
@@ -244,9 +440,9 @@ impl<C: Group> RaftNetworkV2<C> for QuicPeer<C> {
     async fn vote(
         &mut self,
         rpc: VoteRequest<C>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<VoteResponse<C>, RPCError<C>> {
-        match self.call(&Request::Vote(rpc)).await? {
+        match self.rpc(&Request::Vote(rpc), &option).await? {
             Response::Vote(r) => Ok(r),
             _ => Err(unexpected().into()),
         }
@@ -255,9 +451,9 @@ impl<C: Group> RaftNetworkV2<C> for QuicPeer<C> {
     async fn pre_vote(
         &mut self,
         rpc: VoteRequest<C>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<VoteResponse<C>, RPCError<C>> {
-        match self.call(&Request::PreVote(rpc)).await? {
+        match self.rpc(&Request::PreVote(rpc), &option).await? {
             Response::PreVote(r) => Ok(r),
             _ => Err(unexpected().into()),
         }
@@ -266,9 +462,9 @@ impl<C: Group> RaftNetworkV2<C> for QuicPeer<C> {
     async fn transfer_leader(
         &mut self,
         req: TransferLeaderRequest<C>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<TransferLeaderResponse<C>, RPCError<C>> {
-        match self.call(&Request::TransferLeader(req)).await? {
+        match self.rpc(&Request::TransferLeader(req), &option).await? {
             Response::TransferLeader(r) => Ok(r),
             _ => Err(unexpected().into()),
         }
@@ -278,17 +474,26 @@ impl<C: Group> RaftNetworkV2<C> for QuicPeer<C> {
         &mut self,
         vote: VoteOf<C>,
         snapshot: SnapshotOf<C, Self::SnapshotData>,
-        _cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
         let request = Request::Snapshot {
             vote,
             meta: snapshot.meta,
-            data: snapshot.snapshot.into_inner(),
+            len: snapshot.snapshot.size(),
         };
-        match self.call(&request).await? {
-            Response::Snapshot(r) => Ok(r),
-            _ => Err(unexpected().into()),
+        // No time bound: a large snapshot takes what it takes; the
+        // transfer ends when the leader's replication to this peer does.
+        tokio::select! {
+            closed = cancel => Err(closed.into()),
+            answer = self.call(&request, Some(snapshot.snapshot)) => match answer {
+                Ok(Response::Snapshot(r)) => Ok(r),
+                Ok(_) => Err(unexpected().into()),
+                Err(e) => {
+                    tracing::warn!(node = self.target, error = %e, "sending a snapshot failed; retrying");
+                    Err(e.into())
+                }
+            },
         }
     }
 }

@@ -71,6 +71,12 @@ pub struct NodeSettings {
     pub heartbeat: Duration,
     /// Raft election timeout (the lower bound; the upper is twice it).
     pub election_timeout: Duration,
+    /// Log entries between two snapshots of the store; the log before a
+    /// snapshot is purged (but `log_kept` entries).
+    pub snapshot_every: u64,
+    /// Entries a snapshot covers that stay in the log, so a follower a
+    /// little behind catches up from the log, not a snapshot.
+    pub log_kept: u64,
 }
 
 impl NodeSettings {
@@ -124,7 +130,10 @@ impl Node {
             election_timeout_min: settings.election_timeout.as_millis() as u64,
             election_timeout_max: 2 * settings.election_timeout.as_millis() as u64,
             max_payload_entries: MAX_ENTRIES,
-            snapshot_policy: openraft::SnapshotPolicy::Never,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
+            max_in_snapshot_log_to_keep: settings.log_kept,
+            // Purged a segment at a time by the log anyway.
+            purge_batch_size: 256,
             // A node cut off and back does not disturb a healthy leader
             // with the terms it counted up alone.
             enable_pre_vote: Some(true),
@@ -155,11 +164,12 @@ impl Node {
             ..config.store.clone()
         };
         let store = Arc::new(Store::open(&store_config).context("opening the node's store")?);
-        let state = DataState::new(store);
+        let state = DataState::open(store, &raft_dir.join("snapshots"))
+            .context("opening the node's snapshots")?;
         let raft = Raft::new(settings.id, Arc::new(raft_config), net, log, state.clone())
             .await
             .context("starting raft")?;
-        tokio::spawn(serve(endpoint.clone(), raft.clone()));
+        tokio::spawn(serve(endpoint.clone(), raft.clone(), state.spool()));
         let members: BTreeMap<u64, BasicNode> = settings
             .members
             .iter()

@@ -507,7 +507,11 @@ mod over_quic {
         let raft = Raft::new(id, config, net, log, state.clone())
             .await
             .unwrap();
-        tokio::spawn(serve(endpoint.clone(), raft.clone()));
+        tokio::spawn(serve(
+            endpoint.clone(),
+            raft.clone(),
+            super::super::net::no_spool(),
+        ));
         Node {
             id,
             raft,
@@ -674,6 +678,7 @@ mod data_group {
     use std::time::Duration;
 
     use openraft::Raft;
+    use openraft::async_runtime::WatchReceiver;
 
     use super::super::data::{DataGroup, DataState};
     use super::super::log::FileLog;
@@ -689,34 +694,277 @@ mod data_group {
     }
 
     async fn start(id: u64, dir: &std::path::Path, certs: &std::path::Path) -> Node {
+        let never = openraft::SnapshotPolicy::Never;
+        start_with(
+            id,
+            dir,
+            certs,
+            "127.0.0.1:0".parse().unwrap(),
+            never,
+            1 << 30,
+        )
+        .await
+    }
+
+    /// A node listening on `addr`, snapshotting by `policy`, its log in
+    /// segments of `segment` bytes.
+    async fn start_with(
+        id: u64,
+        dir: &std::path::Path,
+        certs: &std::path::Path,
+        addr: std::net::SocketAddr,
+        policy: openraft::SnapshotPolicy,
+        segment: u64,
+    ) -> Node {
         let config = Arc::new(
             openraft::Config {
                 heartbeat_interval: 100,
                 election_timeout_min: 1000,
                 election_timeout_max: 2000,
                 max_payload_entries: MAX_ENTRIES,
-                snapshot_policy: openraft::SnapshotPolicy::Never,
+                snapshot_policy: policy,
+                max_in_snapshot_log_to_keep: 5,
+                purge_batch_size: 16,
                 ..Default::default()
             }
             .validate()
             .unwrap(),
         );
         let tls = NodeTls::from_dir(&certs.join(node_name(id)));
-        let endpoint =
-            quinn::Endpoint::server(tls.server_config().unwrap(), "127.0.0.1:0".parse().unwrap())
-                .unwrap();
+        // A node restarted on its port may wait for its last run's
+        // socket to be released (tasks of the stopped Raft hold it).
+        let mut tries = 0;
+        let endpoint = loop {
+            match quinn::Endpoint::server(tls.server_config().unwrap(), addr) {
+                Ok(e) => break e,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 300 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{addr}: {e}"),
+            }
+        };
         let net = QuicNetwork::new(endpoint.clone(), tls.client_config().unwrap());
-        let log = FileLog::<DataGroup>::open(&dir.join("raft"), "data").unwrap();
+        let log = FileLog::<DataGroup>::open_segmented(&dir.join("raft"), "data", segment).unwrap();
         let store = Arc::new(Store::open(&StoreConfig::new(dir.join("store"))).unwrap());
-        let state = DataState::new(store);
+        let state = DataState::open(store, &dir.join("raft").join("snapshots")).unwrap();
         let raft = Raft::new(id, config, net, log, state.clone())
             .await
             .unwrap();
-        tokio::spawn(serve(endpoint.clone(), raft.clone()));
+        tokio::spawn(serve(endpoint.clone(), raft.clone(), state.spool()));
         Node {
             raft,
             state,
             endpoint,
+        }
+    }
+
+    /// Everything a store holds, as its export lists it.
+    fn content(store: &Store) -> Vec<(crate::store::Tree, Vec<u8>, Vec<u8>)> {
+        let mut all = Vec::new();
+        store
+            .export(|t, k, v| -> Result<(), StoreError> {
+                all.push((t, k.to_vec(), v.to_vec()));
+                Ok(())
+            })
+            .unwrap();
+        all
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_follower_behind_the_purged_log_catches_up_from_a_snapshot() {
+        let certs = tempfile::tempdir().unwrap();
+        init_node_certs(certs.path(), &[1, 2, 3]).unwrap();
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let policy = openraft::SnapshotPolicy::LogsSinceLast(20);
+        let local = "127.0.0.1:0".parse().unwrap();
+        let mut nodes = Vec::new();
+        for id in 1..=3u64 {
+            let dir = dirs[id as usize - 1].path();
+            nodes.push(start_with(id, dir, certs.path(), local, policy.clone(), 4096).await);
+        }
+        let members = super::members(nodes.iter().map(|n| &n.endpoint));
+        nodes[0].raft.initialize(members.clone()).await.unwrap();
+        let leader = nodes[0]
+            .raft
+            .wait(Some(Duration::from_secs(30)))
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await
+            .unwrap()
+            .current_leader
+            .unwrap();
+        let l = &nodes[leader as usize - 1];
+        l.raft
+            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+            .await
+            .unwrap();
+        // A follower goes down before anything is written.
+        let down = if leader == 3 { 2 } else { 3 };
+        let gone = nodes.remove(down as usize - 1);
+        gone.raft.shutdown().await.unwrap();
+        gone.endpoint.close(0u32.into(), b"down");
+        gone.endpoint.wait_idle().await;
+        drop(gone);
+        let l = nodes
+            .iter()
+            .find(|n| n.raft.metrics().borrow_watched().id == leader)
+            .unwrap();
+        let clients: BTreeMap<u64, String> =
+            (1..=3).map(|id| (id, format!("client-{id}"))).collect();
+        let store =
+            ReplicatedStore::new(l.raft.clone(), &l.state, clients, Default::default()).unwrap();
+        let q = store.allocate_queue_id().unwrap();
+        // One entry per publish: 200 entries, ten snapshots, the log
+        // before them purged.
+        for i in 0..200u64 {
+            store
+                .append(vec![item(q, 2 * i), item(q, 2 * i + 1)], true)
+                .await
+                .unwrap();
+        }
+        store.remove(q, &(0..150).collect::<Vec<_>>()).unwrap();
+        store.put_meta("queue/acme/orders", b"declared").unwrap();
+        store.put_blob("plugin/acme/p", &[7u8; 300_000]).unwrap();
+        let s = Arc::new(store);
+        let s2 = s.clone();
+        tokio::task::spawn_blocking(move || s2.sync_meta())
+            .await
+            .unwrap()
+            .unwrap();
+        for i in 200..260u64 {
+            s.append(vec![item(q, 2 * i), item(q, 2 * i + 1)], true)
+                .await
+                .unwrap();
+        }
+        let m = l
+            .raft
+            .wait(Some(Duration::from_secs(30)))
+            .metrics(
+                |m| m.purged.is_some_and(|p| p.index > 100),
+                "the log purged",
+            )
+            .await
+            .unwrap();
+        let last = m.last_applied.unwrap().index;
+        let segments = |dir: &std::path::Path| {
+            std::fs::read_dir(dir.join("raft"))
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with("seg-")
+                })
+                .count()
+        };
+        let leader_dir = dirs[leader as usize - 1].path();
+        assert!(leader_dir.join("raft/snapshots/current").exists());
+
+        // Back, the follower needs entries the leader no longer has: it
+        // is sent a snapshot, installs it, and follows from there.
+        let addr = members[&down].addr.parse().unwrap();
+        let back = start_with(
+            down,
+            dirs[down as usize - 1].path(),
+            certs.path(),
+            addr,
+            policy,
+            4096,
+        )
+        .await;
+        let m = back
+            .raft
+            .wait(Some(Duration::from_secs(60)))
+            .applied_index_at_least(Some(last), "caught up")
+            .await
+            .unwrap();
+        assert!(
+            m.snapshot.is_some_and(|s| s.index > 100),
+            "installed a snapshot: {m:?}"
+        );
+        let want = content(l.state.store());
+        assert_eq!(
+            content(back.state.store()),
+            want,
+            "the follower's store is the leader's"
+        );
+        let ids: Vec<u64> = back
+            .state
+            .store()
+            .scan_queue(q)
+            .map(|r| r.unwrap().0)
+            .collect();
+        assert_eq!(ids, (150..520).collect::<Vec<_>>());
+        assert_eq!(
+            back.state
+                .store()
+                .get_blob("plugin/acme/p")
+                .unwrap()
+                .unwrap()
+                .len(),
+            300_000
+        );
+        // It follows on from the snapshot: a write reaches it.
+        s.append(vec![item(q, 520)], true).await.unwrap();
+        let last = l
+            .raft
+            .metrics()
+            .borrow_watched()
+            .last_applied
+            .unwrap()
+            .index;
+        back.raft
+            .wait(Some(Duration::from_secs(30)))
+            .applied_index_at_least(Some(last), "the next write")
+            .await
+            .unwrap();
+        assert_eq!(
+            back.state.store().get(q, 520).unwrap(),
+            l.state.store().get(q, 520).unwrap()
+        );
+        // The leader's log lost its purged segments: a few 4 KiB files
+        // remain of the hundreds written.
+        assert!(
+            segments(leader_dir) < 40,
+            "{} segments",
+            segments(leader_dir)
+        );
+        // A restart of the follower finds the installed state as it was.
+        back.raft.shutdown().await.unwrap();
+        back.endpoint.close(0u32.into(), b"down");
+        back.endpoint.wait_idle().await;
+        drop(back);
+        let again = start_with(
+            down,
+            dirs[down as usize - 1].path(),
+            certs.path(),
+            addr,
+            openraft::SnapshotPolicy::Never,
+            4096,
+        )
+        .await;
+        let m = again
+            .raft
+            .wait(Some(Duration::from_secs(30)))
+            .applied_index_at_least(Some(last), "reopened")
+            .await
+            .unwrap();
+        assert!(m.snapshot.is_some(), "{m:?}");
+        let ids: Vec<u64> = again
+            .state
+            .store()
+            .scan_queue(q)
+            .map(|r| r.unwrap().0)
+            .collect();
+        assert_eq!(ids, (150..521).collect::<Vec<_>>());
+        assert_eq!(
+            again.state.store().get(q, 520).unwrap(),
+            l.state.store().get(q, 520).unwrap()
+        );
+        again.raft.shutdown().await.unwrap();
+        for n in &nodes {
+            n.raft.shutdown().await.unwrap();
         }
     }
 

@@ -356,6 +356,14 @@ impl Index {
             .clone()
     }
 
+    /// Forget every queue (the store's content was replaced).
+    pub fn clear(&self) {
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     /// Forget `queue` (cleared or deleted).
     pub fn forget(&self, queue: QueueId) {
         self.queues

@@ -69,3 +69,9 @@ impl StoreError {
         StoreError::Sled(e.to_string())
     }
 }
+
+impl From<StoreError> for std::io::Error {
+    fn from(e: StoreError) -> Self {
+        std::io::Error::other(e.to_string())
+    }
+}

@@ -32,12 +32,14 @@
 mod chunk;
 mod commit;
 mod error;
+mod export;
 mod handles;
 mod manifest;
 mod message;
 
 pub use commit::Commit;
 pub use error::StoreError;
+pub use export::Tree;
 pub use message::{StoredMessage, decode_expiry};
 
 use std::path::{Path, PathBuf};
