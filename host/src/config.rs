@@ -478,6 +478,19 @@ mod tests {
         assert_eq!(s.dir, Path::new("data/node-2"));
         assert_eq!(s.identity, Path::new("certs/cluster/node-2"));
         assert_eq!(s.election_timeout, std::time::Duration::from_millis(1000));
+        assert_eq!((s.snapshot_every, s.log_kept), (20_000, 5_000));
+        let tuned = THREE.replace(
+            "[cluster]",
+            "[cluster]\nsnapshot_every = 500\nlog_kept = 50",
+        );
+        let s = node(&tuned, Some(2)).unwrap();
+        assert_eq!((s.snapshot_every, s.log_kept), (500, 50));
+        let bad = THREE.replace("[cluster]", "[cluster]\nsnapshot_every = 0");
+        let e = node(&bad, Some(2)).unwrap_err().to_string();
+        assert!(
+            e.contains("snapshot_every = 0: must be 10 to 100000000"),
+            "{e}"
+        );
         for (id, want) in [
             (None, "no node id"),
             (Some(4), "node 4 is not among the members (1, 2, 3)"),

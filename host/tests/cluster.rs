@@ -43,16 +43,21 @@ fn free_tcp_port() -> SocketAddr {
 impl Cluster {
     /// Certificates and a configuration for `n` nodes; none started.
     fn new(n: u64) -> Cluster {
-        Cluster::build(n, false)
+        Cluster::build(n, false, "")
+    }
+
+    /// A cluster with more `[cluster]` keys (TOML lines).
+    fn configured(n: u64, keys: &str) -> Cluster {
+        Cluster::build(n, false, keys)
     }
 
     /// As `new`, with every node's peers reaching it through a relay the
     /// test can cut ([`Relays`]).
     fn relayed(n: u64) -> Cluster {
-        Cluster::build(n, true)
+        Cluster::build(n, true, "")
     }
 
-    fn build(n: u64, relayed: bool) -> Cluster {
+    fn build(n: u64, relayed: bool, keys: &str) -> Cluster {
         let mut dir = tempfile::tempdir().unwrap();
         if std::env::var_os("SLUICE_CLUSTER_KEEP").is_some() {
             // Keep the nodes' logs and data to look at after the run.
@@ -98,7 +103,7 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "certs = {:?}\ndata = {:?}\n# Small caches: the catch-up test measures a node's memory.\nstore_cache_mib = 8\n\n[cluster]\nmembers = [\n{members}]\n",
+                "certs = {:?}\ndata = {:?}\n# Small caches: the catch-up test measures a node's memory.\nstore_cache_mib = 8\n\n[cluster]\n{keys}members = [\n{members}]\n",
                 dir.path().join("certs"),
                 dir.path().join("data"),
             ),
@@ -948,6 +953,108 @@ fn a_follower_down_during_a_backlog_catches_up_from_the_log() {
             backlog_kib / 1024,
             peak / 1024,
             common::rss_kib(cluster.pid(leader)) / 1024,
+        );
+    });
+}
+
+#[test]
+fn a_follower_behind_the_purged_log_catches_up_from_a_snapshot() {
+    // Snapshots every 100 entries, 20 kept: the leader soon purges what
+    // the follower that is down has not got.
+    let mut cluster = Cluster::configured(3, "snapshot_every = 100\nlog_kept = 20\n");
+    cluster.start_all();
+    runtime().block_on(async {
+        let client = cluster.connect().await;
+        client.declare(QueueSpec::new("snap")).await.unwrap();
+        client.bind("snap", "snap.>").await.unwrap();
+        let leader = cluster.node_of(&client);
+        let down = (1..=3u64).find(|id| *id != leader).unwrap();
+        cluster.kill(down);
+        // Publish (a few in flight, so entries stay small and many) until
+        // the leader has purged its log.
+        let publish = |from: u64, to: u64| {
+            let client = &client;
+            async move {
+                let mut pending = std::collections::VecDeque::new();
+                for i in from..to {
+                    let payload = format!("m{i:08}").into_bytes();
+                    pending.push_back(client.publish("snap.x", vec![], payload));
+                    if pending.len() >= 8 {
+                        assert_eq!(pending.pop_front().unwrap().await.unwrap(), 1);
+                    }
+                }
+                for p in pending {
+                    assert_eq!(p.await.unwrap(), 1);
+                }
+            }
+        };
+        let mut sent = 0u64;
+        while cluster.gauge(leader, "sluice_raft_purged_index").unwrap_or(0) == 0 {
+            assert!(sent < 200_000, "no purge after {sent} messages\n{}", cluster.logs());
+            publish(sent, sent + 500).await;
+            sent += 500;
+        }
+        // Some acked (ack bitmaps in the snapshot), then more published.
+        let mut sub = client.subscribe("snap", 100).await.unwrap();
+        for i in 0..300u64 {
+            let d = sub.next().await.unwrap();
+            assert_eq!(d.payload, format!("m{i:08}").into_bytes());
+            sub.ack(d.tag);
+        }
+        drop(sub);
+        publish(sent, sent + 200).await;
+        sent += 200;
+        let target = cluster.gauge(leader, "sluice_raft_last_log_index").unwrap();
+        let purged = cluster.gauge(leader, "sluice_raft_purged_index").unwrap();
+        cluster.start(down);
+        let mut progress = Progress::new();
+        loop {
+            let applied = cluster.gauge(down, "sluice_raft_applied_index").unwrap_or(0);
+            if applied >= target {
+                break;
+            }
+            assert!(
+                !progress.stalled(applied),
+                "the follower is stuck at {applied} of {target}\n{}",
+                cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let snapshot = cluster.gauge(down, "sluice_raft_snapshot_index").unwrap();
+        assert!(
+            snapshot > purged.min(1),
+            "the follower caught up from a snapshot (it has {snapshot}, the leader purged to {purged})"
+        );
+        // It leads now, and serves exactly what was confirmed and not acked.
+        let admin = cluster.dir.path().join("certs/admin");
+        let opts = ConnectOptions::default();
+        let admin = Client::connect_any(&cluster.clients, &admin, opts).await.unwrap();
+        let status = admin.cluster_status().await.unwrap();
+        assert!(status.purged > 0 && status.snapshot >= status.purged, "{status:?}");
+        // The old leader may close the connection before it answers.
+        match admin.transfer_leadership(down).await {
+            Ok(()) | Err(ClientError::ConnectionLost(_)) => {}
+            Err(e) => panic!("transfer to node {down}: {e}"),
+        }
+        drop(client);
+        let mut client = cluster.connect().await;
+        while cluster.node_of(&client) != down {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            client = cluster.connect().await;
+        }
+        let mut sub = client.subscribe("snap", 256).await.unwrap();
+        for i in 300..sent {
+            let d = tokio::time::timeout(Duration::from_secs(30), sub.next())
+                .await
+                .expect("every message is delivered")
+                .unwrap();
+            assert_eq!(d.payload, format!("m{i:08}").into_bytes());
+            sub.ack(d.tag);
+        }
+        let extra = tokio::time::timeout(Duration::from_millis(500), sub.next()).await;
+        assert!(extra.is_err(), "nothing more: {extra:?}");
+        println!(
+            "cluster snapshot catch-up: {sent} messages, leader's log purged to {purged} of {target}, follower installed a snapshot at {snapshot}"
         );
     });
 }

@@ -72,6 +72,7 @@ pub(crate) async fn run(conn: &Conn, cmd: ClusterCommand) -> anyhow::Result<Exit
                     serde_json::json!({
                         "node": s.node, "role": s.role, "term": s.term, "leader": s.leader,
                         "last_log": s.last_log, "committed": s.committed, "applied": s.applied,
+                        "snapshot": s.snapshot, "purged": s.purged,
                         "members": s.members, "followers": followers,
                     })
                 );
@@ -89,10 +90,12 @@ pub(crate) async fn run(conn: &Conn, cmd: ClusterCommand) -> anyhow::Result<Exit
                         .join(", ")
                 );
                 out!(
-                    "log {}, committed {}, applied {}",
+                    "log {}, committed {}, applied {}, snapshot {}, purged {}",
                     s.last_log,
                     s.committed,
-                    s.applied
+                    s.applied,
+                    s.snapshot,
+                    s.purged
                 );
                 out!("{:<8} {:>12} {:>10}", "follower", "matched", "lag");
                 for f in &s.followers {

@@ -42,9 +42,12 @@
 //!   [`store::ReplicatedStore`] while it leads (clients of the other nodes
 //!   are refused with `not_leader`, naming the leader).
 //!
-//! Single-node brokers do not use this module. Still to come: snapshots
-//! streamed without loading them and log purge, a metadata group apart
-//! from the data, membership changes, `sluice cluster status`.
+//! - [`snapshot`]: the data group's snapshots (the store exported to a
+//!   checked file while nothing is applied), streamed to followers behind
+//!   the purged log and installed by replacing their store.
+//!
+//! Single-node brokers do not use this module. Still to come: a metadata
+//! group apart from the data, membership changes.
 
 pub mod data;
 pub mod log;

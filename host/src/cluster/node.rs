@@ -335,6 +335,8 @@ fn status_source(raft: &DataRaft) -> impl Fn() -> ClusterSummary + Send + Sync +
             last_log,
             committed: index(&m.cluster_committed),
             applied: index(&m.last_applied),
+            snapshot: index(&m.snapshot),
+            purged: index(&m.purged),
             members: m.membership_config.voter_ids().collect(),
             followers: m
                 .replication
@@ -433,6 +435,18 @@ pub fn prometheus(s: &ClusterSummary, m: &Measures) -> String {
         "sluice_raft_applied_index",
         "Index of the last entry applied to this node's store.",
         s.applied,
+    );
+    gauge(
+        &mut out,
+        "sluice_raft_snapshot_index",
+        "Last log index this node's newest snapshot of its store covers (0: none).",
+        s.snapshot,
+    );
+    gauge(
+        &mut out,
+        "sluice_raft_purged_index",
+        "This node's log is purged up to this index (0: nothing purged).",
+        s.purged,
     );
     if !s.followers.is_empty() {
         let _ = writeln!(

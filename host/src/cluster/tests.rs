@@ -1291,3 +1291,99 @@ fn appends_encode_as_before_and_decode_back() {
     let back: StoreBatch = super::decode("batch", &now).unwrap();
     assert_eq!(back.ops, vec![StoreOp::Append(items)]);
 }
+
+/// Snapshot files: a damaged one is refused whole, and an install a crash
+/// cut short is finished at the next open.
+mod snapshot_files {
+    use std::sync::Arc;
+
+    use super::super::data::DataState;
+    use super::super::snapshot::{SnapshotBody, Snapshots};
+    use crate::store::{Append, MessageStore, Store, StoreConfig, StoreError, Tree};
+
+    fn content(store: &Store) -> Vec<(Tree, Vec<u8>, Vec<u8>)> {
+        let mut all = Vec::new();
+        store
+            .export(|t, k, v| -> Result<(), StoreError> {
+                all.push((t, k.to_vec(), v.to_vec()));
+                Ok(())
+            })
+            .unwrap();
+        all
+    }
+
+    fn filled(dir: &std::path::Path, tag: &str) -> Store {
+        let store = Store::open(&StoreConfig::new(dir)).unwrap();
+        let items = (0..500u64)
+            .map(|id| Append {
+                queue: 3,
+                id,
+                value: format!("{tag} {id}").into_bytes(),
+            })
+            .collect();
+        store.append(items, true).wait().unwrap();
+        for _ in store.scan_queue(3) {}
+        store.remove(3, &[1, 2, 3]).unwrap();
+        store.put_meta(&format!("meta/{tag}"), b"v").unwrap();
+        store
+            .put_blob(&format!("blob/{tag}"), &[9; 100_000])
+            .unwrap();
+        store.sync().unwrap();
+        store
+    }
+
+    #[test]
+    fn a_damaged_snapshot_is_refused_and_a_cut_install_is_finished_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = filled(&dir.path().join("a"), "a");
+        let snaps = Snapshots::open(&dir.path().join("snaps")).unwrap();
+        let meta = Default::default();
+        let body = snaps.build(&meta, &a).unwrap();
+        assert!(body.len() > 100_000);
+        let current = dir.path().join("snaps/current");
+        let whole = std::fs::read(&current).unwrap();
+
+        // Whole: accepted; a flipped byte, a cut, another snapshot's
+        // metadata: refused.
+        let copy = dir.path().join("copy");
+        std::fs::write(&copy, &whole).unwrap();
+        SnapshotBody::received(copy.clone(), whole.len() as u64, &meta).unwrap();
+        for damage in [whole.len() / 2, whole.len() - 3] {
+            let mut bad = whole.clone();
+            bad[damage] ^= 0x40;
+            std::fs::write(&copy, &bad).unwrap();
+            assert!(SnapshotBody::received(copy.clone(), bad.len() as u64, &meta).is_err());
+        }
+        std::fs::write(&copy, &whole[..whole.len() - 20]).unwrap();
+        let e = SnapshotBody::received(copy.clone(), whole.len() as u64 - 20, &meta).unwrap_err();
+        assert!(e.to_string().contains("snapshot"), "{e}");
+        let other = openraft::type_config::alias::SnapshotMetaOf::<super::super::data::DataGroup> {
+            last_log_id: Some(openraft::testing::log_id::<super::super::data::DataGroup>(
+                1, 1, 7,
+            )),
+            ..Default::default()
+        };
+        std::fs::write(&copy, &whole).unwrap();
+        assert!(SnapshotBody::received(copy, whole.len() as u64, &other).is_err());
+
+        // Node b crashed installing the snapshot: `installing` is there,
+        // its store holds its own content. Opening finishes the install.
+        let b = Arc::new(filled(&dir.path().join("b"), "b"));
+        let b_snaps = dir.path().join("b-snaps");
+        std::fs::create_dir_all(&b_snaps).unwrap();
+        std::fs::write(b_snaps.join("installing"), &whole).unwrap();
+        assert_ne!(content(&b), content(&a));
+        DataState::open(b.clone(), &b_snaps).unwrap();
+        assert_eq!(content(&b), content(&a));
+        assert!(!b_snaps.join("installing").exists());
+        assert!(b_snaps.join("current").exists());
+        let ids: Vec<u64> = b.scan_queue(3).map(|r| r.unwrap().0).collect();
+        assert_eq!(ids.len(), 497);
+        assert_eq!(b.get(3, 4).unwrap(), Some(b"a 4".to_vec()));
+        assert_eq!(b.get(3, 2).unwrap(), None);
+        // Its own commit number is kept: it reopens.
+        drop(b);
+        let b = Store::open(&StoreConfig::new(dir.path().join("b"))).unwrap();
+        assert_eq!(content(&b), content(&a));
+    }
+}

@@ -253,6 +253,10 @@ pub struct ClusterSummary {
     pub committed: u64,
     /// Index of the last entry applied to its store.
     pub applied: u64,
+    /// Last index its newest snapshot of the store covers (0: none yet).
+    pub snapshot: u64,
+    /// Its log holds no entry up to this index (0: none purged).
+    pub purged: u64,
     /// Voting members.
     pub members: Vec<u64>,
     /// Each other member: the last index it is known to hold.
