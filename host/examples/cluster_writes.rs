@@ -14,7 +14,7 @@ use openraft::{BasicNode, Raft};
 use sluice::cluster::MetaCommand;
 use sluice::cluster::log::FileLog;
 use sluice::cluster::meta::MetaState;
-use sluice::cluster::net::{MetaRaft, QuicNetwork, serve};
+use sluice::cluster::net::{MetaRaft, QuicNetwork, no_spool, serve};
 use sluice::tls::{NodeTls, init_node_certs, node_name};
 
 #[tokio::main]
@@ -45,7 +45,7 @@ async fn main() -> anyhow::Result<()> {
         let state = MetaState::open(&db, "meta")?;
         let net = QuicNetwork::new(endpoint.clone(), tls.client_config()?);
         let raft = Raft::new(id, config.clone(), net, log, state).await?;
-        tokio::spawn(serve(endpoint.clone(), raft.clone()));
+        tokio::spawn(serve(endpoint.clone(), raft.clone(), no_spool()));
         members.insert(id, BasicNode::new(endpoint.local_addr()?.to_string()));
         nodes.push(raft);
     }

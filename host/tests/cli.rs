@@ -780,7 +780,7 @@ fn certs_init_with_nodes_makes_identities_a_cluster_runs_on() {
     use sluice::cluster::MetaCommand;
     use sluice::cluster::log::FileLog;
     use sluice::cluster::meta::MetaState;
-    use sluice::cluster::net::{QuicNetwork, serve};
+    use sluice::cluster::net::{QuicNetwork, no_spool, serve};
     use sluice::tls::{NodeTls, node_name};
 
     let dir = tempfile::tempdir().unwrap();
@@ -848,7 +848,7 @@ fn certs_init_with_nodes_makes_identities_a_cluster_runs_on() {
             let raft = Raft::new(id, config.clone(), net, log, state.clone())
                 .await
                 .unwrap();
-            tokio::spawn(serve(endpoint.clone(), raft.clone()));
+            tokio::spawn(serve(endpoint.clone(), raft.clone(), no_spool()));
             members.insert(
                 id,
                 BasicNode::new(endpoint.local_addr().unwrap().to_string()),

@@ -30,7 +30,7 @@ use openraft::type_config::alias::SnapshotMetaOf;
 use super::data::DataGroup;
 use super::log::{HEADER, frame, sync_dir};
 use super::{decode, encode, io_error};
-use crate::store::{Store, Tree};
+use crate::store::{Record, Store, Tree};
 
 /// First bytes of a snapshot file.
 const MAGIC: &[u8; 8] = b"SLSNAP01";
@@ -253,7 +253,7 @@ impl<R: Read> Reader<R> {
     }
 
     /// The store entries, then the end record checked.
-    fn entries(mut self) -> impl Iterator<Item = io::Result<(Tree, Vec<u8>, Vec<u8>)>> {
+    fn entries(mut self) -> impl Iterator<Item = io::Result<Record>> {
         std::iter::from_fn(move || {
             if self.ended {
                 return None;
@@ -266,7 +266,7 @@ impl<R: Read> Reader<R> {
         })
     }
 
-    fn entry(&mut self) -> io::Result<Option<(Tree, Vec<u8>, Vec<u8>)>> {
+    fn entry(&mut self) -> io::Result<Option<Record>> {
         let mut record = self.record()?;
         let tag = record.first().copied();
         if tag == Some(END) {

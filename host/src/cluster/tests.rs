@@ -760,7 +760,7 @@ mod data_group {
     }
 
     /// Everything a store holds, as its export lists it.
-    fn content(store: &Store) -> Vec<(crate::store::Tree, Vec<u8>, Vec<u8>)> {
+    fn content(store: &Store) -> Vec<crate::store::Record> {
         let mut all = Vec::new();
         store
             .export(|t, k, v| -> Result<(), StoreError> {
@@ -1299,9 +1299,9 @@ mod snapshot_files {
 
     use super::super::data::DataState;
     use super::super::snapshot::{SnapshotBody, Snapshots};
-    use crate::store::{Append, MessageStore, Store, StoreConfig, StoreError, Tree};
+    use crate::store::{Append, MessageStore, Record, Store, StoreConfig, StoreError};
 
-    fn content(store: &Store) -> Vec<(Tree, Vec<u8>, Vec<u8>)> {
+    fn content(store: &Store) -> Vec<Record> {
         let mut all = Vec::new();
         store
             .export(|t, k, v| -> Result<(), StoreError> {

@@ -47,6 +47,9 @@ impl Tree {
     }
 }
 
+/// One store entry: its tree, key and value.
+pub type Record = (Tree, Vec<u8>, Vec<u8>);
+
 /// Entries removed or inserted per sled batch while replacing.
 const BATCH_BYTES: usize = 4 << 20;
 
@@ -81,7 +84,7 @@ impl Store {
     /// write the store meanwhile.
     pub fn replace<E: From<StoreError>>(
         &self,
-        records: impl Iterator<Item = Result<(Tree, Vec<u8>, Vec<u8>), E>>,
+        records: impl Iterator<Item = Result<Record, E>>,
     ) -> Result<u64, E> {
         for tree in Tree::ALL {
             let t = self.sled.with(|s| Ok(tree.of(s).clone()))?;

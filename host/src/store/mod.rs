@@ -39,7 +39,7 @@ mod message;
 
 pub use commit::Commit;
 pub use error::StoreError;
-pub use export::Tree;
+pub use export::{Record, Tree};
 pub use message::{StoredMessage, decode_expiry};
 
 use std::path::{Path, PathBuf};
