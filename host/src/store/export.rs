@@ -52,6 +52,8 @@ pub type Record = (Tree, Vec<u8>, Vec<u8>);
 
 /// Entries removed or inserted per sled batch while replacing.
 const BATCH_BYTES: usize = 4 << 20;
+/// Bytes written while replacing between two flushes of sled.
+const FLUSH_BYTES: usize = 32 << 20;
 
 impl Store {
     /// Hand every entry of the store (tree by tree, in key order; not the
@@ -108,13 +110,23 @@ impl Store {
         self.index.clear();
         let mut n = 0;
         let mut batch: Option<(Tree, sled::Batch, usize)> = None;
-        let write = |b: Option<(Tree, sled::Batch, usize)>| -> Result<(), StoreError> {
-            match b {
-                Some((tree, batch, _)) => self
-                    .sled
-                    .with(|s| tree.of(s).apply_batch(batch).map_err(StoreError::sled)),
-                None => Ok(()),
-            }
+        let mut unflushed = 0;
+        let mut write = |b: Option<(Tree, sled::Batch, usize)>| -> Result<(), StoreError> {
+            let Some((tree, batch, bytes)) = b else {
+                return Ok(());
+            };
+            self.sled.with(|s| {
+                tree.of(s).apply_batch(batch).map_err(StoreError::sled)?;
+                // sled keeps written pages in memory until they are
+                // flushed: flush as we go, so a large snapshot is not
+                // held whole.
+                unflushed += bytes;
+                if unflushed >= FLUSH_BYTES {
+                    unflushed = 0;
+                    s.db.flush().map_err(StoreError::sled)?;
+                }
+                Ok(())
+            })
         };
         for record in records {
             let (tree, k, v) = record?;

@@ -451,7 +451,9 @@ impl NodeTls {
                 .build()
                 .map_err(|e| TlsError::Config(e.to_string()))?;
         let crypto = server_crypto(verifier, &self.cert, &self.key, CLUSTER_ALPN)?;
-        Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(node_transport()?);
+        Ok(server)
     }
 
     /// The client side: the peer must present a cluster-CA certificate for
@@ -466,6 +468,24 @@ impl NodeTls {
         tls.alpn_protocols = vec![CLUSTER_ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| TlsError::Config(e.to_string()))?;
-        Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(node_transport()?);
+        Ok(client)
     }
+}
+
+/// Node connections: kept alive every second, closed after 5 s without a
+/// packet, so a node that died (UDP tells nothing) is noticed in seconds
+/// and its peers dial it afresh when it is back, instead of talking into
+/// the old connection until quinn's default 30 s idle timeout (heartbeats,
+/// which openraft cuts off sooner, would never reach the new process).
+fn node_transport() -> Result<Arc<quinn::TransportConfig>, TlsError> {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(std::time::Duration::from_secs(1)));
+    transport.max_idle_timeout(Some(
+        std::time::Duration::from_secs(5)
+            .try_into()
+            .map_err(|e| TlsError::Config(format!("{e}")))?,
+    ));
+    Ok(Arc::new(transport))
 }
