@@ -461,6 +461,18 @@ mod three_nodes {
 }
 
 /// Members 1, 2, 3… at the addresses of `endpoints`, in order.
+/// Everything a store holds, as its export lists it.
+fn content(store: &crate::store::Store) -> Vec<crate::store::Record> {
+    let mut all = Vec::new();
+    store
+        .export(|t, k, v| -> Result<(), crate::store::StoreError> {
+            all.push((t, k.to_vec(), v.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+    all
+}
+
 fn members<'a>(
     endpoints: impl Iterator<Item = &'a quinn::Endpoint>,
 ) -> std::collections::BTreeMap<u64, openraft::BasicNode> {
@@ -684,6 +696,7 @@ mod data_group {
     use super::super::log::FileLog;
     use super::super::net::{MAX_ENTRIES, QuicNetwork, serve};
     use super::super::store::{DataRaft, ReplicatedStore};
+    use super::content;
     use crate::store::{Append, MessageStore, Store, StoreConfig, StoreError};
     use crate::tls::{NodeTls, init_node_certs, node_name};
 
@@ -757,18 +770,6 @@ mod data_group {
             state,
             endpoint,
         }
-    }
-
-    /// Everything a store holds, as its export lists it.
-    fn content(store: &Store) -> Vec<crate::store::Record> {
-        let mut all = Vec::new();
-        store
-            .export(|t, k, v| -> Result<(), StoreError> {
-                all.push((t, k.to_vec(), v.to_vec()));
-                Ok(())
-            })
-            .unwrap();
-        all
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1302,18 +1303,8 @@ mod snapshot_files {
 
     use super::super::data::DataState;
     use super::super::snapshot::{SnapshotBody, Snapshots};
-    use crate::store::{Append, MessageStore, Record, Store, StoreConfig, StoreError};
-
-    fn content(store: &Store) -> Vec<Record> {
-        let mut all = Vec::new();
-        store
-            .export(|t, k, v| -> Result<(), StoreError> {
-                all.push((t, k.to_vec(), v.to_vec()));
-                Ok(())
-            })
-            .unwrap();
-        all
-    }
+    use super::content;
+    use crate::store::{Append, MessageStore, Store, StoreConfig};
 
     fn filled(dir: &std::path::Path, tag: &str) -> Store {
         let store = Store::open(&StoreConfig::new(dir)).unwrap();
