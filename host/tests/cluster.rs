@@ -173,6 +173,25 @@ impl Cluster {
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
     }
 
+    /// Wait until node `id` has applied `target`, calling `each` at every
+    /// look; bounded by progress, not by speed.
+    async fn caught_up(&self, id: u64, target: u64, mut each: impl FnMut()) {
+        let mut progress = Progress::new();
+        loop {
+            each();
+            let applied = self.gauge(id, "sluice_raft_applied_index").unwrap_or(0);
+            if applied >= target {
+                return;
+            }
+            assert!(
+                !progress.stalled(applied),
+                "node {id} is stuck at {applied} of {target}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     fn pid(&self, id: u64) -> u32 {
         self.nodes[id as usize - 1]
             .as_ref()
@@ -911,22 +930,11 @@ fn a_follower_down_during_a_backlog_catches_up_from_the_log() {
             .expect("the leader's metrics");
         cluster.start(down);
         let pid = cluster.pid(down);
-        // Caught up once its store has applied the leader's whole log;
-        // bounded by progress, not by speed.
-        let (mut peak, mut progress) = (0u64, Progress::new());
-        loop {
-            peak = peak.max(common::rss_kib(pid));
-            let applied = cluster.gauge(down, "sluice_raft_applied_index").unwrap_or(0);
-            if applied >= target {
-                break;
-            }
-            assert!(
-                !progress.stalled(applied),
-                "the follower is stuck at {applied} of {target}\n{}",
-                cluster.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        // Caught up once its store has applied the leader's whole log.
+        let mut peak = 0u64;
+        cluster
+            .caught_up(down, target, || peak = peak.max(common::rss_kib(pid)))
+            .await;
         // Memory does not grow with the backlog: the log is read and
         // applied in pieces and kept in files, not in sled (which held what
         // it wrote: 280-300 MiB here for the default 78 MiB backlog, 370
@@ -1007,22 +1015,10 @@ fn a_follower_behind_the_purged_log_catches_up_from_a_snapshot() {
         let target = cluster.gauge(leader, "sluice_raft_last_log_index").unwrap();
         let purged = cluster.gauge(leader, "sluice_raft_purged_index").unwrap();
         cluster.start(down);
-        let mut progress = Progress::new();
-        loop {
-            let applied = cluster.gauge(down, "sluice_raft_applied_index").unwrap_or(0);
-            if applied >= target {
-                break;
-            }
-            assert!(
-                !progress.stalled(applied),
-                "the follower is stuck at {applied} of {target}\n{}",
-                cluster.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        cluster.caught_up(down, target, || {}).await;
         let snapshot = cluster.gauge(down, "sluice_raft_snapshot_index").unwrap();
         assert!(
-            snapshot > purged.min(1),
+            snapshot > purged,
             "the follower caught up from a snapshot (it has {snapshot}, the leader purged to {purged})"
         );
         // It leads now, and serves exactly what was confirmed and not acked.

@@ -823,15 +823,7 @@ mod data_group {
                 .await
                 .unwrap();
         }
-        store.remove(q, &(0..150).collect::<Vec<_>>()).unwrap();
-        store.put_meta("queue/acme/orders", b"declared").unwrap();
-        store.put_blob("plugin/acme/p", &[7u8; 300_000]).unwrap();
-        let s = Arc::new(store);
-        let s2 = s.clone();
-        tokio::task::spawn_blocking(move || s2.sync_meta())
-            .await
-            .unwrap()
-            .unwrap();
+        let s = ack_and_declare(store, q, 150).await;
         for i in 200..260u64 {
             s.append(vec![item(q, 2 * i), item(q, 2 * i + 1)], true)
                 .await
@@ -972,6 +964,21 @@ mod data_group {
         }
     }
 
+    /// Ack the first `acked` messages of `q`, write a metadata record and
+    /// a blob, and wait until they are durable.
+    async fn ack_and_declare(store: ReplicatedStore, q: u64, acked: u64) -> Arc<ReplicatedStore> {
+        store.remove(q, &(0..acked).collect::<Vec<_>>()).unwrap();
+        store.put_meta("queue/acme/orders", b"declared").unwrap();
+        store.put_blob("plugin/acme/p", &[7u8; 300_000]).unwrap();
+        let s = Arc::new(store);
+        let s2 = s.clone();
+        tokio::task::spawn_blocking(move || s2.sync_meta())
+            .await
+            .unwrap()
+            .unwrap();
+        s
+    }
+
     fn item(queue: u64, id: u64) -> Append {
         Append {
             queue,
@@ -1023,15 +1030,7 @@ mod data_group {
         for c in commits {
             c.await.unwrap();
         }
-        store.remove(q, &(0..10).collect::<Vec<_>>()).unwrap();
-        store.put_meta("queue/acme/orders", b"declared").unwrap();
-        store.put_blob("plugin/acme/p", &[7u8; 300_000]).unwrap();
-        let s = Arc::new(store);
-        let s2 = s.clone();
-        tokio::task::spawn_blocking(move || s2.sync_meta())
-            .await
-            .unwrap()
-            .unwrap();
+        let s = ack_and_declare(store, q, 10).await;
         // An op too large to replicate is refused up front.
         let huge = vec![0u8; super::super::store::MAX_OP_BYTES + 1];
         assert!(matches!(
