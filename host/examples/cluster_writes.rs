@@ -10,11 +10,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::{BasicNode, Raft};
-use sluice::cluster::MetaCommand;
+use openraft::Raft;
 use sluice::cluster::log::FileLog;
 use sluice::cluster::meta::MetaState;
 use sluice::cluster::net::{MetaRaft, QuicNetwork, no_spool, serve};
+use sluice::cluster::{MetaCommand, Peer};
 use sluice::tls::{NodeTls, init_node_certs, node_name};
 
 #[tokio::main]
@@ -46,7 +46,14 @@ async fn main() -> anyhow::Result<()> {
         let net = QuicNetwork::new(endpoint.clone(), tls.client_config()?);
         let raft = Raft::new(id, config.clone(), net, log, state).await?;
         tokio::spawn(serve(endpoint.clone(), raft.clone(), no_spool()));
-        members.insert(id, BasicNode::new(endpoint.local_addr()?.to_string()));
+        let raft_addr = endpoint.local_addr()?.to_string();
+        members.insert(
+            id,
+            Peer {
+                raft: raft_addr,
+                client: String::new(),
+            },
+        );
         nodes.push(raft);
     }
     nodes[0].initialize(members).await?;

@@ -292,7 +292,12 @@ pub struct ClusterFile {
     /// Entries a snapshot covers that stay in the log, so a follower a
     /// little behind catches up from the log (default 5000).
     pub log_kept: Option<u64>,
-    /// Every member, this node included.
+    /// This node joins a running cluster (`--join`): it never forms a
+    /// group of its own and waits to be added with `sluice cluster add`.
+    #[serde(default)]
+    pub join: bool,
+    /// Every member, this node included (a joining node needs its own
+    /// entry only).
     pub members: Vec<MemberEntry>,
 }
 
@@ -311,9 +316,6 @@ pub struct MemberEntry {
     pub client: SocketAddr,
 }
 
-/// Most members of a cluster.
-const MAX_MEMBERS: usize = 7;
-
 impl ClusterFile {
     /// The settings of node `node` (else this file's `node`), with its
     /// files in `<data>/node-N` and its identity under `certs`; every
@@ -324,7 +326,7 @@ impl ClusterFile {
         data: &Path,
         certs: &Path,
     ) -> anyhow::Result<crate::cluster::node::NodeSettings> {
-        use crate::cluster::node::{Member, NodeSettings};
+        use crate::cluster::node::{MAX_MEMBERS, Member, NodeSettings};
         let id = node
             .or(self.node)
             .ok_or_else(|| anyhow::anyhow!("[cluster]: no node id: set `node` or pass --node N"))?;
@@ -395,6 +397,7 @@ impl ClusterFile {
         Ok(NodeSettings {
             id,
             members,
+            join: self.join,
             snapshot_every,
             log_kept,
             identity: self
@@ -485,6 +488,16 @@ mod tests {
         );
         let s = node(&tuned, Some(2)).unwrap();
         assert_eq!((s.snapshot_every, s.log_kept), (500, 50));
+        assert!(!s.join);
+        // A node joining a running cluster names itself alone.
+        let joining = r#"
+            [cluster]
+            join = true
+            members = [{ id = 4, raft = "127.0.0.1:7704", client = "127.0.0.1:7604" }]
+        "#;
+        let j = node(joining, Some(4)).unwrap();
+        assert!(j.join);
+        assert_eq!(j.members.keys().copied().collect::<Vec<_>>(), [4]);
         let bad = THREE.replace("[cluster]", "[cluster]\nsnapshot_every = 0");
         let e = node(&bad, Some(2)).unwrap_err().to_string();
         assert!(

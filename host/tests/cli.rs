@@ -776,7 +776,7 @@ fn a_plugin_call_is_stopped_for_the_cpu_it_uses_not_for_waiting() {
 /// command refuses what it cannot write, in one line.
 #[test]
 fn certs_init_with_nodes_makes_identities_a_cluster_runs_on() {
-    use openraft::{BasicNode, Raft};
+    use openraft::Raft;
     use sluice::cluster::MetaCommand;
     use sluice::cluster::log::FileLog;
     use sluice::cluster::meta::MetaState;
@@ -851,7 +851,10 @@ fn certs_init_with_nodes_makes_identities_a_cluster_runs_on() {
             tokio::spawn(serve(endpoint.clone(), raft.clone(), no_spool()));
             members.insert(
                 id,
-                BasicNode::new(endpoint.local_addr().unwrap().to_string()),
+                sluice::cluster::Peer {
+                    raft: endpoint.local_addr().unwrap().to_string(),
+                    client: String::new(),
+                },
             );
             nodes.push((raft, state));
         }

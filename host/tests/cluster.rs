@@ -28,6 +28,10 @@ use sluice_client::{Client, ClientError, ConnectOptions, ErrorCode, QueueSpec};
 struct Cluster {
     dir: tempfile::TempDir,
     config: PathBuf,
+    /// Configuration files of nodes added later ([`Cluster::joiner`]).
+    joiners: BTreeMap<u64, PathBuf>,
+    /// Raft address of each node.
+    rafts: Vec<SocketAddr>,
     clients: Vec<SocketAddr>,
     metrics: Vec<SocketAddr>,
     nodes: Vec<Option<Served>>,
@@ -85,6 +89,7 @@ impl Cluster {
         };
         let mut members = String::new();
         let mut clients = Vec::new();
+        let mut rafts = Vec::new();
         let mut relays = Vec::new();
         for id in 1..=n {
             let (raft, client) = (port(), port());
@@ -98,6 +103,7 @@ impl Cluster {
             members +=
                 &format!("  {{ id = {id}, raft = \"{raft}\"{listen}, client = \"{client}\" }},\n");
             clients.push(client);
+            rafts.push(raft);
         }
         let config = dir.path().join("cluster.toml");
         std::fs::write(
@@ -112,6 +118,8 @@ impl Cluster {
         Cluster {
             dir,
             config,
+            joiners: BTreeMap::new(),
+            rafts,
             clients,
             metrics: (0..n).map(|_| free_tcp_port()).collect(),
             nodes: (0..n).map(|_| None).collect(),
@@ -120,16 +128,23 @@ impl Cluster {
     }
 
     fn start(&mut self, id: u64) {
+        self.start_with(id, &[]);
+    }
+
+    /// Start node `id` with more `sluice serve` arguments.
+    fn start_with(&mut self, id: u64, more: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log(id))
             .unwrap();
+        let config = self.joiners.get(&id).unwrap_or(&self.config);
         let child = Command::new(BIN)
             .args(["serve", "--node", &id.to_string(), "--config"])
-            .arg(&self.config)
+            .arg(config)
             .arg("--metrics")
             .arg(self.metrics[id as usize - 1].to_string())
+            .args(more)
             .env("SLUICE_LOG", "info")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -142,6 +157,64 @@ impl Cluster {
         for id in 1..=self.nodes.len() as u64 {
             self.start(id);
         }
+    }
+
+    /// One more node, not in the cluster's configuration: its identity
+    /// from `sluice certs issue --node N` and a configuration of its own
+    /// naming itself alone, with `join = true`. Not started.
+    fn joiner(&mut self) -> u64 {
+        let id = self.nodes.len() as u64 + 1;
+        let certs = self.dir.path().join("certs");
+        let out = Command::new(BIN)
+            .args(["certs", "issue", "--node", &id.to_string(), "--ca"])
+            .arg(certs.join("cluster"))
+            .arg("--out")
+            .arg(certs.join(format!("cluster/node-{id}")))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let taken: BTreeSet<SocketAddr> = self.rafts.iter().chain(&self.clients).copied().collect();
+        let port = || loop {
+            let p = free_port();
+            if !taken.contains(&p) {
+                return p;
+            }
+        };
+        let (raft, client) = (port(), port());
+        let config = self.dir.path().join(format!("node-{id}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "certs = {:?}\ndata = {:?}\n\n[cluster]\njoin = true\nmembers = [{{ id = {id}, raft = \"{raft}\", client = \"{client}\" }}]\n",
+                certs,
+                self.dir.path().join("data"),
+            ),
+        )
+        .unwrap();
+        self.joiners.insert(id, config);
+        self.rafts.push(raft);
+        self.clients.push(client);
+        self.metrics.push(free_tcp_port());
+        self.nodes.push(None);
+        id
+    }
+
+    /// `sluice cluster ARGS` as an administrator, asked of every node.
+    fn admin(&self, args: &[&str]) -> std::process::Output {
+        let servers: Vec<String> = self.clients.iter().map(|a| a.to_string()).collect();
+        Command::new(BIN)
+            .arg("cluster")
+            .args(args)
+            .arg("--server")
+            .arg(servers.join(","))
+            .arg("--identity")
+            .arg(self.dir.path().join("certs/admin"))
+            .output()
+            .unwrap()
     }
 
     /// `kill -9` node `id`.
@@ -1052,5 +1125,243 @@ fn a_follower_behind_the_purged_log_catches_up_from_a_snapshot() {
         println!(
             "cluster snapshot catch-up: {sent} messages, leader's log purged to {purged} of {target}, follower installed a snapshot at {snapshot}"
         );
+    });
+}
+
+/// Membership changes while the cluster serves: a fourth node, started
+/// with `--join` from an identity issued later, is added (it catches up,
+/// then votes); the leader is removed (it hands its leadership over),
+/// loses its directory and is added again from nothing; with one of the
+/// original nodes killed, three of the four voters are left, so every
+/// write after that commits only with both added nodes. Nothing confirmed
+/// is lost on the way.
+#[test]
+fn a_node_is_added_and_the_leader_removed_while_the_cluster_serves() {
+    let mut cluster = Cluster::new(3);
+    cluster.start_all();
+    let new = cluster.joiner();
+    // A node identity comes from the cluster CA only.
+    let out = Command::new(BIN)
+        .args(["certs", "issue", "--node", "9", "--ca"])
+        .arg(cluster.dir.path().join("certs"))
+        .arg("--out")
+        .arg(cluster.dir.path().join("node-9"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not a cluster CA"),
+        "{err}"
+    );
+    let publish = |client: &Client, from: u64, to: u64| {
+        let client = client.clone();
+        async move {
+            for i in from..to {
+                let payload = format!("m{i:05}").into_bytes();
+                assert_eq!(
+                    client.publish("orders.x", vec![], payload).await.unwrap(),
+                    1
+                );
+            }
+        }
+    };
+    let leader = runtime().block_on(async {
+        let client = cluster.connect().await;
+        client.declare(QueueSpec::new("orders")).await.unwrap();
+        client.bind("orders", "orders.>").await.unwrap();
+        publish(&client, 0, 200).await;
+        cluster.node_of(&client)
+    });
+    cluster.start(new);
+    let new_raft = cluster.rafts[new as usize - 1].to_string();
+    let new_client = cluster.clients[new as usize - 1].to_string();
+    runtime().block_on(async {
+        // Not added yet: it refuses clients and knows no leader.
+        let mut refused = None;
+        for _ in 0..100 {
+            match Client::connect(cluster.clients[new as usize - 1], &cluster.identity()).await {
+                Err(ClientError::Server(body)) => {
+                    refused = Some(body);
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let body = refused.expect("the joining node answers");
+        assert_eq!(body.code, ErrorCode::NotLeader, "{body}");
+        assert_eq!(body.leader(), None, "{body}");
+    });
+    // Refused: a tenant; an id in use with other addresses; an address in
+    // use; a node that is not a member.
+    let tenant = Command::new(BIN)
+        .args([
+            "cluster",
+            "add",
+            &new.to_string(),
+            "--raft",
+            &new_raft,
+            "--client",
+            &new_client,
+        ])
+        .arg("--server")
+        .arg(cluster.clients[leader as usize - 1].to_string())
+        .arg("--identity")
+        .arg(cluster.identity())
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&tenant.stderr).contains("for administrators"));
+    let taken = cluster.rafts[0].to_string();
+    for (args, want) in [
+        (
+            vec!["add", "2", "--raft", &new_raft, "--client", &new_client],
+            "member already",
+        ),
+        (
+            vec!["add", "7", "--raft", &taken, "--client", &new_client],
+            "has one of the addresses",
+        ),
+        (vec!["remove", "7"], "node 7 is not a member"),
+    ] {
+        let out = cluster.admin(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+    // First a learner (replicated to, not voting), then promoted.
+    let add = |more: &[&str]| {
+        let id = new.to_string();
+        let mut args = vec!["add", &id, "--raft", &new_raft, "--client", &new_client];
+        args.extend(more);
+        let out = cluster.admin(&args);
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            cluster.logs()
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(
+        add(&["--learner"]),
+        format!("node {new} added as a learner; members 1, 2, 3, learners {new}")
+    );
+    let out = cluster.admin(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["learners"], serde_json::json!([new]), "{status}");
+    assert_eq!(
+        add(&[]),
+        format!("node {new} added as a voter; members 1, 2, 3, {new}")
+    );
+    let out = cluster.admin(&[
+        "add",
+        &new.to_string(),
+        "--raft",
+        &new_raft,
+        "--client",
+        &new_client,
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a voter already"));
+    let out = cluster.admin(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        status["members"],
+        serde_json::json!([1, 2, 3, new]),
+        "{status}"
+    );
+    assert_eq!(status["learners"], serde_json::json!([]), "{status}");
+    // The added node holds what was published before it came.
+    let target = cluster
+        .gauge(leader, "sluice_raft_committed_index")
+        .unwrap();
+    runtime().block_on(cluster.caught_up(new, target, || {}));
+    assert_eq!(cluster.gauge(new, "sluice_raft_voters"), Some(4));
+    assert_eq!(cluster.gauge(new, "sluice_raft_learners"), Some(0));
+
+    // The leader removed: it hands its leadership over.
+    let out = cluster.admin(&["remove", &leader.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.logs()
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    let left: Vec<u64> = (1..=new).filter(|n| *n != leader).collect();
+    let names = left
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    assert_eq!(
+        said.trim(),
+        format!("node {leader} removed; members {names}")
+    );
+    // Removed, it serves no one (it stepped down to a learner that still
+    // names itself the leader of its term).
+    runtime().block_on(async {
+        let at = cluster.clients[leader as usize - 1];
+        // (openraft steps it down 150 ms after the change commits.)
+        for tries in 0.. {
+            match Client::connect(at, &cluster.identity()).await {
+                Err(ClientError::Server(body)) if body.code == ErrorCode::NotLeader => break,
+                Ok(c) => drop(c),
+                Err(e) => panic!("node {leader}: {e}"),
+            }
+            assert!(
+                tries < 300,
+                "node {leader} still serves\n{}",
+                cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    cluster.kill(leader);
+    // Its directory lost, it comes back as a new node would: started with
+    // --join, added again under its id.
+    std::fs::remove_dir_all(cluster.dir.path().join(format!("data/node-{leader}"))).unwrap();
+    cluster.start_with(leader, &["--join"]);
+    let (raft, client) = (
+        cluster.rafts[leader as usize - 1].to_string(),
+        cluster.clients[leader as usize - 1].to_string(),
+    );
+    let out = cluster.admin(&[
+        "add",
+        &leader.to_string(),
+        "--raft",
+        &raft,
+        "--client",
+        &client,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.logs()
+    );
+    // One of the original nodes down: three of four voters left, so a
+    // write commits only with both added nodes.
+    let gone = left.iter().copied().find(|n| *n != new).unwrap();
+    cluster.kill(gone);
+    runtime().block_on(async {
+        let client = cluster.connect().await;
+        let serving = cluster.node_of(&client);
+        assert!(
+            serving != leader && serving != gone,
+            "node {serving} serves"
+        );
+        publish(&client, 200, 300).await;
+        let mut sub = client.subscribe("orders", 64).await.unwrap();
+        for i in 0..300u64 {
+            let d = tokio::time::timeout(Duration::from_secs(30), sub.next())
+                .await
+                .expect("every confirmed message is delivered")
+                .unwrap();
+            assert_eq!(d.payload, format!("m{i:05}").into_bytes());
+            sub.ack(d.tag);
+        }
+        let extra = tokio::time::timeout(Duration::from_millis(500), sub.next()).await;
+        assert!(extra.is_err(), "nothing more: {extra:?}");
     });
 }

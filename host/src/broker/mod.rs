@@ -112,6 +112,24 @@ pub struct ClusterControl {
     /// Hand the leadership to a member (on the leader): resolves once it
     /// is handed over, or with why not.
     pub transfer: Arc<dyn Fn(u64) -> ClusterFuture + Send + Sync>,
+    /// Add a node (on the leader): a learner first, a voter once it has
+    /// caught up (unless only a learner is asked).
+    pub add: Arc<dyn Fn(NewMember) -> ClusterFuture + Send + Sync>,
+    /// Remove a node, voter or learner, from the group (on the leader).
+    pub remove: Arc<dyn Fn(u64) -> ClusterFuture + Send + Sync>,
+}
+
+/// A node to add to a cluster, as an administrator names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMember {
+    /// Its id (at least 1; its certificate is `node-{id}`).
+    pub node: u64,
+    /// Its Raft address, `ip:port`.
+    pub raft: String,
+    /// Its client address, `ip:port`.
+    pub client: String,
+    /// Add it as a learner only (replicated to, never voting).
+    pub learner: bool,
 }
 
 /// An answer of the cluster: done, or why not.

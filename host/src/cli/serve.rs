@@ -35,6 +35,10 @@ pub(crate) struct ServeArgs {
     /// This node's id in the config's `[cluster]` (overrides its `node`).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     node: Option<u64>,
+    /// Join a running cluster: never form a group, wait to be added with
+    /// `sluice cluster add` (sets the config's `[cluster] join`).
+    #[arg(long)]
+    join: bool,
 }
 
 /// A running broker, for `serve`, the demo and tests.
@@ -111,7 +115,8 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         })?;
     }
     if let Some(cluster) = &file.cluster {
-        let settings = cluster.settings(args.node, &data, &certs)?;
+        let mut settings = cluster.settings(args.node, &data, &certs)?;
+        settings.join |= args.join;
         let listen = args
             .listen
             .or(file.listen)
@@ -127,8 +132,11 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )
         .await;
     }
-    if args.node.is_some() {
-        anyhow::bail!("--node needs a [cluster] section in the configuration");
+    if args.node.is_some() || args.join {
+        anyhow::bail!(
+            "--{} needs a [cluster] section in the configuration",
+            if args.join { "join" } else { "node" }
+        );
     }
     let dev_certs = !file.tls.is_set() && !certs.join("ca.pem").exists();
     if args.check_config {
@@ -405,20 +413,25 @@ pub(crate) enum CertsCommand {
         #[arg(long = "node", value_parser = clap::value_parser!(u64).range(1..))]
         nodes: Vec<u64>,
     },
-    /// Issue a client identity with an existing CA folder.
+    /// Issue a client identity with an existing CA folder (or, with
+    /// --node, a node identity with the cluster CA, `<certs>/cluster`).
     Issue {
         /// Folder holding ca.pem and ca.key.
         #[arg(long)]
         ca: PathBuf,
         /// Tenant of the client.
-        #[arg(long, required_unless_present = "admin", conflicts_with = "admin")]
+        #[arg(long, required_unless_present_any = ["admin", "node"], conflicts_with_all = ["admin", "node"])]
         tenant: Option<String>,
         /// Issue an administrator identity instead of a tenant client.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "node")]
         admin: bool,
+        /// Issue the identity of cluster node N (with the cluster CA), for
+        /// a node to add with `sluice cluster add N`.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        node: Option<u64>,
         /// Client name.
-        #[arg(long)]
-        client: String,
+        #[arg(long, required_unless_present = "node", conflicts_with = "node")]
+        client: Option<String>,
         /// Output folder.
         #[arg(long)]
         out: PathBuf,
@@ -491,13 +504,25 @@ pub(crate) fn certs(cmd: CertsCommand) -> anyhow::Result<()> {
             );
         }
         CertsCommand::Issue {
+            node: Some(node),
+            ca,
+            out,
+            ..
+        } => {
+            tls::issue_node_cert(&ca, node, &out)?;
+            say!("wrote {} (cluster node {node})", out.display());
+        }
+        CertsCommand::Issue {
             ca,
             tenant,
             admin: _,
+            node: None,
             client,
             out,
             trust_domain,
         } => {
+            // clap requires a client name without --node.
+            let client = client.unwrap_or_default();
             tls::issue_client_cert(&ca, tenant.as_deref(), &client, &out, &trust_domain)?;
             match tenant {
                 Some(tenant) => {

@@ -37,6 +37,7 @@ openraft::declare_raft_types!(
     pub DataGroup:
         D = StoreBatch,
         R = Applied,
+        Node = super::Peer,
 );
 
 /// Metadata key of the applied log id.

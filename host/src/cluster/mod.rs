@@ -46,8 +46,12 @@
 //!   checked file while nothing is applied), streamed to followers behind
 //!   the purged log and installed by replacing their store.
 //!
+//! Members are [`Peer`]s in the membership the log holds: nodes are
+//! added (as learners that catch up, then voters) and removed on the
+//! leader ([`node`]), and known to every node from the log alone.
+//!
 //! Single-node brokers do not use this module. Still to come: a metadata
-//! group apart from the data, membership changes.
+//! group apart from the data.
 
 pub mod data;
 pub mod log;
@@ -66,7 +70,25 @@ openraft::declare_raft_types!(
     pub MetaGroup:
         D = MetaCommand,
         R = MetaResponse,
+        Node = Peer,
 );
+
+/// A member of a group as its membership (in the log) records it: where
+/// its peers and its clients reach it. Nodes added with `sluice cluster
+/// add` are known from here alone, not from anyone's configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    /// Its Raft address (`host:port`), dialled by the other nodes.
+    pub raft: String,
+    /// Its client address (told to clients in `not_leader`).
+    pub client: String,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "raft {}, clients {}", self.raft, self.client)
+    }
+}
 
 /// A change to the metadata group's records.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

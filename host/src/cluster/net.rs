@@ -24,14 +24,14 @@ use openraft::raft::{
 };
 use openraft::storage::RaftStateMachine;
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
-use openraft::{BasicNode, Raft, RaftTypeConfig};
+use openraft::{Raft, RaftTypeConfig};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::MetaGroup;
 use super::data::DataGroup;
 use super::meta::MetaState;
 use super::snapshot::SnapshotBody;
+use super::{MetaGroup, Peer};
 
 /// Largest request or answer, bytes: an append carries at most
 /// [`MAX_ENTRIES`] entries of at most [`super::store::MAX_OP_BYTES`] each
@@ -53,7 +53,7 @@ const PIECE: usize = 1 << 20;
 
 /// What a group's type configuration must be to travel here, and how its
 /// snapshots travel.
-pub trait Group: RaftTypeConfig<NodeId = u64, Node = BasicNode> {
+pub trait Group: RaftTypeConfig<NodeId = u64, Node = Peer> {
     /// A snapshot's body.
     type Body: Body<Self>;
 }
@@ -314,7 +314,7 @@ impl QuicNetwork {
     }
 }
 
-/// One peer: its address (a [`BasicNode`]'s `addr`), the name its
+/// One peer: its Raft address (from its [`Peer`]), the name its
 /// certificate must carry, and the connection while it lasts.
 pub struct QuicPeer<C> {
     net: QuicNetwork,
@@ -412,11 +412,11 @@ fn unexpected<C: Group>() -> Unreachable<C> {
 impl<C: Group> RaftNetworkFactory<C> for QuicNetwork {
     type Network = QuicPeer<C>;
 
-    async fn new_client(&mut self, target: u64, node: &BasicNode) -> QuicPeer<C> {
+    async fn new_client(&mut self, target: u64, node: &Peer) -> QuicPeer<C> {
         QuicPeer {
             net: self.clone(),
             target,
-            addr: node.addr.clone(),
+            addr: node.raft.clone(),
             conn: None,
             _c: std::marker::PhantomData,
         }

@@ -13,7 +13,12 @@
 //!
 //! Every node initializes the group with the same membership (the members
 //! of its configuration) when its log is empty; openraft allows this, the
-//! vote makes one of them leader.
+//! vote makes one of them leader. From then on the membership in the log
+//! is the cluster's: a node started with `join` never initializes, it
+//! waits until the leader adds it ([`ClusterControl::add`], as a learner
+//! that catches up first, then a voter), and a member removed
+//! ([`ClusterControl::remove`]) is no longer replicated to (a removed
+//! leader hands its leadership to the most up-to-date voter).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,15 +30,18 @@ use std::time::Duration;
 use anyhow::Context;
 use openraft::Instant as _;
 use openraft::async_runtime::WatchReceiver;
-use openraft::{BasicNode, Raft};
+use openraft::{ChangeMembers, Raft};
 use sluice_proto::{ClusterSummary, FollowerSummary};
 use tokio::sync::watch;
 
+use super::Peer;
 use super::data::{DataGroup, DataState, StoreBatch};
 use super::log::FileLog;
 use super::net::{MAX_ENTRIES, QuicNetwork, serve};
-use super::store::{DataRaft, PROPOSAL_BUCKETS_US, ProposalTimes, ReplicatedStore, leads};
-use crate::broker::{Broker, BrokerConfig, ClusterFuture};
+use super::store::{
+    DataRaft, PROPOSAL_BUCKETS_US, ProposalTimes, ReplicatedStore, client_of, leader_of, leads,
+};
+use crate::broker::{Broker, BrokerConfig, ClusterControl, ClusterFuture, NewMember};
 use crate::server::Serving;
 use crate::store::{MessageStore, Store, StoreConfig, StoreError};
 use crate::tls::NodeTls;
@@ -41,6 +49,13 @@ use crate::tls::NodeTls;
 /// How long a new leader waits for its term's first entry to apply
 /// before it tries again.
 const LEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most nodes of a cluster, voters and learners.
+pub const MAX_MEMBERS: usize = 7;
+
+/// How long a node being added may go without catching up further
+/// before it is left a learner (and the add reports why).
+const CATCH_UP_STALL: Duration = Duration::from_secs(60);
 
 /// A member of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,8 +75,12 @@ pub struct Member {
 pub struct NodeSettings {
     /// This node's id (at least 1).
     pub id: u64,
-    /// Every member, this node included.
+    /// Every member, this node included (only this node's entry is read
+    /// once the log holds a membership, or when `join` is set).
     pub members: BTreeMap<u64, Member>,
+    /// This node joins a running cluster: it never forms a group of its
+    /// own, it waits to be added (`sluice cluster add`).
+    pub join: bool,
     /// The node identity folder (`sluice certs init --node N` writes
     /// `cluster/node-N/`).
     pub identity: PathBuf,
@@ -170,30 +189,49 @@ impl Node {
             .await
             .context("starting raft")?;
         tokio::spawn(serve(endpoint.clone(), raft.clone(), state.spool()));
-        let members: BTreeMap<u64, BasicNode> = settings
+        let members: BTreeMap<u64, Peer> = settings
             .members
             .iter()
-            .map(|(id, m)| (*id, BasicNode::new(m.raft.to_string())))
+            .map(|(id, m)| (*id, peer(m)))
             .collect();
-        if !raft
+        let initialized = raft
             .is_initialized()
             .await
-            .context("reading the raft log")?
-        {
+            .context("reading the raft log")?;
+        if initialized {
+            let known = raft.metrics().borrow_watched().membership_config.clone();
+            let known: BTreeMap<u64, Peer> = known
+                .membership()
+                .nodes()
+                .map(|(id, p)| (*id, p.clone()))
+                .collect();
+            if known != members && !settings.join {
+                tracing::info!(
+                    node = settings.id,
+                    members = ?known.keys().collect::<Vec<_>>(),
+                    "the log's membership differs from the configuration's members; the log's is the cluster's"
+                );
+            }
+        } else if settings.join {
+            tracing::info!(
+                node = settings.id,
+                "joining: waiting to be added by the leader (`sluice cluster add {} --raft {} --client {}`)",
+                settings.id,
+                me.raft,
+                me.client
+            );
+        } else {
             // Every node with an empty log proposes the same membership.
             if let Err(e) = raft.initialize(members).await {
                 tracing::debug!(error = %e, "not initializing the group");
             }
         }
-        let clients = settings
-            .members
-            .iter()
-            .map(|(id, m)| (*id, m.client.to_string()))
-            .collect();
         let mut config = config;
-        config.cluster = Some(crate::broker::ClusterControl {
+        config.cluster = Some(ClusterControl {
             status: Arc::new(status_source(&raft)),
             transfer: Arc::new(transfer(&raft, settings.id)),
+            add: Arc::new(add(&raft, settings.id)),
+            remove: Arc::new(remove(&raft, settings.id)),
         });
         let (tx, serving) = watch::channel(Serving::NotLeader(None));
         let measures = Arc::new(Measures::default());
@@ -202,7 +240,6 @@ impl Node {
             raft: raft.clone(),
             state: state.clone(),
             id: settings.id,
-            clients: Arc::new(clients),
             config,
             on_lead,
             tx,
@@ -247,6 +284,14 @@ impl Node {
     }
 }
 
+/// How a configured member is recorded in the membership.
+fn peer(m: &Member) -> Peer {
+    Peer {
+        raft: m.raft.to_string(),
+        client: m.client.to_string(),
+    }
+}
+
 /// Hand the leadership of `raft` (led by node `id`) to a member, and wait
 /// until it leads or the handover fails.
 fn transfer(raft: &DataRaft, id: u64) -> impl Fn(u64) -> ClusterFuture + Send + Sync + 'static {
@@ -257,7 +302,7 @@ fn transfer(raft: &DataRaft, id: u64) -> impl Fn(u64) -> ClusterFuture + Send + 
             let (term, leader, voter) = {
                 let m = raft.metrics().borrow_watched().clone();
                 let voter = m.membership_config.voter_ids().any(|v| v == to);
-                (m.current_term, m.current_leader, voter)
+                (m.current_term, leader_of(&m), voter)
             };
             if leader != Some(id) {
                 return Err(format!("node {id} is not the leader"));
@@ -279,9 +324,7 @@ fn transfer(raft: &DataRaft, id: u64) -> impl Fn(u64) -> ClusterFuture + Send + 
                 loop {
                     let now = {
                         let m = metrics.borrow_watched();
-                        (m.current_term > term)
-                            .then_some(m.current_leader)
-                            .flatten()
+                        (m.current_term > term).then_some(leader_of(&m)).flatten()
                     };
                     if let Some(now) = now {
                         return now;
@@ -309,6 +352,155 @@ fn transfer(raft: &DataRaft, id: u64) -> impl Fn(u64) -> ClusterFuture + Send + 
 /// How long a leadership transfer may take.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Refuse a membership change asked of a node that does not lead.
+fn leading(raft: &DataRaft, id: u64) -> Result<openraft::RaftMetrics<DataGroup>, String> {
+    let m = raft.metrics().borrow_watched().clone();
+    if leader_of(&m) != Some(id) {
+        return Err(format!(
+            "node {id} is not the leader{}",
+            leader_of(&m).map_or(String::new(), |l| format!(" (node {l} is)"))
+        ));
+    }
+    Ok(m)
+}
+
+/// A socket address as the membership records it.
+fn address(what: &str, text: &str) -> Result<String, String> {
+    text.parse::<SocketAddr>()
+        .map(|a| a.to_string())
+        .map_err(|_| format!("{what} address `{text}`: expected host-ip:port"))
+}
+
+/// Add a node to the group `raft` (led by node `id`): as a learner, and,
+/// once it has caught up, as a voter (unless only a learner is asked).
+fn add(raft: &DataRaft, id: u64) -> impl Fn(NewMember) -> ClusterFuture + Send + Sync + 'static {
+    let raft = raft.clone();
+    move |new| {
+        let raft = raft.clone();
+        Box::pin(async move {
+            let node = new.node;
+            if node == 0 {
+                return Err("node ids start at 1".into());
+            }
+            let peer = Peer {
+                raft: address("raft", &new.raft)?,
+                client: address("client", &new.client)?,
+            };
+            let m = leading(&raft, id)?;
+            let membership = m.membership_config.membership();
+            let voter = m.membership_config.voter_ids().any(|v| v == node);
+            match membership.get_node(&node) {
+                Some(known) if *known != peer => {
+                    return Err(format!(
+                        "node {node} is a member already ({known}); remove it first to change its addresses"
+                    ));
+                }
+                Some(_) if voter => return Err(format!("node {node} is a voter already")),
+                // A learner: caught up and promoted below.
+                Some(_) => {}
+                None => {
+                    if membership.nodes().count() >= MAX_MEMBERS {
+                        return Err(format!(
+                            "the cluster has {MAX_MEMBERS} nodes, the most it may have"
+                        ));
+                    }
+                    if let Some((other, _)) = membership
+                        .nodes()
+                        .find(|(_, p)| p.raft == peer.raft || p.client == peer.client)
+                    {
+                        return Err(format!(
+                            "node {other} has one of the addresses ({peer}) already"
+                        ));
+                    }
+                    raft.add_learner(node, peer, false)
+                        .await
+                        .map_err(|e| format!("adding node {node}: {e}"))?;
+                }
+            }
+            if new.learner {
+                return Ok(());
+            }
+            caught_up(&raft, id, node).await?;
+            raft.change_membership(ChangeMembers::AddVoterIds([node].into()), false)
+                .await
+                .map_err(|e| format!("making node {node} a voter: {e}"))?;
+            Ok(())
+        }) as ClusterFuture
+    }
+}
+
+/// Wait until the learner `node` holds the log of leader `id` up to its
+/// last entry as of now; fail if it stops catching up (for
+/// [`CATCH_UP_STALL`]) or the leadership changes.
+async fn caught_up(raft: &DataRaft, id: u64, node: u64) -> Result<(), String> {
+    let mut metrics = raft.metrics();
+    let target = metrics.borrow_watched().last_log_index.unwrap_or(0);
+    let mut best = None;
+    let mut since = tokio::time::Instant::now();
+    loop {
+        let (leads, matched) = {
+            let m = metrics.borrow_watched();
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&node))
+                .and_then(|l| l.as_ref().map(|l| l.index()));
+            (leader_of(&m) == Some(id), matched)
+        };
+        if !leads {
+            return Err(format!(
+                "node {id} stopped leading while node {node} caught up; it is a learner: add it again on the new leader"
+            ));
+        }
+        if matched.is_some_and(|i| i >= target) {
+            return Ok(());
+        }
+        if matched > best {
+            (best, since) = (matched, tokio::time::Instant::now());
+        }
+        let left = CATCH_UP_STALL.saturating_sub(since.elapsed());
+        match tokio::time::timeout(left, metrics.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err("the node is shutting down".into()),
+            Err(_) => {
+                return Err(format!(
+                    "node {node} is a learner but has not caught up (at {} of {target}) for {} s: is it running (`sluice serve --join`) and reachable at its raft address? `cluster add` it again to go on waiting, or `cluster remove` it",
+                    best.map_or("nothing".into(), |b| b.to_string()),
+                    CATCH_UP_STALL.as_secs()
+                ));
+            }
+        }
+    }
+}
+
+/// Remove a node from the group `raft` (led by node `id`): a voter (the
+/// leader too, which then hands its leadership over) or a learner.
+fn remove(raft: &DataRaft, id: u64) -> impl Fn(u64) -> ClusterFuture + Send + Sync + 'static {
+    let raft = raft.clone();
+    move |node| {
+        let raft = raft.clone();
+        Box::pin(async move {
+            let m = leading(&raft, id)?;
+            if m.membership_config.membership().get_node(&node).is_none() {
+                return Err(format!("node {node} is not a member of the cluster"));
+            }
+            let voters: Vec<u64> = m.membership_config.voter_ids().collect();
+            let change = if voters.contains(&node) {
+                if voters.len() == 1 {
+                    return Err(format!("node {node} is the cluster's last voter"));
+                }
+                ChangeMembers::RemoveVoters([node].into())
+            } else {
+                ChangeMembers::RemoveNodes([node].into())
+            };
+            raft.change_membership(change, false)
+                .await
+                .map_err(|e| format!("removing node {node}: {e}"))?;
+            Ok(())
+        }) as ClusterFuture
+    }
+}
+
 /// Reads the data group as `raft`'s node sees it: the answer to
 /// `cluster_status` (followers' lags are known on the leader only).
 fn status_source(raft: &DataRaft) -> impl Fn() -> ClusterSummary + Send + Sync + 'static {
@@ -331,13 +523,14 @@ fn status_source(raft: &DataRaft) -> impl Fn() -> ClusterSummary + Send + Sync +
             }
             .into(),
             term: m.current_term,
-            leader: m.current_leader,
+            leader: leader_of(&m),
             last_log,
             committed: index(&m.cluster_committed),
             applied: index(&m.last_applied),
             snapshot: index(&m.snapshot),
             purged: index(&m.purged),
             members: m.membership_config.voter_ids().collect(),
+            learners: m.membership_config.membership().learner_ids().collect(),
             followers: m
                 .replication
                 .iter()
@@ -448,6 +641,18 @@ pub fn prometheus(s: &ClusterSummary, m: &Measures) -> String {
         "This node's log is purged up to this index (0: nothing purged).",
         s.purged,
     );
+    gauge(
+        &mut out,
+        "sluice_raft_voters",
+        "Voting members of the data group, as this node knows its membership.",
+        s.members.len() as u64,
+    );
+    gauge(
+        &mut out,
+        "sluice_raft_learners",
+        "Members replicated to that do not vote (nodes being added).",
+        s.learners.len() as u64,
+    );
     if !s.followers.is_empty() {
         let _ = writeln!(
             out,
@@ -467,7 +672,6 @@ struct Leading {
     raft: DataRaft,
     state: DataState,
     id: u64,
-    clients: Arc<BTreeMap<u64, String>>,
     config: BrokerConfig,
     on_lead: OnLead,
     tx: watch::Sender<Serving>,
@@ -505,7 +709,7 @@ async fn lead(l: Leading) {
             let alone = m.membership_config.voter_ids().count() <= 1;
             let since = m.last_quorum_acked.as_deref().map(|t| t.elapsed());
             let quorum = alone || since.is_none_or(|since| since < l.lease);
-            (m.current_term, m.current_leader, quorum)
+            (m.current_term, leader_of(&m), quorum)
         };
         if leader == Some(l.id) && !quorum && current.is_some() {
             tracing::warn!(
@@ -523,7 +727,7 @@ async fn lead(l: Leading) {
         let leading = leader == Some(l.id) && quorum;
         let leader_addr = leader
             .filter(|n| *n != l.id)
-            .and_then(|n| l.clients.get(&n).cloned());
+            .and_then(|n| client_of(&l.raft, n));
         if let Some(t) = current.take_if(|t| !leading || t.term != term) {
             // New clients are refused first, then the old ones closed.
             l.tx.send_replace(Serving::NotLeader(leader_addr.clone()));
@@ -602,13 +806,8 @@ async fn open(l: &Leading, term: u64) -> anyhow::Result<Term> {
         .context("waiting for the log to apply")?
         .context("confirming leadership")?;
     let store = Arc::new(
-        ReplicatedStore::new(
-            l.raft.clone(),
-            &l.state,
-            (*l.clients).clone(),
-            l.measures.proposals.clone(),
-        )
-        .context("the replicated store")?,
+        ReplicatedStore::new(l.raft.clone(), &l.state, l.measures.proposals.clone())
+            .context("the replicated store")?,
     );
     let (config, on_lead, s) = (l.config.clone(), l.on_lead.clone(), store.clone());
     let opened = tokio::task::spawn_blocking(move || {

@@ -11,7 +11,6 @@
 //! the group stopped) fails every later one too: the node drops the broker
 //! and clients reconnect to the new leader.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -120,8 +119,7 @@ pub struct ReplicatedStore {
 }
 
 impl ReplicatedStore {
-    /// The store of the leader `raft`, whose state is `state`; `leaders`
-    /// maps node ids to their client addresses (for `not_leader` answers).
+    /// The store of the leader `raft`, whose state is `state`.
     /// The store is bound to the term `raft` leads now: once the node is
     /// not the leader of that term, no write is proposed (were it elected
     /// again, a broker of the new term owns its writes). Needs a tokio
@@ -129,7 +127,6 @@ impl ReplicatedStore {
     pub fn new(
         raft: DataRaft,
         state: &DataState,
-        leaders: BTreeMap<u64, String>,
         times: Arc<ProposalTimes>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -142,11 +139,10 @@ impl ReplicatedStore {
                 term: m.current_term,
             }
         };
-        let leaders = Arc::new(leaders);
-        if let Some(e) = term.lost(&raft, &leaders) {
+        if let Some(e) = term.lost(&raft) {
             return Err(std::io::Error::other(e.to_string()));
         }
-        tokio::spawn(propose(raft, term, rx, leaders, failed.clone(), times));
+        tokio::spawn(propose(raft, term, rx, failed.clone(), times));
         Ok(Self {
             local: state.store().clone(),
             tx,
@@ -230,20 +226,39 @@ struct Term {
 pub(super) fn leads(raft: &DataRaft, node: u64, term: u64) -> bool {
     let m = raft.metrics();
     let m = m.borrow_watched();
-    m.current_term == term && m.current_leader == Some(node)
+    m.current_term == term && leader_of(&m) == Some(node)
+}
+
+/// The leader `m`'s node knows: not itself once it stepped down (a leader
+/// removed from the membership becomes a learner still naming itself the
+/// leader of its term).
+pub(super) fn leader_of(m: &openraft::RaftMetrics<DataGroup>) -> Option<u64> {
+    m.current_leader
+        .filter(|n| *n != m.id || m.state == openraft::ServerState::Leader)
+}
+
+/// The client address of member `node` as the membership `raft` knows
+/// records it (`None`: not a member).
+pub(super) fn client_of(raft: &DataRaft, node: u64) -> Option<String> {
+    let m = raft.metrics();
+    let m = m.borrow_watched();
+    m.membership_config
+        .membership()
+        .get_node(&node)
+        .map(|p| p.client.clone())
 }
 
 impl Term {
     /// Why `raft` no longer leads this term, if it does not.
-    fn lost(&self, raft: &DataRaft, leaders: &BTreeMap<u64, String>) -> Option<StoreError> {
+    fn lost(&self, raft: &DataRaft) -> Option<StoreError> {
         if leads(raft, self.node, self.term) {
             return None;
         }
-        let leader = raft.metrics().borrow_watched().current_leader;
+        let leader = leader_of(&raft.metrics().borrow_watched());
         Some(StoreError::NotLeader {
             leader: leader
                 .filter(|l| *l != self.node)
-                .and_then(|l| leaders.get(&l).cloned()),
+                .and_then(|l| client_of(raft, l)),
         })
     }
 }
@@ -265,7 +280,6 @@ async fn propose(
     raft: DataRaft,
     term: Term,
     mut rx: mpsc::UnboundedReceiver<Waiting>,
-    leaders: Arc<BTreeMap<u64, String>>,
     failed: Arc<Mutex<Option<StoreError>>>,
     times: Arc<ProposalTimes>,
 ) {
@@ -312,7 +326,7 @@ async fn propose(
             Ok(f) => f.clone(),
             Err(p) => p.into_inner().clone(),
         };
-        if let Some(e) = stopped.or_else(|| term.lost(&raft, &leaders)) {
+        if let Some(e) = stopped.or_else(|| term.lost(&raft)) {
             drop(slot);
             fail(&failed, e.clone());
             for d in dones {
@@ -324,7 +338,7 @@ async fn propose(
         let started = std::time::Instant::now();
         let proposed = raft.client_write_ff(batch, Some(responder)).await;
         let failed = failed.clone();
-        let leaders = leaders.clone();
+        let raft = raft.clone();
         let times = times.clone();
         tokio::spawn(async move {
             let result = match proposed {
@@ -335,7 +349,7 @@ async fn propose(
                         times.record(started.elapsed());
                         Ok(())
                     }
-                    Ok(Err(e)) => Err(refusal(&RaftError::APIError(e), &leaders)),
+                    Ok(Err(e)) => Err(refusal(&RaftError::APIError(e), &raft)),
                 },
             };
             drop(slot);
@@ -350,13 +364,10 @@ async fn propose(
 }
 
 /// The store error for a refused write.
-fn refusal(
-    e: &RaftError<DataGroup, ClientWriteError<DataGroup>>,
-    leaders: &BTreeMap<u64, String>,
-) -> StoreError {
+fn refusal(e: &RaftError<DataGroup, ClientWriteError<DataGroup>>, raft: &DataRaft) -> StoreError {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => StoreError::NotLeader {
-            leader: f.leader_id.and_then(|id| leaders.get(&id).cloned()),
+            leader: f.leader_id.and_then(|id| client_of(raft, id)),
         },
         e => StoreError::Replication(e.to_string()),
     }

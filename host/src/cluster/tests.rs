@@ -206,7 +206,7 @@ mod three_nodes {
         AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
     };
     use openraft::type_config::alias::{SnapshotOf, VoteOf};
-    use openraft::{BasicNode, OptionalSend, Raft};
+    use openraft::{OptionalSend, Raft};
     use serde::Serialize;
     use serde::de::DeserializeOwned;
 
@@ -238,23 +238,23 @@ mod three_nodes {
         Unreachable::new(&std::io::Error::other(e.to_string()))
     }
 
-    struct Peer {
+    struct Link {
         target: u64,
         router: Router,
     }
 
     impl RaftNetworkFactory<MetaGroup> for Router {
-        type Network = Peer;
+        type Network = Link;
 
-        async fn new_client(&mut self, target: u64, _node: &BasicNode) -> Peer {
-            Peer {
+        async fn new_client(&mut self, target: u64, _node: &super::super::Peer) -> Link {
+            Link {
                 target,
                 router: self.clone(),
             }
         }
     }
 
-    impl RaftNetworkV2<MetaGroup> for Peer {
+    impl RaftNetworkV2<MetaGroup> for Link {
         type SnapshotData = std::io::Cursor<Vec<u8>>;
 
         async fn append_entries(
@@ -404,8 +404,8 @@ mod three_nodes {
         for id in 1..=3 {
             c.start(id).await;
         }
-        let members: BTreeMap<u64, BasicNode> = (1..=3)
-            .map(|id| (id, BasicNode::new(format!("n{id}"))))
+        let members: BTreeMap<u64, super::super::Peer> = (1..=3)
+            .map(|id| (id, super::peer(id, format!("n{id}"))))
             .collect();
         c.node(1).initialize(members).await.unwrap();
 
@@ -475,14 +475,23 @@ fn content(store: &crate::store::Store) -> Vec<crate::store::Record> {
 
 fn members<'a>(
     endpoints: impl Iterator<Item = &'a quinn::Endpoint>,
-) -> std::collections::BTreeMap<u64, openraft::BasicNode> {
+) -> std::collections::BTreeMap<u64, super::Peer> {
     endpoints
         .enumerate()
         .map(|(i, e)| {
-            let addr = e.local_addr().unwrap().to_string();
-            (i as u64 + 1, openraft::BasicNode::new(addr))
+            let id = i as u64 + 1;
+            (id, peer(id, e.local_addr().unwrap().to_string()))
         })
         .collect()
+}
+
+/// Member `id` reached at `raft`, its clients at `client-{id}` (these
+/// tests run no broker; the address is what `not_leader` names).
+fn peer(id: u64, raft: String) -> super::Peer {
+    super::Peer {
+        raft,
+        client: format!("client-{id}"),
+    }
 }
 
 // ------------------------------------------------------------ over QUIC
@@ -685,7 +694,6 @@ mod data_group {
     //! to a real sled store; writes through the leader's
     //! [`ReplicatedStore`], reads on every node.
 
-    use std::collections::BTreeMap;
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -810,10 +818,7 @@ mod data_group {
             .iter()
             .find(|n| n.raft.metrics().borrow_watched().id == leader)
             .unwrap();
-        let clients: BTreeMap<u64, String> =
-            (1..=3).map(|id| (id, format!("client-{id}"))).collect();
-        let store =
-            ReplicatedStore::new(l.raft.clone(), &l.state, clients, Default::default()).unwrap();
+        let store = ReplicatedStore::new(l.raft.clone(), &l.state, Default::default()).unwrap();
         let q = store.allocate_queue_id().unwrap();
         // One entry per publish: 200 entries, ten snapshots, the log
         // before them purged.
@@ -856,7 +861,7 @@ mod data_group {
 
         // Back, the follower needs entries the leader no longer has: it
         // is sent a snapshot, installs it, and follows from there.
-        let addr = members[&down].addr.parse().unwrap();
+        let addr = members[&down].raft.parse().unwrap();
         let back = start_with(
             down,
             dirs[down as usize - 1].path(),
@@ -900,10 +905,17 @@ mod data_group {
         );
         // It follows on from the snapshot: a write reaches it.
         s.append(vec![item(q, 520)], true).await.unwrap();
+        // (The write is answered before the leader's metrics show it
+        // applied: the index is its log's last once they do.)
         let last = l
             .raft
-            .metrics()
-            .borrow_watched()
+            .wait(Some(Duration::from_secs(30)))
+            .metrics(
+                |m| m.last_applied.as_ref().map(|a| a.index) >= m.last_log_index,
+                "the write applied on the leader",
+            )
+            .await
+            .unwrap()
             .last_applied
             .unwrap()
             .index;
@@ -1006,20 +1018,12 @@ mod data_group {
             .unwrap()
             .current_leader
             .unwrap();
-        let clients: BTreeMap<u64, String> =
-            (1..=3).map(|id| (id, format!("client-{id}"))).collect();
         let l = &nodes[leader as usize - 1];
         l.raft
             .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
             .await
             .unwrap();
-        let store = ReplicatedStore::new(
-            l.raft.clone(),
-            &l.state,
-            clients.clone(),
-            Default::default(),
-        )
-        .unwrap();
+        let store = ReplicatedStore::new(l.raft.clone(), &l.state, Default::default()).unwrap();
 
         // Publishes (confirmed once applied), acks, metadata, a queue id.
         let q = store.allocate_queue_id().unwrap();
@@ -1073,14 +1077,9 @@ mod data_group {
 
         // A follower gets no store: it names the leader's client address.
         let f = if leader == 1 { 1 } else { 0 };
-        let e = ReplicatedStore::new(
-            nodes[f].raft.clone(),
-            &nodes[f].state,
-            clients.clone(),
-            Default::default(),
-        )
-        .err()
-        .expect("a follower's store is refused");
+        let e = ReplicatedStore::new(nodes[f].raft.clone(), &nodes[f].state, Default::default())
+            .err()
+            .expect("a follower's store is refused");
         assert!(
             e.to_string()
                 .ends_with(&format!("the leader is at client-{leader}")),

@@ -174,6 +174,29 @@ impl<L: Link> Session<L> {
                     .map_err(BrokerError::Conflict)?;
                 return Ok(S::Ok);
             }
+            R::ClusterAdd {
+                node,
+                raft,
+                client,
+                learner,
+            } => {
+                let cluster = cluster_control(&b, &who, "adding a node")?;
+                let new = crate::broker::NewMember {
+                    node,
+                    raft,
+                    client,
+                    learner,
+                };
+                (cluster.add)(new).await.map_err(BrokerError::Conflict)?;
+                return Ok(S::Ok);
+            }
+            R::ClusterRemove { node } => {
+                let cluster = cluster_control(&b, &who, "removing a node")?;
+                (cluster.remove)(node)
+                    .await
+                    .map_err(BrokerError::Conflict)?;
+                return Ok(S::Ok);
+            }
             R::TenantList => {
                 return Ok(S::Tenants(
                     b.list_tenants(&who)?
@@ -357,6 +380,8 @@ impl<L: Link> Session<L> {
             | R::TenantList
             | R::ClusterStatus
             | R::ClusterTransfer { .. }
+            | R::ClusterAdd { .. }
+            | R::ClusterRemove { .. }
             | R::SyncAcks { .. } => {
                 unreachable!("answered above")
             }

@@ -226,30 +226,65 @@ pub fn init_node_certs(out: &Path, nodes: &[u64]) -> Result<(), TlsError> {
     let mut params = ca_params();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, "Sluice cluster CA");
-    dn.push(DnType::OrganizationName, "sluice-cluster");
+    dn.push(DnType::OrganizationName, CLUSTER_ORG);
     params.distinguished_name = dn;
     let ca_cert = params.self_signed(&ca_key).map_err(rc)?;
     let ca_pem = ca_cert.pem();
     write(&out.join("ca.key"), &ca_key.serialize_pem(), true)?;
     let ca = Issuer::new(params, ca_key);
     for id in nodes {
-        let name = super::node_name(*id);
-        let mut p = CertificateParams::new(vec![name.clone()]).map_err(rc)?;
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, name.as_str());
-        dn.push(DnType::OrganizationName, "sluice-cluster");
-        p.distinguished_name = dn;
-        let key = KeyPair::generate().map_err(rc)?;
-        let cert = p.signed_by(&key, &ca).map_err(rc)?;
-        let dir = out.join(&name);
-        write(&dir.join("cert.pem"), &cert.pem(), false)?;
-        write(&dir.join("key.pem"), &key.serialize_pem(), true)?;
-        write(&dir.join("ca.pem"), &ca_pem, false)?;
+        node(&out.join(super::node_name(*id)), &ca, &ca_pem, *id)?;
     }
     write(&out.join("ca.pem"), &ca_pem, false)
+}
+
+/// Organization of the cluster CA and of every node certificate.
+const CLUSTER_ORG: &str = "sluice-cluster";
+
+/// Issue the identity of node `id` into `out` (`cert.pem`, `key.pem`,
+/// `ca.pem`) with the cluster CA in `ca_dir` (`init_node_certs` wrote it);
+/// the tenants' CA is refused, its nodes would be refused by every node.
+pub fn issue_node_cert(ca_dir: &Path, id: u64, out: &Path) -> Result<(), TlsError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (ca_pem, ca) = load_ca(ca_dir)?;
+    let der = super::load_certs(&ca_dir.join("ca.pem"))?.remove(0);
+    let (_, parsed) =
+        X509Certificate::from_der(&der).map_err(|e| file_err(&ca_dir.join("ca.pem"), e))?;
+    let cluster = parsed
+        .subject()
+        .iter_organization()
+        .any(|o| o.as_str() == Ok(CLUSTER_ORG));
+    if !cluster {
+        return Err(file_err(
+            &ca_dir.join("ca.pem"),
+            "not a cluster CA (node identities come from the `cluster` folder of `sluice certs init --node N`)",
+        ));
+    }
+    if out.join("cert.pem").exists() {
+        return Err(file_err(
+            &out.join("cert.pem"),
+            "an identity exists here already; refusing to overwrite it",
+        ));
+    }
+    node(out, &ca, &ca_pem, id)
+}
+
+/// Write the identity of node `id` into `dir`, signed by `ca`.
+fn node(dir: &Path, ca: &Issuer<'static, KeyPair>, ca_pem: &str, id: u64) -> Result<(), TlsError> {
+    let name = super::node_name(id);
+    let mut p = CertificateParams::new(vec![name.clone()]).map_err(rc)?;
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name.as_str());
+    dn.push(DnType::OrganizationName, CLUSTER_ORG);
+    p.distinguished_name = dn;
+    let key = KeyPair::generate().map_err(rc)?;
+    let cert = p.signed_by(&key, ca).map_err(rc)?;
+    write(&dir.join("cert.pem"), &cert.pem(), false)?;
+    write(&dir.join("key.pem"), &key.serialize_pem(), true)?;
+    write(&dir.join("ca.pem"), ca_pem, false)
 }

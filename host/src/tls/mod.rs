@@ -23,7 +23,7 @@
 
 mod certs;
 
-pub use certs::{init_dev_certs, init_node_certs, issue_client_cert, revoke_cert};
+pub use certs::{init_dev_certs, init_node_certs, issue_client_cert, issue_node_cert, revoke_cert};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -672,6 +672,33 @@ impl Client {
         self.ok(Request::ClusterTransfer { to }).await
     }
 
+    /// Add node `node` to a cluster (administrators; on the leader): it
+    /// must run already (`sluice serve --join`), reachable at `raft` by
+    /// the other nodes. Answered once it has caught up and votes (or, with
+    /// `learner`, once it is replicated to).
+    pub async fn add_node(
+        &self,
+        node: u64,
+        raft: &str,
+        client: &str,
+        learner: bool,
+    ) -> Result<(), ClientError> {
+        self.ok(Request::ClusterAdd {
+            node,
+            raft: raft.into(),
+            client: client.into(),
+            learner,
+        })
+        .await
+    }
+
+    /// Remove node `node` from a cluster (administrators; on the leader).
+    /// Removing the leader hands its leadership over: this connection then
+    /// closes; reconnect with [`Client::connect_any`].
+    pub async fn remove_node(&self, node: u64) -> Result<(), ClientError> {
+        self.ok(Request::ClusterRemove { node }).await
+    }
+
     /// Delete a tenant, its data and its connections (administrators).
     pub async fn delete_tenant(&self, name: &str) -> Result<(), ClientError> {
         self.ok(Request::TenantDelete { name: name.into() }).await

@@ -180,6 +180,25 @@ pub enum Request {
         /// The member to lead next.
         to: u64,
     },
+    /// Add node `node` to the cluster (admins; the leader only): as a
+    /// learner, then, once it has caught up, as a voter (unless `learner`).
+    /// Answered once done or refused.
+    ClusterAdd {
+        /// Its id.
+        node: u64,
+        /// Its Raft address (`ip:port`).
+        raft: String,
+        /// Its client address (`ip:port`).
+        client: String,
+        /// Keep it a learner (replicated to, not voting).
+        learner: bool,
+    },
+    /// Remove node `node` from the cluster (admins; the leader only; a
+    /// removed leader hands its leadership over).
+    ClusterRemove {
+        /// Its id.
+        node: u64,
+    },
 }
 
 /// Per-tenant quotas; `None` is unlimited.
@@ -259,6 +278,8 @@ pub struct ClusterSummary {
     pub purged: u64,
     /// Voting members.
     pub members: Vec<u64>,
+    /// Members replicated to that do not vote (nodes being added).
+    pub learners: Vec<u64>,
     /// Each other member: the last index it is known to hold.
     pub followers: Vec<FollowerSummary>,
 }
@@ -537,7 +558,12 @@ impl Frame {
                     Request::TenantList
                     | Request::SyncAcks { .. }
                     | Request::ClusterStatus
-                    | Request::ClusterTransfer { .. } => Ok(()),
+                    | Request::ClusterTransfer { .. }
+                    | Request::ClusterRemove { .. } => Ok(()),
+                    Request::ClusterAdd { raft, client, .. } => {
+                        check_name("raft address", raft, limits)?;
+                        check_name("client address", client, limits)
+                    }
                     Request::ListQueues | Request::ListPlugins | Request::Stats => Ok(()),
                 }
             }
@@ -549,6 +575,7 @@ impl Frame {
                 Ok(Response::Cluster(c)) => {
                     check_name("role", &c.role, limits)?;
                     check_len("members", c.members.len(), limits.max_list)?;
+                    check_len("learners", c.learners.len(), limits.max_list)?;
                     check_len("followers", c.followers.len(), limits.max_list)
                 }
                 _ => Ok(()),
