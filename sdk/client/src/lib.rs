@@ -260,6 +260,12 @@ pub struct ConnectOptions {
     /// How long [`Client::connect_any`] keeps trying the servers (through
     /// an election, say) before it gives up. Default 30 s.
     pub failover: Duration,
+    /// A server silent this long (no answer to keep-alives sent every
+    /// third of it) is taken for dead: the connection is lost and calls
+    /// fail with [`ClientError::ConnectionLost`]. Default (`None`): 10 s,
+    /// and 3 s for [`Client::connect_any`] with several servers, where a
+    /// new leader is elected within about 2 s of a crash.
+    pub dead_after: Option<Duration>,
 }
 
 impl Default for ConnectOptions {
@@ -269,9 +275,17 @@ impl Default for ConnectOptions {
             tenant: None,
             timeout: Duration::from_secs(10),
             failover: Duration::from_secs(30),
+            dead_after: None,
         }
     }
 }
+
+/// How long a silent server is taken for alive, by default.
+const DEAD_AFTER: Duration = Duration::from_secs(10);
+/// As [`DEAD_AFTER`], for a connection to one of a cluster's nodes.
+const CLUSTER_DEAD_AFTER: Duration = Duration::from_secs(3);
+/// Least [`ConnectOptions::dead_after`] (keep-alives a third of it apart).
+const MIN_DEAD_AFTER: Duration = Duration::from_millis(300);
 
 /// One attempt of [`Client::connect_any`] waits at most this long (a
 /// node that is down does not answer at all).
@@ -318,6 +332,12 @@ impl Client {
         }
         let deadline = tokio::time::Instant::now() + opts.failover;
         let mut backoff = Duration::from_millis(50);
+        let opts = ConnectOptions {
+            dead_after: opts
+                .dead_after
+                .or((servers.len() > 1).then_some(CLUSTER_DEAD_AFTER)),
+            ..opts
+        };
         loop {
             // Every server at once: a node that is down costs one attempt's
             // timeout in parallel with the others, not in a row.
@@ -383,7 +403,8 @@ impl Client {
         identity: &Path,
         opts: ConnectOptions,
     ) -> Result<Client, ClientError> {
-        let config = Identity::load(identity)?.quinn_config()?;
+        let dead_after = opts.dead_after.unwrap_or(DEAD_AFTER).max(MIN_DEAD_AFTER);
+        let config = Identity::load(identity)?.quinn_config_with(dead_after)?;
         let bind: SocketAddr = if addr.is_ipv6() {
             "[::]:0"
         } else {

@@ -60,8 +60,18 @@ impl Identity {
         &self.dir
     }
 
-    /// A QUIC client configuration: TLS 1.3, ALPN `sluice/1`, this client certificate.
+    /// A QUIC client configuration: TLS 1.3, ALPN `sluice/1`, this client
+    /// certificate; a server silent for 10 s is taken for dead.
     pub fn quinn_config(&self) -> Result<quinn::ClientConfig, ClientError> {
+        self.quinn_config_with(crate::DEAD_AFTER)
+    }
+
+    /// [`Identity::quinn_config`], a server silent for `dead_after` taken
+    /// for dead (keep-alives every third of it).
+    pub fn quinn_config_with(
+        &self,
+        dead_after: std::time::Duration,
+    ) -> Result<quinn::ClientConfig, ClientError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         for c in &self.roots {
@@ -80,12 +90,12 @@ impl Identity {
             QuicClientConfig::try_from(tls).map_err(|e| ClientError::Identity(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
-        // Notice a dead server within ~10 s (a killed process sends no close).
-        transport.keep_alive_interval(Some(std::time::Duration::from_secs(3)));
+        // Notice a dead server in time (a killed process sends no close).
+        transport.keep_alive_interval(Some(dead_after / 3));
         // The broker opens one stream per subscription.
         transport.max_concurrent_uni_streams(sluice_proto::MAX_SUBSCRIPTIONS.into());
         transport.max_idle_timeout(Some(
-            std::time::Duration::from_secs(10)
+            dead_after
                 .try_into()
                 .map_err(|e| ClientError::Identity(format!("{e}")))?,
         ));
