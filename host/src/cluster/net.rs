@@ -5,28 +5,45 @@
 //! held whole), then the stream's end; the answer comes back encoded, then
 //! the stream's end. Both sides read at most [`MAX_MESSAGE`] bytes of
 //! request or answer, so no peer can make a node buffer more; a snapshot
-//! body goes to a spool file and is checked before it is installed. Nodes
+//! body goes to a spool file and is checked before it is installed.
+//!
+//! Replication is pipelined: a leader's replication session to a follower
+//! is one stream that opens with `AppendStream`, then carries
+//! length-prefixed appends as the log grows, at most [`PIPELINE`] of them
+//! unanswered; the follower hands them to `Raft::stream_append` and
+//! answers each, in order, with a length-prefixed result once it has
+//! flushed the entries. One append per round trip (openraft's default for
+//! a network without streams) would leave a busy leader's proposals queued
+//! behind round trips. The stream fails when its oldest unanswered append
+//! has waited [`RPC_TIMEOUT_FLOOR`] (or the RPC time, if longer), and ends
+//! cleanly when the leader's requests end and every one was answered. Nodes
 //! present certificates of the cluster CA ([`crate::tls::NodeTls`]) and
 //! speak ALPN [`crate::tls::CLUSTER_ALPN`]; a tenant's or administrator's
 //! certificate chains to another CA and is refused at the handshake.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, Cursor};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
+use futures::{Stream, StreamExt};
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::storage::RaftStateMachine;
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::{Raft, RaftTypeConfig};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use super::data::DataGroup;
 use super::meta::MetaState;
@@ -46,7 +63,12 @@ pub const MAX_ENTRIES: u64 = 4;
 /// exceed; a peer that is gone (no answer at all, as UDP gives none) must
 /// still fail in time for the leader to give its log entries up (a
 /// replication in flight keeps them from being purged).
-const RPC_TIMEOUT_FLOOR: std::time::Duration = std::time::Duration::from_secs(5);
+const RPC_TIMEOUT_FLOOR: Duration = Duration::from_secs(5);
+
+/// Most appends a replication stream has sent and not had answered: enough
+/// to keep a follower's disk busy through a round trip, few enough that a
+/// lagging follower's unanswered appends stay a few megabytes.
+pub const PIPELINE: usize = 16;
 
 /// Bytes of a snapshot body read or written at a time.
 const PIECE: usize = 1 << 20;
@@ -191,6 +213,9 @@ enum Request<C: Group> {
     PreVote(VoteRequest<C>),
     /// The leader hands its leadership to the receiver.
     TransferLeader(TransferLeaderRequest<C>),
+    /// A replication stream: length-prefixed [`Request::Append`]s follow,
+    /// each answered in order by a length-prefixed [`Response::Streamed`].
+    AppendStream,
 }
 
 /// A node's answer.
@@ -204,6 +229,8 @@ enum Response<C: Group> {
     TransferLeader(TransferLeaderResponse<C>),
     /// The node could not handle the request (shutting down, say).
     Failed(String),
+    /// The answer to one append of a replication stream.
+    Streamed(StreamAppendResult<C>),
 }
 
 /// The metadata group's Raft on one node.
@@ -229,24 +256,53 @@ where
     }
 }
 
-/// Read one length-prefixed request (errors say why it is undecodable).
-async fn read_request<C: Group>(recv: &mut quinn::RecvStream) -> Result<Request<C>, String> {
-    let undecodable = |e: &dyn std::fmt::Display| format!("undecodable request: {e}");
+/// Read one length-prefixed frame of at most [`MAX_MESSAGE`] bytes, or
+/// `None` where the stream ends cleanly before one.
+async fn read_frame(recv: &mut quinn::RecvStream) -> io::Result<Option<Vec<u8>>> {
     let mut len = [0u8; 4];
-    recv.read_exact(&mut len)
-        .await
-        .map_err(|e| undecodable(&e))?;
+    match recv.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(io::Error::other(e)),
+    }
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_MESSAGE {
-        return Err(undecodable(&format!(
-            "{len} bytes, more than {MAX_MESSAGE}"
+        return Err(io::Error::other(format!(
+            "a frame of {len} bytes, more than {MAX_MESSAGE}"
         )));
     }
     let mut bytes = vec![0u8; len];
     recv.read_exact(&mut bytes)
         .await
-        .map_err(|e| undecodable(&e))?;
-    super::decode::<Request<C>>("raft request", &bytes).map_err(|e| undecodable(&e))
+        .map_err(io::Error::other)?;
+    Ok(Some(bytes))
+}
+
+/// Write `value` (`what` names it in errors) as one length-prefixed frame.
+async fn write_frame<T: Serialize>(
+    send: &mut quinn::SendStream,
+    what: &str,
+    value: &T,
+) -> io::Result<()> {
+    let bytes = super::encode(what, value)?;
+    send.write_all(&(bytes.len() as u32).to_le_bytes())
+        .await
+        .map_err(io::Error::other)?;
+    send.write_all(&bytes).await.map_err(io::Error::other)
+}
+
+/// Read one length-prefixed request, or `None` where the stream ends
+/// cleanly before one (errors say why it is undecodable).
+async fn read_request<C: Group>(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<Request<C>>, String> {
+    let undecodable = |e: &dyn std::fmt::Display| format!("undecodable request: {e}");
+    match read_frame(recv).await.map_err(|e| undecodable(&e))? {
+        None => Ok(None),
+        Some(bytes) => super::decode::<Request<C>>("raft request", &bytes)
+            .map(Some)
+            .map_err(|e| undecodable(&e)),
+    }
 }
 
 async fn answer<C, SM>(
@@ -260,23 +316,25 @@ async fn answer<C, SM>(
 {
     let response = match read_request::<C>(&mut recv).await {
         Err(e) => Response::Failed(e),
-        Ok(Request::Append(rpc)) => match raft.append_entries(rpc).await {
+        Ok(None) => Response::Failed("no request".into()),
+        Ok(Some(Request::AppendStream)) => return answer_appends(raft, send, recv).await,
+        Ok(Some(Request::Append(rpc))) => match raft.append_entries(rpc).await {
             Ok(r) => Response::Append(r),
             Err(e) => Response::Failed(e.to_string()),
         },
-        Ok(Request::Vote(rpc)) => match raft.vote(rpc).await {
+        Ok(Some(Request::Vote(rpc))) => match raft.vote(rpc).await {
             Ok(r) => Response::Vote(r),
             Err(e) => Response::Failed(e.to_string()),
         },
-        Ok(Request::PreVote(rpc)) => match raft.pre_vote(rpc).await {
+        Ok(Some(Request::PreVote(rpc))) => match raft.pre_vote(rpc).await {
             Ok(r) => Response::PreVote(r),
             Err(e) => Response::Failed(e.to_string()),
         },
-        Ok(Request::TransferLeader(req)) => match raft.handle_transfer_leader(req).await {
+        Ok(Some(Request::TransferLeader(req))) => match raft.handle_transfer_leader(req).await {
             Ok(r) => Response::TransferLeader(r),
             Err(e) => Response::Failed(e.to_string()),
         },
-        Ok(Request::Snapshot { vote, meta, len }) => {
+        Ok(Some(Request::Snapshot { vote, meta, len })) => {
             match C::Body::receive(&mut recv, len, &meta, &spool).await {
                 Err(e) => Response::Failed(format!("receiving the snapshot: {e}")),
                 Ok(body) => {
@@ -298,6 +356,55 @@ async fn answer<C, SM>(
         // Wait for the peer to read the answer before the stream goes.
         let _ = send.stopped().await;
     }
+}
+
+/// Answer a replication stream: hand its appends to `raft` as they come
+/// and write each one's result, in order, until the leader's appends end
+/// (or one is refused, or cannot be read).
+async fn answer_appends<C, SM>(
+    raft: Raft<C, SM>,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) where
+    C: Group,
+    SM: RaftStateMachine<C, SnapshotData = C::Body>,
+{
+    let appends = futures::stream::unfold(recv, |mut recv| async move {
+        match read_request::<C>(&mut recv).await {
+            Ok(Some(Request::Append(rpc))) => Some((rpc, recv)),
+            Ok(None) => None,
+            Ok(Some(_)) => {
+                tracing::warn!("a replication stream carried another request; ending it");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "ending a replication stream");
+                None
+            }
+        }
+    });
+    let answers = raft.stream_append(appends);
+    futures::pin_mut!(answers);
+    while let Some(answer) = answers.next().await {
+        let (response, last) = match answer {
+            Ok(result) => {
+                let refused = result.is_err();
+                (Response::<C>::Streamed(result), refused)
+            }
+            Err(fatal) => (Response::Failed(fatal.to_string()), true),
+        };
+        if write_frame(&mut send, "raft answer", &response)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if last {
+            break;
+        }
+    }
+    let _ = send.finish();
+    let _ = send.stopped().await;
 }
 
 /// Dials other nodes from `endpoint` with `config` (this node's identity).
@@ -382,11 +489,9 @@ impl<C: Group> QuicPeer<C> {
         let result = async {
             let conn = self.connection().await?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(unreachable)?;
-            let bytes = super::encode("raft request", request).map_err(unreachable)?;
-            send.write_all(&(bytes.len() as u32).to_le_bytes())
+            write_frame(&mut send, "raft request", request)
                 .await
                 .map_err(unreachable)?;
-            send.write_all(&bytes).await.map_err(unreachable)?;
             if let Some(body) = body {
                 body.send(&mut send).await.map_err(unreachable)?;
             }
@@ -401,6 +506,126 @@ impl<C: Group> QuicPeer<C> {
         match result? {
             Response::Failed(e) => Err(unreachable(format!("node {}: {e}", self.target))),
             r => Ok(r),
+        }
+    }
+}
+
+/// A replication stream's appends in flight: a slot for each one that may
+/// still be sent, and when each unanswered one was sent, oldest first.
+struct Pipe {
+    slots: Semaphore,
+    sent: Mutex<VecDeque<Instant>>,
+}
+
+impl Pipe {
+    fn sent(&self) -> std::sync::MutexGuard<'_, VecDeque<Instant>> {
+        self.sent.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The oldest unanswered append was answered: its slot is free again
+    /// (false if none was owed).
+    fn answered(&self) -> bool {
+        let owed = self.sent().pop_front().is_some();
+        if owed {
+            self.slots.add_permits(1);
+        }
+        owed
+    }
+}
+
+/// Write the leader's `appends` to a replication stream as they come,
+/// each after a slot of `pipe` is free, then end the stream.
+async fn send_appends<C: Group, S>(mut send: quinn::SendStream, mut appends: S, pipe: Arc<Pipe>)
+where
+    S: Stream<Item = AppendEntriesRequest<C>> + Unpin,
+{
+    loop {
+        let Ok(slot) = pipe.slots.acquire().await else {
+            return;
+        };
+        slot.forget();
+        let Some(rpc) = appends.next().await else {
+            break;
+        };
+        // Counted before it is written, so that an append the network
+        // swallows is overdue like one the peer does not answer.
+        pipe.sent().push_back(Instant::now());
+        if write_frame(&mut send, "raft request", &Request::<C>::Append(rpc))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+/// The answers of a replication stream, read in order.
+struct Answers<'s, C: Group> {
+    recv: quinn::RecvStream,
+    pipe: Arc<Pipe>,
+    /// How long an append may go unanswered.
+    limit: Duration,
+    target: u64,
+    /// The peer's connection, forgotten when the stream fails.
+    conn: &'s mut Option<quinn::Connection>,
+    sender: tokio::task::JoinHandle<()>,
+    _c: std::marker::PhantomData<C>,
+}
+
+impl<C: Group> Drop for Answers<'_, C> {
+    fn drop(&mut self) {
+        // The sender holds openraft's request stream, which the next
+        // replication session needs.
+        self.sender.abort();
+    }
+}
+
+impl<C: Group> Answers<'_, C> {
+    /// The next answer; `None` where the stream ended with every append
+    /// answered.
+    async fn next(&mut self) -> Option<Result<StreamAppendResult<C>, RPCError<C>>> {
+        let target = self.target;
+        let frame = {
+            let read = read_frame(&mut self.recv);
+            futures::pin_mut!(read);
+            loop {
+                let oldest = self.pipe.sent().front().copied();
+                let deadline = oldest.unwrap_or_else(Instant::now) + self.limit;
+                tokio::select! {
+                    frame = &mut read => break frame,
+                    _ = tokio::time::sleep_until(deadline) => {
+                        if oldest.is_some() && self.pipe.sent().front() == oldest.as_ref() {
+                            *self.conn = None;
+                            let limit = self.limit;
+                            return Some(Err(unreachable(format!(
+                                "node {target}: an append unanswered for {limit:?}"
+                            ))
+                            .into()));
+                        }
+                    }
+                }
+            }
+        };
+        let failed = |conn: &mut Option<quinn::Connection>, e: String| {
+            *conn = None;
+            Some(Err(unreachable(format!("node {target}: {e}")).into()))
+        };
+        match frame {
+            Err(e) => failed(self.conn, format!("replication stream: {e}")),
+            Ok(None) => match self.pipe.sent().len() {
+                0 => None,
+                owed => failed(self.conn, format!("the stream ended {owed} answers short")),
+            },
+            Ok(Some(bytes)) => match super::decode::<Response<C>>("raft answer", &bytes) {
+                Ok(Response::Streamed(result)) if self.pipe.answered() => Some(Ok(result)),
+                Ok(Response::Streamed(_)) => failed(self.conn, "an answer to no append".into()),
+                Ok(Response::Failed(e)) => {
+                    Some(Err(unreachable(format!("node {target}: {e}")).into()))
+                }
+                Ok(_) => failed(self.conn, "the peer answered another request".into()),
+                Err(e) => failed(self.conn, e.to_string()),
+            },
         }
     }
 }
@@ -435,6 +660,63 @@ impl<C: Group> RaftNetworkV2<C> for QuicPeer<C> {
             Response::Append(r) => Ok(r),
             _ => Err(unexpected().into()),
         }
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        appends: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<C>, RPCError<C>>>, RPCError<C>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<C>> + openraft::OptionalSend + Unpin + 'static,
+    {
+        Box::pin(async move {
+            let limit = option.soft_ttl().max(RPC_TIMEOUT_FLOOR);
+            let target = self.target;
+            let opened = tokio::time::timeout(limit, async {
+                let conn = self.connection().await?;
+                let (mut send, recv) = conn.open_bi().await.map_err(unreachable)?;
+                write_frame(&mut send, "raft request", &Request::<C>::AppendStream)
+                    .await
+                    .map_err(unreachable)?;
+                Ok::<_, Unreachable<C>>((send, recv))
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err(unreachable(format!(
+                    "node {target}: no stream in {limit:?}"
+                )))
+            });
+            let (send, recv) = match opened {
+                Ok(streams) => streams,
+                Err(e) => {
+                    self.conn = None;
+                    return Err(e.into());
+                }
+            };
+            let pipe = Arc::new(Pipe {
+                slots: Semaphore::new(PIPELINE),
+                sent: Mutex::new(VecDeque::with_capacity(PIPELINE)),
+            });
+            let sender = tokio::spawn(send_appends::<C, S>(send, appends, pipe.clone()));
+            let answers = Answers {
+                recv,
+                pipe,
+                limit,
+                target,
+                conn: &mut self.conn,
+                sender,
+                _c: std::marker::PhantomData,
+            };
+            let answers = futures::stream::unfold(Some(answers), |answers| async move {
+                let mut answers = answers?;
+                let answer = answers.next().await?;
+                // After a refusal or a failure the stream is over.
+                let go_on = matches!(answer, Ok(Ok(_)));
+                Some((answer, go_on.then_some(answers)))
+            });
+            Ok(Box::pin(answers) as BoxStream<'s, _>)
+        })
     }
 
     async fn vote(
