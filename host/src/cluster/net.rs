@@ -480,6 +480,19 @@ impl<C: Group> QuicPeer<C> {
         }
     }
 
+    /// Open a stream to the peer and write `request` on it.
+    async fn open(
+        &mut self,
+        request: &Request<C>,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), Unreachable<C>> {
+        let conn = self.connection().await?;
+        let (mut send, recv) = conn.open_bi().await.map_err(unreachable)?;
+        write_frame(&mut send, "raft request", request)
+            .await
+            .map_err(unreachable)?;
+        Ok((send, recv))
+    }
+
     /// Send `request` (and `body` after it) and read the answer.
     async fn call(
         &mut self,
@@ -487,11 +500,7 @@ impl<C: Group> QuicPeer<C> {
         body: Option<C::Body>,
     ) -> Result<Response<C>, Unreachable<C>> {
         let result = async {
-            let conn = self.connection().await?;
-            let (mut send, mut recv) = conn.open_bi().await.map_err(unreachable)?;
-            write_frame(&mut send, "raft request", request)
-                .await
-                .map_err(unreachable)?;
+            let (mut send, mut recv) = self.open(request).await?;
             if let Some(body) = body {
                 body.send(&mut send).await.map_err(unreachable)?;
             }
@@ -585,7 +594,7 @@ impl<C: Group> Answers<'_, C> {
     /// The next answer; `None` where the stream ended with every append
     /// answered.
     async fn next(&mut self) -> Option<Result<StreamAppendResult<C>, RPCError<C>>> {
-        let target = self.target;
+        // `None` where the oldest unanswered append is overdue.
         let frame = {
             let read = read_frame(&mut self.recv);
             futures::pin_mut!(read);
@@ -593,40 +602,53 @@ impl<C: Group> Answers<'_, C> {
                 let oldest = self.pipe.sent().front().copied();
                 let deadline = oldest.unwrap_or_else(Instant::now) + self.limit;
                 tokio::select! {
-                    frame = &mut read => break frame,
+                    frame = &mut read => break Some(frame),
                     _ = tokio::time::sleep_until(deadline) => {
                         if oldest.is_some() && self.pipe.sent().front() == oldest.as_ref() {
-                            *self.conn = None;
-                            let limit = self.limit;
-                            return Some(Err(unreachable(format!(
-                                "node {target}: an append unanswered for {limit:?}"
-                            ))
-                            .into()));
+                            break None;
                         }
                     }
                 }
             }
         };
-        let failed = |conn: &mut Option<quinn::Connection>, e: String| {
-            *conn = None;
-            Some(Err(unreachable(format!("node {target}: {e}")).into()))
+        let Some(frame) = frame else {
+            let limit = self.limit;
+            return self.failed(format!("an append unanswered for {limit:?}"), true);
         };
         match frame {
-            Err(e) => failed(self.conn, format!("replication stream: {e}")),
-            Ok(None) => match self.pipe.sent().len() {
-                0 => None,
-                owed => failed(self.conn, format!("the stream ended {owed} answers short")),
-            },
+            Err(e) => self.failed(format!("replication stream: {e}"), true),
+            Ok(None) => {
+                let owed = self.pipe.sent().len();
+                if owed == 0 {
+                    None
+                } else {
+                    self.failed(format!("the stream ended {owed} answers short"), true)
+                }
+            }
             Ok(Some(bytes)) => match super::decode::<Response<C>>("raft answer", &bytes) {
                 Ok(Response::Streamed(result)) if self.pipe.answered() => Some(Ok(result)),
-                Ok(Response::Streamed(_)) => failed(self.conn, "an answer to no append".into()),
-                Ok(Response::Failed(e)) => {
-                    Some(Err(unreachable(format!("node {target}: {e}")).into()))
-                }
-                Ok(_) => failed(self.conn, "the peer answered another request".into()),
-                Err(e) => failed(self.conn, e.to_string()),
+                Ok(Response::Streamed(_)) => self.failed("an answer to no append".into(), true),
+                // The peer is there and said why: its connection stays.
+                Ok(Response::Failed(e)) => self.failed(e, false),
+                Ok(_) => self.failed("the peer answered another request".into(), true),
+                Err(e) => self.failed(e.to_string(), true),
             },
         }
+    }
+
+    /// The stream failed for `why`; `forget` drops the peer's connection
+    /// too (it is broken or the peer is not speaking the protocol).
+    fn failed(
+        &mut self,
+        why: String,
+        forget: bool,
+    ) -> Option<Result<StreamAppendResult<C>, RPCError<C>>> {
+        if forget {
+            *self.conn = None;
+        }
+        Some(Err(
+            unreachable(format!("node {}: {why}", self.target)).into()
+        ))
     }
 }
 
@@ -673,20 +695,13 @@ impl<C: Group> RaftNetworkV2<C> for QuicPeer<C> {
         Box::pin(async move {
             let limit = option.soft_ttl().max(RPC_TIMEOUT_FLOOR);
             let target = self.target;
-            let opened = tokio::time::timeout(limit, async {
-                let conn = self.connection().await?;
-                let (mut send, recv) = conn.open_bi().await.map_err(unreachable)?;
-                write_frame(&mut send, "raft request", &Request::<C>::AppendStream)
-                    .await
-                    .map_err(unreachable)?;
-                Ok::<_, Unreachable<C>>((send, recv))
-            })
-            .await
-            .unwrap_or_else(|_| {
-                Err(unreachable(format!(
-                    "node {target}: no stream in {limit:?}"
-                )))
-            });
+            let opened = tokio::time::timeout(limit, self.open(&Request::AppendStream))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(unreachable(format!(
+                        "node {target}: no stream in {limit:?}"
+                    )))
+                });
             let (send, recv) = match opened {
                 Ok(streams) => streams,
                 Err(e) => {
