@@ -47,6 +47,9 @@ const MEMBERSHIP: &str = "cluster/membership";
 /// Payload bytes of committed entries applied in one piece, at most (one
 /// larger entry goes alone).
 const APPLY_BYTES: usize = 8 << 20;
+/// Payload bytes applied on the state machine's task rather than a
+/// blocking thread, at most: a few sled writes cost less than the hand-off.
+const INLINE_APPLY_BYTES: usize = 256 << 10;
 /// Metadata key of the next queue id to hand out.
 pub(crate) const NEXT_QUEUE_ID: &str = "cluster/next-queue-id";
 
@@ -260,20 +263,46 @@ impl DataState {
         Ok(())
     }
 
-    /// Apply one entry's ops to the store, in order. Runs on a blocking
-    /// thread.
-    fn apply_ops(&self, ops: Vec<StoreOp>) -> Result<(), StoreError> {
-        // Consecutive appends go to the store as one append.
+    /// Apply the ops of `entries` to the store, in order.
+    ///
+    /// Runs of appends (to any queues) within one entry and runs of
+    /// removes from one queue, across entries, go to the store as one
+    /// write each: a store write per op made applying, not the Raft log,
+    /// the replicated path's latency. Merging only neighbours keeps the
+    /// order of every write the log gave. Appends are not merged across
+    /// entries: an entry's appends must become the same chunks on every
+    /// node and every time it is applied again, however entries were
+    /// batched for applying (acks leave the same bitmaps whatever their
+    /// grouping).
+    async fn apply_ops(&self, entries: Vec<Vec<StoreOp>>) -> Result<(), StoreError> {
         let mut appends: Vec<Append> = Vec::new();
-        let flush = |appends: &mut Vec<Append>| -> Result<(), StoreError> {
-            if appends.is_empty() {
-                return Ok(());
+        let mut removes: Option<(QueueId, Vec<MsgId>)> = None;
+        for ops in entries {
+            self.apply_entry(ops, &mut appends, &mut removes).await?;
+            if !appends.is_empty() {
+                self.flush(&mut appends, &mut removes).await?;
             }
-            self.store.append(std::mem::take(appends), false).wait()
-        };
+        }
+        self.flush(&mut appends, &mut removes).await
+    }
+
+    /// Apply one entry's ops, holding back runs of appends and removes for
+    /// [`Self::flush`].
+    async fn apply_entry(
+        &self,
+        ops: Vec<StoreOp>,
+        appends: &mut Vec<Append>,
+        removes: &mut Option<(QueueId, Vec<MsgId>)>,
+    ) -> Result<(), StoreError> {
         for op in ops {
-            if !matches!(op, StoreOp::Append(_)) {
-                flush(&mut appends)?;
+            let merges = match (&op, &*removes) {
+                (StoreOp::Append(_), None) => true,
+                (StoreOp::Remove { queue, .. }, Some((pending, _))) => queue == pending,
+                (StoreOp::Remove { .. }, None) => appends.is_empty(),
+                _ => false,
+            };
+            if !merges {
+                self.flush(appends, removes).await?;
             }
             match op {
                 StoreOp::Append(items) => {
@@ -284,7 +313,10 @@ impl DataState {
                 }
                 StoreOp::Remove { queue, ids } => {
                     self.touch(queue)?;
-                    self.store.remove(queue, &ids)?;
+                    match removes {
+                        Some((_, pending)) => pending.extend(ids),
+                        None => *removes = Some((queue, ids)),
+                    }
                 }
                 StoreOp::ClearQueue { queue } => {
                     self.touch(queue)?;
@@ -307,25 +339,63 @@ impl DataState {
                 }
             }
         }
-        flush(&mut appends)
+        Ok(())
     }
 
-    /// Apply `batch` on a blocking thread and answer its responders.
-    async fn apply_batch(&self, batch: Vec<EntryResponder<DataGroup>>) -> io::Result<()> {
-        let state = self.clone();
-        let responders = tokio::task::spawn_blocking(move || -> io::Result<_> {
+    /// Write the appends and removes `apply_entry` holds back.
+    async fn flush(
+        &self,
+        appends: &mut Vec<Append>,
+        removes: &mut Option<(QueueId, Vec<MsgId>)>,
+    ) -> Result<(), StoreError> {
+        if !appends.is_empty() {
+            self.store.append(std::mem::take(appends), false).await?;
+        }
+        if let Some((queue, ids)) = removes.take() {
+            self.store.remove(queue, &ids)?;
+        }
+        Ok(())
+    }
+
+    /// Apply `batch` (of `bytes` payload) and answer its responders: a
+    /// small batch here, a larger one on a blocking thread.
+    async fn apply_batch(
+        &self,
+        batch: Vec<EntryResponder<DataGroup>>,
+        bytes: usize,
+    ) -> io::Result<()> {
+        let responders = if bytes <= INLINE_APPLY_BYTES {
+            self.apply_now(batch).await?
+        } else {
+            let state = self.clone();
+            tokio::task::spawn_blocking(move || futures::executor::block_on(state.apply_now(batch)))
+                .await
+                .map_err(|e| io_error("apply to the data state", e))??
+        };
+        for r in responders {
+            r.send(Applied);
+        }
+        Ok(())
+    }
+
+    /// Apply `batch`, returning its responders to answer.
+    async fn apply_now(
+        &self,
+        batch: Vec<EntryResponder<DataGroup>>,
+    ) -> io::Result<Vec<openraft::storage::ApplyResponder<DataGroup>>> {
+        let state = self;
+        {
             let mut applied = None;
             let mut membership = None;
             let mut responders = Vec::new();
+            let mut ops = Vec::new();
             for (entry, responder) in batch {
                 let log_id = entry.log_id();
                 applied = Some(log_id);
                 // Taken by value: payloads go to the store without a copy.
                 match entry.payload {
                     EntryPayload::Blank => {}
-                    EntryPayload::Normal(b) => state
-                        .apply_ops(b.ops)
-                        .map_err(|e| io_error("apply to the data state", e))?,
+                    EntryPayload::Normal(b) => ops.push(b.ops),
                     EntryPayload::Membership(m) => {
                         membership = Some(StoredMembershipOf::<DataGroup>::new(Some(log_id), m));
                     }
@@ -334,6 +404,12 @@ impl DataState {
                     responders.push(r);
                 }
             }
+            // Nothing is answered before all of it is applied, so the
+            // entries are applied together (see `apply_ops`).
+            state
+                .apply_ops(ops)
+                .await
+                .map_err(|e| io_error("apply to the data state", e))?;
             let put = |key: &str, bytes: Vec<u8>| {
                 state
                     .store
@@ -347,13 +423,7 @@ impl DataState {
                 put(APPLIED, encode(APPLIED, a)?)?;
             }
             Ok(responders)
-        })
-        .await
-        .map_err(|e| io_error("apply to the data state", e))??;
-        for r in responders {
-            r.send(Applied);
         }
-        Ok(())
     }
 
     /// The next queue id, as applied here.
@@ -442,7 +512,7 @@ impl RaftStateMachine<DataGroup> for DataState {
             if batch.is_empty() {
                 break;
             }
-            self.apply_batch(batch).await?;
+            self.apply_batch(batch, bytes).await?;
         }
         Ok(())
     }

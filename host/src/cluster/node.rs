@@ -180,6 +180,9 @@ impl Node {
         let log = FileLog::<DataGroup>::open(&raft_dir, "data").context("opening the raft log")?;
         let store_config = StoreConfig {
             dir: settings.dir.join("store"),
+            // Applied from the log, which is the durable copy: what a crash
+            // takes from the store is applied again (see DataState).
+            atomic_batches: false,
             ..config.store.clone()
         };
         let store = Arc::new(Store::open(&store_config).context("opening the node's store")?);

@@ -767,7 +767,13 @@ mod data_group {
         };
         let net = QuicNetwork::new(endpoint.clone(), tls.client_config().unwrap());
         let log = FileLog::<DataGroup>::open_segmented(&dir.join("raft"), "data", segment).unwrap();
-        let store = Arc::new(Store::open(&StoreConfig::new(dir.join("store"))).unwrap());
+        let store = Arc::new(
+            Store::open(&StoreConfig {
+                atomic_batches: false,
+                ..StoreConfig::new(dir.join("store"))
+            })
+            .unwrap(),
+        );
         let state = DataState::open(store, &dir.join("raft").join("snapshots")).unwrap();
         let raft = Raft::new(id, config, net, log, state.clone())
             .await

@@ -303,7 +303,7 @@ impl QueueChunks {
     /// Apply acks of `ids` and add the sled changes to `batch`: chunks that
     /// are now fully acked are removed with their bitmap, the others get
     /// their bitmap rewritten. Ids that are not live are ignored.
-    pub fn ack(&mut self, ids: &[MsgId], batch: &mut sled::Batch) {
+    pub(crate) fn ack(&mut self, ids: &[MsgId], batch: &mut super::Writes) {
         let mut touched: Vec<MsgId> = Vec::new();
         for &id in ids {
             let Some((first, _)) = self.find(id) else {
@@ -454,7 +454,7 @@ mod tests {
         let q = index.queue(7);
         let mut q = lock(&q);
         q.insert(100, ChunkState::new(10, Vec::new()));
-        let mut batch = sled::Batch::default();
+        let mut batch = super::super::Writes::new(true);
         q.ack(&[100, 101, 101, 500], &mut batch);
         let (first, c) = q.find(105).unwrap();
         assert_eq!(

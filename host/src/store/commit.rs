@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use super::chunk::{self, ChunkState, NewChunk};
 use super::handles::{Handles, Sled};
-use super::{StoreError, key, manifest};
+use super::{StoreError, Writes, key, manifest};
 
 struct Request {
     items: Vec<NewChunk>,
@@ -159,6 +159,8 @@ pub(crate) struct CommitLog {
     pub synced_blobs: std::collections::HashMap<std::ffi::OsString, u64>,
     /// fdatasyncs of the data file so far (one per durable group commit).
     pub syncs: Arc<std::sync::atomic::AtomicU64>,
+    /// See [`super::StoreConfig::atomic_batches`].
+    pub atomic: bool,
 }
 
 fn run(rx: mpsc::Receiver<Request>, mut log: CommitLog, max_batch: usize) {
@@ -196,7 +198,7 @@ fn commit(log: &mut CommitLog, requests: &[Request]) -> Result<(), StoreError> {
             log.commit = log.commit.max(manifest::stored(&s.messages)?);
             log.failed = false;
         }
-        let mut batch = sled::Batch::default();
+        let mut batch = Writes::new(log.atomic);
         for r in requests {
             for c in &r.items {
                 batch.insert(&key(c.queue, c.first), c.value.as_slice());
@@ -206,7 +208,7 @@ fn commit(log: &mut CommitLog, requests: &[Request]) -> Result<(), StoreError> {
         if durable {
             batch.insert(&manifest::COMMIT_KEY, &(log.commit + 1).to_be_bytes());
         }
-        s.messages.apply_batch(batch).map_err(StoreError::sled)?;
+        batch.apply(&s.messages)?;
         if let Err(e) = sync(log, s, durable, manifest) {
             // Not confirmed: take the chunks back out (best effort) so a
             // refused publish does not come back after a restart.

@@ -36,6 +36,9 @@ mod export;
 mod handles;
 mod manifest;
 mod message;
+mod writes;
+
+use writes::Writes;
 
 pub use commit::Commit;
 pub use error::StoreError;
@@ -66,6 +69,14 @@ pub struct StoreConfig {
     /// store refuses them instead (see [`Store::max_value`]). Default 8 MiB,
     /// which keeps values up to ~2 MiB inline (messages are at most 1 MiB).
     pub segment_size: usize,
+    /// Write each group of changes to sled as one atomic batch (the
+    /// default), or key by key. A batch makes its writes survive a crash
+    /// together, and costs each write of sled's I/O buffer (waited for) and
+    /// its global write lock; a store applied from a Raft log, which
+    /// re-applies everything after the last applied index it finds, needs
+    /// only the order sled recovers writes in (a prefix of them) and turns
+    /// this off.
+    pub atomic_batches: bool,
 }
 
 impl StoreConfig {
@@ -76,6 +87,7 @@ impl StoreConfig {
             cache_capacity: 64 << 20,
             max_batch: 4096,
             segment_size: 8 << 20,
+            atomic_batches: true,
         }
     }
 }
@@ -101,6 +113,8 @@ pub struct Store {
     max_value: usize,
     /// Live chunks per queue.
     index: Arc<chunk::Index>,
+    /// See [`StoreConfig::atomic_batches`].
+    atomic: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -191,6 +205,7 @@ impl Store {
                 manifest_at: std::time::Instant::now(),
                 synced_blobs: Default::default(),
                 syncs: syncs.clone(),
+                atomic: config.atomic_batches,
             },
             config.max_batch.max(1),
         )
@@ -204,6 +219,7 @@ impl Store {
             // header); keep a margin for the key and node framing.
             max_value: (config.segment_size / 4).saturating_sub(4096),
             index,
+            atomic: config.atomic_batches,
         })
     }
 
@@ -338,12 +354,11 @@ impl MessageStore for Store {
         }
         let chunks = self.index.queue(queue);
         let mut chunks = chunk::lock(&chunks);
-        let mut batch = sled::Batch::default();
+        let mut batch = Writes::new(self.atomic);
         chunks.ack(ids, &mut batch);
         // Written while the queue's chunks are locked, so bitmaps of one
         // chunk reach sled in the order they were computed.
-        self.sled
-            .with(|s| s.messages.apply_batch(batch).map_err(StoreError::sled))
+        self.sled.with(|s| batch.apply(&s.messages))
     }
 
     /// Read one message's stored value.

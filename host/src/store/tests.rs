@@ -18,8 +18,22 @@ fn entries(store: &Store) -> usize {
 
 #[test]
 fn messages_survive_reopen_and_removals_stick() {
+    messages_survive_reopen_and_removals_stick_with(true);
+}
+
+/// The same store written key by key, as a cluster node's is: the same
+/// content after a reopen.
+#[test]
+fn messages_written_key_by_key_survive_reopen_and_removals_stick() {
+    messages_survive_reopen_and_removals_stick_with(false);
+}
+
+fn messages_survive_reopen_and_removals_stick_with(atomic_batches: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let config = StoreConfig::new(dir.path());
+    let config = StoreConfig {
+        atomic_batches,
+        ..StoreConfig::new(dir.path())
+    };
     let q;
     {
         let store = Store::open(&config).unwrap();
@@ -211,8 +225,20 @@ fn large_messages_stay_inline_and_durable() {
 
 #[test]
 fn partly_acked_chunks_survive_reopen_with_their_acks() {
+    partly_acked_chunks_survive_reopen_with_their_acks_with(true);
+}
+
+#[test]
+fn partly_acked_chunks_written_key_by_key_survive_reopen_with_their_acks() {
+    partly_acked_chunks_survive_reopen_with_their_acks_with(false);
+}
+
+fn partly_acked_chunks_survive_reopen_with_their_acks_with(atomic_batches: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let config = StoreConfig::new(dir.path());
+    let config = StoreConfig {
+        atomic_batches,
+        ..StoreConfig::new(dir.path())
+    };
     let q;
     {
         let store = Store::open(&config).unwrap();
