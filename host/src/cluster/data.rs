@@ -383,47 +383,42 @@ impl DataState {
         &self,
         batch: Vec<EntryResponder<DataGroup>>,
     ) -> io::Result<Vec<openraft::storage::ApplyResponder<DataGroup>>> {
-        let state = self;
-        {
-            let mut applied = None;
-            let mut membership = None;
-            let mut responders = Vec::new();
-            let mut ops = Vec::new();
-            for (entry, responder) in batch {
-                let log_id = entry.log_id();
-                applied = Some(log_id);
-                // Taken by value: payloads go to the store without a copy.
-                match entry.payload {
-                    EntryPayload::Blank => {}
-                    EntryPayload::Normal(b) => ops.push(b.ops),
-                    EntryPayload::Membership(m) => {
-                        membership = Some(StoredMembershipOf::<DataGroup>::new(Some(log_id), m));
-                    }
-                }
-                if let Some(r) = responder {
-                    responders.push(r);
+        let mut applied = None;
+        let mut membership = None;
+        let mut responders = Vec::new();
+        let mut ops = Vec::new();
+        for (entry, responder) in batch {
+            let log_id = entry.log_id();
+            applied = Some(log_id);
+            // Taken by value: payloads go to the store without a copy.
+            match entry.payload {
+                EntryPayload::Blank => {}
+                EntryPayload::Normal(b) => ops.push(b.ops),
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembershipOf::<DataGroup>::new(Some(log_id), m));
                 }
             }
-            // Nothing is answered before all of it is applied, so the
-            // entries are applied together (see `apply_ops`).
-            state
-                .apply_ops(ops)
-                .await
-                .map_err(|e| io_error("apply to the data state", e))?;
-            let put = |key: &str, bytes: Vec<u8>| {
-                state
-                    .store
-                    .put_meta(key, &bytes)
-                    .map_err(|e| io_error("apply to the data state", e))
-            };
-            if let Some(m) = &membership {
-                put(MEMBERSHIP, encode(MEMBERSHIP, m)?)?;
+            if let Some(r) = responder {
+                responders.push(r);
             }
-            if let Some(a) = &applied {
-                put(APPLIED, encode(APPLIED, a)?)?;
-            }
-            Ok(responders)
         }
+        // Nothing is answered before all of it is applied, so the
+        // entries are applied together (see `apply_ops`).
+        self.apply_ops(ops)
+            .await
+            .map_err(|e| io_error("apply to the data state", e))?;
+        let put = |key: &str, bytes: Vec<u8>| {
+            self.store
+                .put_meta(key, &bytes)
+                .map_err(|e| io_error("apply to the data state", e))
+        };
+        if let Some(m) = &membership {
+            put(MEMBERSHIP, encode(MEMBERSHIP, m)?)?;
+        }
+        if let Some(a) = &applied {
+            put(APPLIED, encode(APPLIED, a)?)?;
+        }
+        Ok(responders)
     }
 
     /// The next queue id, as applied here.
