@@ -349,7 +349,7 @@ impl DataState {
         removes: &mut Option<(QueueId, Vec<MsgId>)>,
     ) -> Result<(), StoreError> {
         if !appends.is_empty() {
-            self.store.append(std::mem::take(appends), false).await?;
+            self.store.append_unsynced(std::mem::take(appends))?;
         }
         if let Some((queue, ids)) = removes.take() {
             self.store.remove(queue, &ids)?;

@@ -199,12 +199,7 @@ fn commit(log: &mut CommitLog, requests: &[Request]) -> Result<(), StoreError> {
             log.failed = false;
         }
         let mut batch = Writes::new(log.atomic);
-        for r in requests {
-            for c in &r.items {
-                batch.insert(&key(c.queue, c.first), c.value.as_slice());
-                batch.insert(&chunk::index_key(c.queue, c.first), c.index.as_slice());
-            }
-        }
+        stage(&mut batch, requests.iter().flat_map(|r| &r.items));
         if durable {
             batch.insert(&manifest::COMMIT_KEY, &(log.commit + 1).to_be_bytes());
         }
@@ -224,10 +219,23 @@ fn commit(log: &mut CommitLog, requests: &[Request]) -> Result<(), StoreError> {
     })
     .inspect_err(|_| log.failed = true)?;
     // Outside the handles' lock: readers take a chunk lock first.
-    for c in requests.iter().flat_map(|r| &r.items) {
-        chunk::lock(&log.index.queue(c.queue)).insert(c.first, ChunkState::new(c.len, Vec::new()));
-    }
+    index(&log.index, requests.iter().flat_map(|r| &r.items));
     Ok(())
+}
+
+/// Add `chunks`' values and index entries to `writes`.
+pub(crate) fn stage<'a>(writes: &mut Writes, chunks: impl Iterator<Item = &'a NewChunk>) {
+    for c in chunks {
+        writes.insert(&key(c.queue, c.first), c.value.as_slice());
+        writes.insert(&chunk::index_key(c.queue, c.first), c.index.as_slice());
+    }
+}
+
+/// Make written `chunks` readable: their state in the live index.
+pub(crate) fn index<'a>(index: &chunk::Index, chunks: impl Iterator<Item = &'a NewChunk>) {
+    for c in chunks {
+        chunk::lock(&index.queue(c.queue)).insert(c.first, ChunkState::new(c.len, Vec::new()));
+    }
 }
 
 /// Make a durable commit stick: sled flush, fdatasync of its data file,

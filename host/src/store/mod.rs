@@ -273,6 +273,33 @@ impl Store {
         self.max_value
     }
 
+    /// Refuse `items` if one is larger than [`Self::max_value`].
+    fn fits(&self, items: &[Append]) -> Result<(), StoreError> {
+        match items.iter().find(|i| i.value.len() > self.max_value) {
+            Some(big) => Err(StoreError::TooLarge {
+                len: big.value.len(),
+                max: self.max_value,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Append `items` on the caller's thread, not synced and not through
+    /// the group commit: for a store applied from a Raft log, whose
+    /// appends are durable in the log already (a hand-off to the commit
+    /// thread per applied entry cost a follower more than the write). A
+    /// later [`MessageStore::sync`] makes them durable here too.
+    pub fn append_unsynced(&self, items: Vec<Append>) -> Result<(), StoreError> {
+        self.fits(&items)?;
+        let chunks = chunk::build(items);
+        let mut writes = Writes::new(self.atomic);
+        commit::stage(&mut writes, chunks.iter());
+        self.sled.with(|s| writes.apply(&s.messages))?;
+        // Outside the handles' lock: readers take a chunk lock first.
+        commit::index(&self.index, chunks.iter());
+        Ok(())
+    }
+
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -338,11 +365,8 @@ impl MessageStore for Store {
     /// after the batch (and everything committed with it) is fsynced;
     /// without, as soon as it is written to sled.
     fn append(&self, items: Vec<Append>, durable: bool) -> Commit {
-        if let Some(big) = items.iter().find(|i| i.value.len() > self.max_value) {
-            return Commit::failed(StoreError::TooLarge {
-                len: big.value.len(),
-                max: self.max_value,
-            });
+        if let Err(e) = self.fits(&items) {
+            return Commit::failed(e);
         }
         self.committer.submit(chunk::build(items), durable)
     }

@@ -385,3 +385,46 @@ fn large_values_in_sled_blob_files_survive_reopen() {
     let m = StoredMessage::decode(&store.get(q, 40).unwrap().unwrap()).unwrap();
     assert_eq!(m.payload, vec![40u8; 1 << 20]);
 }
+
+/// Appends written on the caller's thread (a cluster node applying its
+/// log) are readable at once, refused when too large, and durable after
+/// a sync.
+#[test]
+fn unsynced_appends_are_readable_at_once_and_durable_after_a_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        atomic_batches: false,
+        ..StoreConfig::new(dir.path())
+    };
+    let q;
+    {
+        let store = Store::open(&config).unwrap();
+        q = store.allocate_queue_id().unwrap();
+        let items = (0..10)
+            .map(|i| Append {
+                queue: q,
+                id: i,
+                value: msg("t", &[i as u8], 0).encode(),
+            })
+            .collect();
+        store.append_unsynced(items).unwrap();
+        assert!(store.get(q, 9).unwrap().is_some(), "readable at once");
+        let big = vec![Append {
+            queue: q,
+            id: 10,
+            value: vec![0; store.max_value() + 1],
+        }];
+        assert!(matches!(
+            store.append_unsynced(big),
+            Err(StoreError::TooLarge { .. })
+        ));
+        store.remove(q, &[0]).unwrap();
+        store.sync().unwrap();
+    }
+    let store = Store::open(&config).unwrap();
+    let ids: Vec<u64> = store
+        .scan_queue(q)
+        .map(|r| r.map(|(id, _, _)| id).unwrap())
+        .collect();
+    assert_eq!(ids, (1..10).collect::<Vec<_>>());
+}
